@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Builds the test fixtures: small real models and datasets, plus what the onnxruntime Python
+package computes on them (the reference Shrink must match). Nothing here downloads anything.
+
+Usage: make_fixtures.py OUTDIR
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+from sklearn.metrics import f1_score
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from skl2onnx import convert_sklearn
+from skl2onnx.common.data_types import FloatTensorType
+
+OPSET = 17
+
+
+def session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def digits_mlp(out, hidden, name, max_iter):
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=max_iter, random_state=0)
+    clf.fit(X_tr, y_tr)
+    onx = convert_sklearn(clf, initial_types=[("input", FloatTensorType([None, 64]))],
+                          options={id(clf): {"zipmap": False}}, target_opset=OPSET)
+    path = os.path.join(out, f"{name}.onnx")
+    onnx.save(onx, path)
+    return path, X_tr, y_tr, X_te, y_te.astype(np.int64)
+
+
+def cnn(out):
+    """A small CNN on 8x8 digit images with random weights: Conv-Relu-MaxPool-Conv-Relu-GAP-Gemm."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b2")
+    wf = numpy_helper.from_array(rng.normal(0, 0.5, (10, 16)).astype(np.float32), "wf")
+    bf = numpy_helper.from_array(np.zeros(10, np.float32), "bf")
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [w1, b1, w2, b2, wf, bf])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shrink-fixtures")
+    onnx.checker.check_model(model)
+    path = os.path.join(out, "digits_cnn.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def two_input(out):
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["scores"])]
+    graph = helper.make_graph(
+        nodes, "two_input",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    path = os.path.join(out, "two_input.onnx")
+    onnx.save(model, path)
+    return path
+
+
+def reference(path, feeds, labels, classifier):
+    """What onnxruntime-Python computes: every output, and task metrics on the classifier output."""
+    sess = session(path)
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, feeds)))
+    ref = {"outputs": names}
+    if labels is not None:
+        scores = outs[classifier]
+        pred = scores.argmax(axis=1)
+        top5 = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        ref.update(top1=float((pred == labels).mean()),
+                   top5=float(np.mean([l in t for l, t in zip(labels, top5)])),
+                   macro_f1=float(f1_score(labels, pred, average="macro")))
+    return ref, {k: v.astype(np.float32) for k, v in outs.items()}
+
+
+def main(out):
+    import warnings
+    warnings.filterwarnings("ignore")
+    os.makedirs(out, exist_ok=True)
+    refs = {}
+
+    path, X_tr, y_tr, X_te, y_te = digits_mlp(out, (256, 128), "digits_mlp", 300)
+    np.savez(os.path.join(out, "digits_val.npz"), input=X_te, labels=y_te)
+    np.savez(os.path.join(out, "digits_val_alias.npz"), x=X_te, y=y_te)
+    np.savez(os.path.join(out, "digits_unlabelled.npz"), input=X_te)
+    np.savez(os.path.join(out, "digits_train.npz"), input=X_tr, labels=y_tr.astype(np.int64))
+    from safetensors.numpy import save_file
+    save_file({"input": X_te, "labels": y_te}, os.path.join(out, "digits_val.safetensors"))
+    refs["digits_mlp"], outs = reference(path, {"input": X_te}, y_te, "probabilities")
+    refs["digits_mlp"]["opset"] = next(o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx"))
+    np.savez(os.path.join(out, "digits_mlp_expected.npz"), **outs)
+
+    # A slower model for cancellation and crash tests (random weights, 64-1024-1024-10).
+    big, *_ = digits_mlp(out, (1024, 1024), "digits_mlp_big", 3)
+
+    cnn_path = cnn(out)
+    images = X_te.reshape(-1, 1, 8, 8)
+    np.savez(os.path.join(out, "digits_images.npz"), image=images, labels=y_te)
+    refs["digits_cnn"], outs = reference(cnn_path, {"image": images}, y_te, "logits")
+    np.savez(os.path.join(out, "digits_cnn_expected.npz"), **outs)
+
+    ti = two_input(out)
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(40, 4)).astype(np.float32)
+    np.savez(os.path.join(out, "two_input.npz"), a=a, b=b)
+    refs["two_input"], outs = reference(ti, {"a": a, "b": b}, None, "scores")
+    np.savez(os.path.join(out, "two_input_expected.npz"), **outs)
+
+    # Malformed datasets for the digits MLP, each with one specific fault.
+    bad = os.path.join(out, "bad")
+    os.makedirs(bad, exist_ok=True)
+    np.savez(os.path.join(bad, "sample_mismatch.npz"), input=X_te, labels=y_te[:-1])
+    np.savez(os.path.join(bad, "wrong_dtype.npz"), input=X_te.astype(np.float64), labels=y_te)
+    np.savez(os.path.join(bad, "wrong_name.npz"), pixels=X_te, labels=y_te)
+    np.savez(os.path.join(bad, "wrong_width.npz"), input=X_te[:, :32], labels=y_te)
+    np.savez(os.path.join(bad, "wrong_rank.npz"), input=X_te.reshape(-1, 8, 8), labels=y_te)
+    np.savez(os.path.join(bad, "float_labels.npz"), input=X_te, labels=y_te.astype(np.float32))
+    np.savez(os.path.join(bad, "scalar.npz"), input=X_te, labels=np.int64(3))
+    with open(os.path.join(bad, "not_a_dataset.npz"), "wb") as f:
+        f.write(b"this is not a dataset at all")
+    data = open(path, "rb").read()
+    with open(os.path.join(bad, "truncated.onnx"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    with open(os.path.join(bad, "garbage.onnx"), "wb") as f:
+        f.write(os.urandom(4096))
+
+    with open(os.path.join(out, "reference.json"), "w") as f:
+        json.dump(refs, f, indent=2, sort_keys=True)
+    print(json.dumps(refs, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "fixtures-out")

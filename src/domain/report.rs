@@ -1,0 +1,355 @@
+//! The report: what every stage did to accuracy, fidelity, size, latency and memory.
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Task metrics, present when the dataset has labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskMetrics {
+    /// The classifier output the metrics were computed on.
+    pub output: String,
+    pub samples: u64,
+    pub classes: u64,
+    pub top1_accuracy: f64,
+    /// Present when the classifier has at least five classes.
+    pub top5_accuracy: Option<f64>,
+    /// Unweighted mean of per-class F1 over every class seen in labels or predictions (as scikit-learn).
+    pub macro_f1: f64,
+}
+
+/// Agreement of one output with the baseline model's output on the same samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OutputFidelity {
+    pub output: String,
+    /// Share of samples whose arg-max (or, for scalar outputs, value) equals the baseline's.
+    pub top1_agreement: f64,
+    /// Mean over samples of the cosine similarity of the per-sample output vectors.
+    pub cosine_mean: f64,
+    pub cosine_min: f64,
+    pub mean_abs_error: f64,
+    pub max_abs_error: f64,
+}
+
+/// Size on disk and parameter counts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SizeMetrics {
+    pub bytes: u64,
+    /// Size after zstd (level 3): what sparsity and weight sharing save in transfer.
+    pub zstd_bytes: u64,
+    pub parameters: u64,
+    pub nonzero_parameters: u64,
+    /// Share of parameters that are zero.
+    pub sparsity: f64,
+    /// Baseline bytes / these bytes.
+    pub compression_ratio: f64,
+}
+
+/// Latency of repeated runs at one batch size in ONNX Runtime on CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LatencyStats {
+    pub batch_size: u64,
+    pub warmup_runs: u64,
+    pub runs: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    pub min_ms: f64,
+    /// Samples per second at the mean latency.
+    pub throughput_per_s: f64,
+}
+
+/// Latency in ONNX Runtime at batch 1 and at the configured batch size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LatencyMetrics {
+    pub runtime: String,
+    pub intra_op_threads: u64,
+    pub batch_1: LatencyStats,
+    /// Absent when the model's batch dimension is fixed to 1.
+    pub batch_n: Option<LatencyStats>,
+    /// Baseline p50 / this p50 at batch 1.
+    pub speedup_batch_1: f64,
+    pub speedup_batch_n: Option<f64>,
+}
+
+/// Memory used by the ONNX Runtime session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryMetrics {
+    /// Peak growth of the process's resident set while the session loaded and ran, over the level before.
+    pub peak_rss_growth_bytes: u64,
+    /// Resident-set growth right after the session loaded.
+    pub load_rss_growth_bytes: u64,
+}
+
+/// Everything measured on one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Metrics {
+    pub samples: u64,
+    pub task: Option<TaskMetrics>,
+    pub fidelity: Vec<OutputFidelity>,
+    pub size: SizeMetrics,
+    pub latency: LatencyMetrics,
+    pub memory: MemoryMetrics,
+}
+
+/// One stage's parameters and the metrics after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StageReport {
+    pub index: u64,
+    pub stage: String,
+    #[schema(value_type = Object)]
+    pub params: serde_json::Value,
+    pub metrics: Metrics,
+    pub duration_ms: u64,
+    pub notes: Vec<String>,
+    /// The artifact holding this stage's model.
+    pub artifact: Option<String>,
+}
+
+/// Final vs baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Deltas {
+    /// Baseline top-1 minus final top-1 (positive = worse).
+    pub accuracy_drop: Option<f64>,
+    pub top1_agreement: Option<f64>,
+    /// Final bytes / baseline bytes.
+    pub size_ratio: f64,
+    pub speedup_batch_1: f64,
+    pub speedup_batch_n: Option<f64>,
+}
+
+/// One constraint's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Verdict {
+    pub constraint: String,
+    pub limit: f64,
+    /// None when the metric could not be measured (e.g. accuracy without labels), which fails the verdict.
+    pub actual: Option<f64>,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Where and with what the numbers were measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Environment {
+    pub shrink_version: String,
+    pub onnxruntime_version: String,
+    pub cpu_model: String,
+    pub logical_cpus: u64,
+    pub intra_op_threads: u64,
+    pub seed: u64,
+    pub spec_sha256: String,
+    pub model_sha256: String,
+    pub dataset_sha256: String,
+}
+
+/// The job's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Report {
+    pub job_id: String,
+    pub baseline: Metrics,
+    pub stages: Vec<StageReport>,
+    #[serde(rename = "final")]
+    pub final_metrics: Metrics,
+    pub deltas: Deltas,
+    pub verdicts: Vec<Verdict>,
+    /// True when every verdict passed (and when there are none).
+    pub passed: bool,
+    pub environment: Environment,
+    /// Samples evaluated (indices 0..n of the dataset).
+    pub evaluated_samples: u64,
+}
+
+impl Deltas {
+    pub fn between(baseline: &Metrics, last: &Metrics) -> Self {
+        let acc = |m: &Metrics| m.task.as_ref().map(|t| t.top1_accuracy);
+        Deltas {
+            accuracy_drop: acc(baseline).zip(acc(last)).map(|(b, f)| b - f),
+            top1_agreement: primary_fidelity(last).map(|f| f.top1_agreement),
+            size_ratio: last.size.bytes as f64 / baseline.size.bytes.max(1) as f64,
+            speedup_batch_1: last.latency.speedup_batch_1,
+            speedup_batch_n: last.latency.speedup_batch_n,
+        }
+    }
+}
+
+/// Fidelity of the classifier output when there is one, else of the first output.
+pub fn primary_fidelity(m: &Metrics) -> Option<&OutputFidelity> {
+    let classifier = m.task.as_ref().map(|t| t.output.as_str());
+    m.fidelity
+        .iter()
+        .find(|f| Some(f.output.as_str()) == classifier)
+        .or_else(|| m.fidelity.first())
+}
+
+/// Judges the final model against the spec's constraints.
+pub fn verdicts(
+    c: &crate::domain::spec::Constraints,
+    baseline: &Metrics,
+    last: &Metrics,
+) -> Vec<Verdict> {
+    let deltas = Deltas::between(baseline, last);
+    let mut out = Vec::new();
+    let mut check = |name: &str, limit: f64, actual: Option<f64>, at_most: bool, what: &str| {
+        let passed = actual.is_some_and(|a| {
+            if at_most {
+                a <= limit + 1e-12
+            } else {
+                a + 1e-12 >= limit
+            }
+        });
+        let detail = match actual {
+            None => format!("{what} could not be measured"),
+            Some(a) => format!(
+                "{what} is {a:.6}; must be {} {limit}",
+                if at_most { "at most" } else { "at least" }
+            ),
+        };
+        out.push(Verdict {
+            constraint: name.into(),
+            limit,
+            actual,
+            passed,
+            detail,
+        });
+    };
+    if let Some(l) = c.max_accuracy_drop {
+        check(
+            "max_accuracy_drop",
+            l,
+            deltas.accuracy_drop,
+            true,
+            "top-1 accuracy drop (needs labels)",
+        );
+    }
+    if let Some(l) = c.min_fidelity {
+        check(
+            "min_fidelity",
+            l,
+            deltas.top1_agreement,
+            false,
+            "top-1 agreement with the baseline",
+        );
+    }
+    if let Some(l) = c.max_size_bytes {
+        check(
+            "max_size_bytes",
+            l as f64,
+            Some(last.size.bytes as f64),
+            true,
+            "model size in bytes",
+        );
+    }
+    if let Some(l) = c.max_latency_ms {
+        check(
+            "max_latency_ms",
+            l,
+            Some(last.latency.batch_1.p50_ms),
+            true,
+            "batch-1 p50 latency (ms)",
+        );
+    }
+    if let Some(l) = c.min_speedup {
+        check(
+            "min_speedup",
+            l,
+            Some(last.latency.speedup_batch_1),
+            false,
+            "batch-1 p50 speedup over the baseline",
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::spec::Constraints;
+
+    fn metrics(top1: Option<f64>, bytes: u64, p50: f64, speedup: f64) -> Metrics {
+        let stats = LatencyStats {
+            batch_size: 1,
+            warmup_runs: 0,
+            runs: 1,
+            p50_ms: p50,
+            p95_ms: p50,
+            p99_ms: p50,
+            mean_ms: p50,
+            min_ms: p50,
+            throughput_per_s: 1.0,
+        };
+        Metrics {
+            samples: 10,
+            task: top1.map(|a| TaskMetrics {
+                output: "y".into(),
+                samples: 10,
+                classes: 2,
+                top1_accuracy: a,
+                top5_accuracy: None,
+                macro_f1: a,
+            }),
+            fidelity: vec![],
+            size: SizeMetrics {
+                bytes,
+                zstd_bytes: bytes,
+                parameters: 1,
+                nonzero_parameters: 1,
+                sparsity: 0.0,
+                compression_ratio: 1.0,
+            },
+            latency: LatencyMetrics {
+                runtime: "ort".into(),
+                intra_op_threads: 1,
+                batch_1: stats,
+                batch_n: None,
+                speedup_batch_1: speedup,
+                speedup_batch_n: None,
+            },
+            memory: MemoryMetrics {
+                peak_rss_growth_bytes: 0,
+                load_rss_growth_bytes: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn an_accuracy_drop_within_budget_passes_and_beyond_fails() {
+        let c = Constraints {
+            max_accuracy_drop: Some(0.01),
+            ..Default::default()
+        };
+        let base = metrics(Some(0.90), 100, 1.0, 1.0);
+        assert!(verdicts(&c, &base, &metrics(Some(0.895), 100, 1.0, 1.0))[0].passed);
+        assert!(!verdicts(&c, &base, &metrics(Some(0.88), 100, 1.0, 1.0))[0].passed);
+    }
+
+    #[test]
+    fn an_accuracy_budget_without_labels_fails_rather_than_passing_silently() {
+        let c = Constraints {
+            max_accuracy_drop: Some(0.5),
+            ..Default::default()
+        };
+        let v = verdicts(
+            &c,
+            &metrics(None, 100, 1.0, 1.0),
+            &metrics(None, 100, 1.0, 1.0),
+        );
+        assert!(!v[0].passed && v[0].actual.is_none());
+    }
+
+    #[test]
+    fn a_model_slower_than_required_fails_the_speedup_gate() {
+        let c = Constraints {
+            min_speedup: Some(1.0),
+            max_size_bytes: Some(50),
+            max_latency_ms: Some(2.0),
+            ..Default::default()
+        };
+        let v = verdicts(
+            &c,
+            &metrics(None, 100, 1.0, 1.0),
+            &metrics(None, 40, 1.5, 0.67),
+        );
+        let by = |n: &str| v.iter().find(|x| x.constraint == n).unwrap().passed;
+        assert!(!by("min_speedup") && by("max_size_bytes") && by("max_latency_ms"));
+    }
+}

@@ -1,0 +1,325 @@
+//! The `evaluate` measurement: task metrics, fidelity to a baseline, size, latency and memory of one
+//! model on one dataset, all in ONNX Runtime on CPU.
+use crate::domain::model::Dim;
+use crate::domain::report::{LatencyMetrics, MemoryMetrics, Metrics, SizeMetrics, TaskMetrics};
+use crate::domain::spec::EvaluateOptions;
+use crate::engine::dataset::{bind, Dataset};
+use crate::engine::memory::PeakSampler;
+use crate::engine::onnx::{params, summarize, LoadedModel};
+use crate::engine::runtime::{self, OutputValue, Runtime};
+use crate::engine::{latency, metrics, EngineError, Progress, Result, SubProgress};
+
+/// Outputs and figures of a reference model that later evaluations compare against.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    pub outputs: Vec<OutputValue>,
+    pub size_bytes: u64,
+    pub p50_batch_1_ms: f64,
+    pub p50_batch_n_ms: Option<f64>,
+}
+
+/// The metrics of one evaluation and the raw outputs (for comparing later models with this one).
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub metrics: Metrics,
+    pub outputs: Vec<OutputValue>,
+    pub notes: Vec<String>,
+}
+
+impl Evaluation {
+    /// Makes this evaluation the reference for later ones.
+    pub fn as_baseline(&self) -> Baseline {
+        Baseline {
+            outputs: self.outputs.clone(),
+            size_bytes: self.metrics.size.bytes,
+            p50_batch_1_ms: self.metrics.latency.batch_1.p50_ms,
+            p50_batch_n_ms: self.metrics.latency.batch_n.as_ref().map(|s| s.p50_ms),
+        }
+    }
+}
+
+/// Evaluates `model` on `data`. Without a `baseline`, the model is compared with itself.
+pub fn evaluate(
+    rt: &Runtime,
+    model: &LoadedModel,
+    data: &Dataset,
+    opts: &EvaluateOptions,
+    baseline: Option<&Baseline>,
+    progress: &dyn Progress,
+) -> Result<Evaluation> {
+    let summary = summarize(&model.proto);
+    let binding = bind(&summary, &data.summary)?;
+    let mut notes = Vec::new();
+    let samples = opts
+        .max_samples
+        .map_or(binding.samples, |m| m.min(binding.samples)) as usize;
+
+    // A fixed leading dimension pins the batch size (common in exported vision models).
+    let fixed_batch = summary.inputs.iter().find_map(|i| match i.shape.first() {
+        Some(Dim::Fixed(n)) if *n > 0 => Some(*n as usize),
+        _ => None,
+    });
+    let batch = fixed_batch.unwrap_or(opts.batch_size as usize).max(1);
+    if let Some(n) = fixed_batch {
+        notes.push(format!(
+            "the model's batch dimension is fixed to {n}; evaluation and latency use batch {n}"
+        ));
+    }
+    let classifier = choose_classifier(
+        &summary.outputs,
+        opts.output.as_deref(),
+        binding.labels.is_some(),
+    )?;
+
+    let sampler = PeakSampler::start();
+    let mut session = rt.session(&model.bytes, opts.threads as usize)?;
+    let load_growth = sampler.growth_now();
+
+    // Accuracy pass over whole batches; a fixed batch size drops the remainder.
+    let usable = if fixed_batch.is_some() {
+        samples / batch * batch
+    } else {
+        samples
+    };
+    if usable == 0 {
+        return Err(EngineError::InvalidDataset {
+            tensor: binding.inputs[0].1.clone(),
+            problem: format!(
+                "has {samples} samples, fewer than the model's fixed batch size {batch}"
+            ),
+        });
+    }
+    let mut outputs: Vec<OutputValue> = Vec::new();
+    let mut start = 0;
+    while start < usable {
+        let end = (start + batch).min(usable);
+        let batch_out = runtime::run(
+            &mut session,
+            runtime::feeds(data, &binding.inputs, start..end)?,
+        )?;
+        append(&mut outputs, batch_out);
+        start = end;
+        progress.update(0.5 * start as f64 / usable as f64)?;
+    }
+
+    let warmup = opts.warmup_runs as usize;
+    let runs = opts.latency_runs as usize;
+    let b1 = fixed_batch.unwrap_or(1);
+    let batch_1 = latency::measure(
+        &mut session,
+        data,
+        &binding.inputs,
+        b1,
+        warmup,
+        runs,
+        &SubProgress {
+            parent: progress,
+            start: 0.5,
+            span: 0.2,
+        },
+    )?;
+    let batch_n = if fixed_batch.is_none() && batch > 1 {
+        Some(latency::measure(
+            &mut session,
+            data,
+            &binding.inputs,
+            batch,
+            warmup,
+            runs,
+            &SubProgress {
+                parent: progress,
+                start: 0.7,
+                span: 0.3,
+            },
+        )?)
+    } else {
+        None
+    };
+    drop(session);
+    let peak_growth = sampler.finish();
+
+    let task = match (&binding.labels, &classifier) {
+        (Some(labels), Some(out)) => {
+            let labels = data
+                .tensor(labels)
+                .and_then(|t| t.data.to_i64())
+                .unwrap_or_default();
+            Some(task_metrics(&outputs, out, &labels[..usable]))
+        }
+        _ => None,
+    };
+    let fidelity = match baseline {
+        Some(b) => compare(&b.outputs, &outputs),
+        None => compare(&outputs, &outputs),
+    };
+
+    let graph = model
+        .proto
+        .graph
+        .as_ref()
+        .expect("loaded models have a graph");
+    let (parameters, nonzero) = params::parameter_counts(graph);
+    let bytes = model.bytes.len() as u64;
+    let zstd_bytes = zstd::bulk::compress(&model.bytes, 3)
+        .map(|c| c.len() as u64)
+        .unwrap_or(bytes);
+    let base_bytes = baseline.map_or(bytes, |b| b.size_bytes);
+    let speedup = |base: Option<f64>, now: f64| base.filter(|_| now > 0.0).map(|b| b / now);
+
+    let metrics = Metrics {
+        samples: usable as u64,
+        task,
+        fidelity,
+        size: SizeMetrics {
+            bytes,
+            zstd_bytes,
+            parameters,
+            nonzero_parameters: nonzero,
+            sparsity: if parameters > 0 {
+                1.0 - nonzero as f64 / parameters as f64
+            } else {
+                0.0
+            },
+            compression_ratio: base_bytes as f64 / bytes.max(1) as f64,
+        },
+        latency: LatencyMetrics {
+            runtime: format!("onnxruntime {} (CPU)", rt.version),
+            intra_op_threads: opts.threads as u64,
+            speedup_batch_1: speedup(
+                Some(baseline.map_or(batch_1.p50_ms, |b| b.p50_batch_1_ms)),
+                batch_1.p50_ms,
+            )
+            .unwrap_or(1.0),
+            speedup_batch_n: batch_n.as_ref().and_then(|s| {
+                speedup(
+                    baseline.map_or(Some(s.p50_ms), |b| b.p50_batch_n_ms),
+                    s.p50_ms,
+                )
+            }),
+            batch_1,
+            batch_n,
+        },
+        memory: MemoryMetrics {
+            peak_rss_growth_bytes: peak_growth,
+            load_rss_growth_bytes: load_growth,
+        },
+    };
+    Ok(Evaluation {
+        metrics,
+        outputs,
+        notes,
+    })
+}
+
+/// Picks the output that holds class scores: the named one, the only one, or the only float
+/// output of rank >= 2. Fails only when labels exist and the choice is ambiguous.
+fn choose_classifier(
+    outputs: &[crate::domain::model::TensorSignature],
+    named: Option<&str>,
+    has_labels: bool,
+) -> Result<Option<String>> {
+    if let Some(name) = named {
+        if outputs.iter().any(|o| o.name == name) {
+            return Ok(Some(name.to_string()));
+        }
+        let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+        return Err(EngineError::InvalidOption {
+            option: "output".into(),
+            problem: format!(
+                "the model has no output `{name}` (it has: {})",
+                names.join(", ")
+            ),
+        });
+    }
+    if outputs.len() == 1 {
+        return Ok(Some(outputs[0].name.clone()));
+    }
+    let scores: Vec<&str> = outputs
+        .iter()
+        .filter(|o| o.dtype.starts_with("float") && o.shape.len() >= 2)
+        .map(|o| o.name.as_str())
+        .collect();
+    match scores.as_slice() {
+        [one] => Ok(Some(one.to_string())),
+        _ if !has_labels => Ok(None),
+        _ => Err(EngineError::InvalidOption {
+            option: "output".into(),
+            problem: format!(
+                "cannot tell which output holds the class scores among: {}; name it in the evaluate stage's `output`",
+                outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+    }
+}
+
+fn append(acc: &mut Vec<OutputValue>, batch: Vec<OutputValue>) {
+    if acc.is_empty() {
+        *acc = batch;
+        return;
+    }
+    for (a, b) in acc.iter_mut().zip(batch) {
+        a.values.extend_from_slice(&b.values);
+        if let (Some(a0), Some(b0)) = (a.shape.first_mut(), b.shape.first()) {
+            *a0 += b0;
+        }
+    }
+}
+
+fn row_len(o: &OutputValue) -> usize {
+    o.shape.iter().skip(1).product::<usize>().max(1)
+}
+
+fn task_metrics(outputs: &[OutputValue], name: &str, labels: &[i64]) -> TaskMetrics {
+    let out = outputs
+        .iter()
+        .find(|o| o.name == name)
+        .expect("classifier output exists");
+    let row = row_len(out);
+    let predicted: Vec<i64> = if row > 1 {
+        out.values
+            .chunks_exact(row)
+            .map(|r| metrics::argmax(r) as i64)
+            .collect()
+    } else {
+        out.values.iter().map(|v| v.round() as i64).collect()
+    };
+    let n = labels.len().min(predicted.len()).max(1);
+    let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+    let classes = if row > 1 {
+        row as u64
+    } else {
+        labels.iter().chain(&predicted).copied().max().unwrap_or(0) as u64 + 1
+    };
+    let top5 = (row >= 5).then(|| {
+        let hits = out
+            .values
+            .chunks_exact(row)
+            .zip(labels)
+            .filter(|(r, &l)| l >= 0 && metrics::in_top_k(r, l as usize, 5))
+            .count();
+        hits as f64 / n as f64
+    });
+    TaskMetrics {
+        output: name.to_string(),
+        samples: n as u64,
+        classes,
+        top1_accuracy: correct as f64 / n as f64,
+        top5_accuracy: top5,
+        macro_f1: metrics::macro_f1(
+            &predicted[..n.min(predicted.len())],
+            &labels[..n.min(labels.len())],
+        ),
+    }
+}
+
+fn compare(
+    base: &[OutputValue],
+    now: &[OutputValue],
+) -> Vec<crate::domain::report::OutputFidelity> {
+    base.iter()
+        .filter_map(|b| {
+            let c = now.iter().find(|c| c.name == b.name)?;
+            Some(metrics::fidelity(&b.name, &b.values, &c.values, row_len(b)))
+        })
+        .collect()
+}

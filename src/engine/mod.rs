@@ -1,0 +1,45 @@
+//! The ML engine: reads ONNX models and datasets, runs them in ONNX Runtime and measures them.
+//!
+//! It is a plain synchronous library: no async runtime, web, database or object-storage crate is
+//! imported here (a test enforces it), so it can move to its own crate or run on the command line.
+pub mod dataset;
+pub mod error;
+pub mod evaluate;
+pub mod latency;
+pub mod memory;
+pub mod metrics;
+pub mod onnx;
+pub mod runtime;
+pub mod table;
+
+pub use error::{EngineError, Result};
+
+/// Called by long computations between units of work; returning an error stops the work.
+/// Workers use it to report progress and to honour cancellation.
+pub trait Progress: Sync {
+    /// `fraction` is this computation's completion in 0..1.
+    fn update(&self, fraction: f64) -> Result<()>;
+}
+
+/// A [`Progress`] that ignores updates and never cancels.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&self, _fraction: f64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Maps a sub-range of a parent's progress, so nested steps report in the parent's 0..1 scale.
+pub struct SubProgress<'a> {
+    pub parent: &'a dyn Progress,
+    pub start: f64,
+    pub span: f64,
+}
+
+impl Progress for SubProgress<'_> {
+    fn update(&self, fraction: f64) -> Result<()> {
+        self.parent
+            .update(self.start + self.span * fraction.clamp(0.0, 1.0))
+    }
+}

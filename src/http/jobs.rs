@@ -1,0 +1,527 @@
+//! `/jobs`: create from a spec (JSON or multipart with files), list, poll, cancel, follow events,
+//! fetch the report and artifacts.
+use super::error::{ingest_error, ApiError, ApiResult, Problem};
+use super::pagination::{Page, PageQuery};
+use super::uploads::{download, is_multipart, store_dataset, store_model};
+use super::AppState;
+use crate::domain::dataset::DatasetSummary;
+use crate::domain::ids::{JobId, DEFAULT_PROJECT};
+use crate::domain::job::{Job, JobStatus};
+use crate::domain::model::ModelSummary;
+use crate::domain::report::Report;
+use crate::domain::spec::{JobSpec, RefKind, Stage, REFERENCE_FIELDS};
+use crate::domain::validation::Problems;
+use crate::ingest::{self, Staged};
+use crate::store::jobs::{Inserted, JobRow, NewJob};
+use crate::store::uploads::UploadKind;
+use crate::store::{now_ms, StoreError};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+const SPEC_LIMIT: usize = 1024 * 1024;
+
+/// A file part of a multipart job request, received but not stored yet.
+enum Part {
+    Model(Staged, ModelSummary, String),
+    Dataset(Staged, DatasetSummary, String),
+}
+
+/// Create a job.
+///
+/// Send the spec as JSON referencing uploaded ids, or as `multipart/form-data` with a `spec` part and
+/// file parts (`model`, `dataset`, `calibration`, `train`, `teacher`, `student`) that stand in for the ids.
+/// The whole request is validated before anything is stored or queued. With an `Idempotency-Key`
+/// header, repeating a request returns the first job; reusing the key with another body is a 409.
+#[utoipa::path(post, path = "/jobs", tag = "jobs",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body return the same job")),
+    request_body(content = JobSpec, description = "The job spec (or multipart with `spec` and file parts)"),
+    responses(
+        (status = 202, description = "Queued", body = Job),
+        (status = 409, description = "Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "A file part is over the upload limit", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Every invalid field, as JSON pointers", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422, "detail": "2 fields are invalid",
+                "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown stage `quantise`; expected one of: evaluate"},
+                           {"pointer": "/dataset_id", "detail": "no dataset with id 0193a4f0-9a2b-7c4d-8e5f-6a7b8c9d0e1f"}]}))
+    ))]
+pub async fn create_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: Request,
+) -> ApiResult<Response> {
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 255)
+    {
+        return Err(ApiError::field(
+            "/headers/Idempotency-Key",
+            "must be 1 to 255 characters",
+        ));
+    }
+    let (raw_spec, parts) = if is_multipart(&headers) {
+        read_multipart(&state, req).await?
+    } else {
+        (read_json(req).await?, BTreeMap::new())
+    };
+
+    let provided: Vec<&str> = parts.keys().map(|s| s.as_str()).collect();
+    let mut problems = Problems::default();
+    for field in &provided {
+        if raw_spec.get(*field).is_some_and(|v| !v.is_null()) {
+            problems.add(
+                format!("/{field}"),
+                format!("`{field}` is given both as an id and as a file part; send one"),
+            );
+        }
+    }
+    let mut spec = match JobSpec::parse(&raw_spec, &provided) {
+        Ok(spec) if problems.is_empty() => spec,
+        Ok(_) => return Err(ApiError::Validation(problems.0)),
+        Err(mut errors) => {
+            errors.extend(problems.0);
+            return Err(ApiError::Validation(errors));
+        }
+    };
+    check_references(&state, &spec, &parts).await?;
+
+    let request_sha256 = request_hash(&raw_spec, &parts);
+    if let Some(key) = &idempotency_key {
+        if let Some(existing) = find_idempotent(&state, key).await? {
+            if existing.request_sha256.as_deref() == Some(request_sha256.as_str()) {
+                return respond(existing);
+            }
+            return Err(ApiError::Conflict(format!(
+                "Idempotency-Key `{key}` was already used with a different request body"
+            )));
+        }
+    }
+
+    for (field, part) in parts {
+        let id = match part {
+            Part::Model(staged, summary, name) => {
+                store_model(&state, staged, &name, summary).await?.id
+            }
+            Part::Dataset(staged, summary, name) => {
+                store_dataset(&state, staged, &name, summary).await?.id
+            }
+        };
+        spec.set_reference(&field, id);
+    }
+    let id = JobId::new().to_string();
+    let inserted = state
+        .db
+        .insert_job(NewJob {
+            id: &id,
+            project: DEFAULT_PROJECT,
+            spec: &spec,
+            max_attempts: state.settings.max_attempts.max(1) as i64,
+            idempotency_key: idempotency_key.as_deref(),
+            request_sha256: &request_sha256,
+            request_id: super::request_id(&headers).as_deref(),
+            now: now_ms(),
+        })
+        .await?;
+    match inserted {
+        Inserted::Created(row) => {
+            tracing::info!(job_id = %row.id, "job queued");
+            respond(row)
+        }
+        Inserted::Existing(row) => respond(row),
+    }
+}
+
+fn respond(row: JobRow) -> ApiResult<Response> {
+    let location = format!("/jobs/{}", row.id);
+    let job = row.to_job()?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(job),
+    )
+        .into_response())
+}
+
+async fn find_idempotent(state: &AppState, key: &str) -> ApiResult<Option<JobRow>> {
+    let rows: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM jobs WHERE project = $1 AND idempotency_key = $2",
+        crate::store::jobs::JOB_COLUMNS
+    )))
+    .bind(DEFAULT_PROJECT)
+    .bind(key)
+    .fetch_optional(&state.db.pool)
+    .await
+    .map_err(StoreError::from)?;
+    Ok(rows)
+}
+
+async fn read_json(req: Request) -> ApiResult<serde_json::Value> {
+    let bytes = axum::body::to_bytes(req.into_body(), SPEC_LIMIT)
+        .await
+        .map_err(|_| {
+            ApiError::BadRequest(format!("the job spec must be at most {SPEC_LIMIT} bytes"))
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::field("", format!("the body is not valid JSON: {e}")))
+}
+
+async fn read_multipart(
+    state: &AppState,
+    req: Request,
+) -> ApiResult<(serde_json::Value, BTreeMap<String, Part>)> {
+    let mut multipart = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let tmp = state.settings.data_dir.join("tmp");
+    let (mut spec, mut parts, mut problems) = (None, BTreeMap::new(), Problems::default());
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        if name == "spec" {
+            let text = field
+                .bytes()
+                .await
+                .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            match serde_json::from_slice(&text) {
+                Ok(v) => spec = Some(v),
+                Err(e) => problems.add("/spec", format!("the `spec` part is not valid JSON: {e}")),
+            }
+            continue;
+        }
+        let Some((spec_field, _, kind)) =
+            REFERENCE_FIELDS.iter().find(|(_, part, _)| *part == name)
+        else {
+            problems.add(format!("/{name}"), "unknown multipart part; expected spec, model, dataset, calibration, train, teacher or student");
+            continue;
+        };
+        let file_name = field.file_name().unwrap_or("").to_string();
+        let staged = ingest::stage(&tmp, field, state.settings.max_upload_bytes)
+            .await
+            .map_err(|e| ingest_error(e, &format!("/{name}")))?;
+        let part = match kind {
+            RefKind::Model => match ingest::inspect_model(&staged).await {
+                Ok(s) => Part::Model(staged, s, file_name),
+                Err(e) => {
+                    problems.add(format!("/{name}"), e.to_string());
+                    continue;
+                }
+            },
+            RefKind::Dataset => match ingest::inspect_dataset(&staged).await {
+                Ok(s) => Part::Dataset(staged, s, file_name),
+                Err(e) => {
+                    problems.add(format!("/{name}"), e.to_string());
+                    continue;
+                }
+            },
+        };
+        parts.insert(spec_field.to_string(), part);
+    }
+    let Some(spec) = spec else {
+        problems.add(
+            "/spec",
+            "the multipart body needs a `spec` part holding the job spec as JSON",
+        );
+        return Err(ApiError::Validation(problems.0));
+    };
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems.0));
+    }
+    Ok((spec, parts))
+}
+
+/// Checks that references exist and that the datasets fit the model, collecting every problem.
+async fn check_references(
+    state: &AppState,
+    spec: &JobSpec,
+    parts: &BTreeMap<String, Part>,
+) -> ApiResult<()> {
+    let mut problems = Problems::default();
+    let mut models: BTreeMap<&str, ModelSummary> = BTreeMap::new();
+    let mut datasets: BTreeMap<&str, DatasetSummary> = BTreeMap::new();
+    for (field, kind, id) in spec.references() {
+        match (parts.get(field), kind) {
+            (Some(Part::Model(_, s, _)), _) => {
+                models.insert(field, s.clone());
+            }
+            (Some(Part::Dataset(_, s, _)), _) => {
+                datasets.insert(field, s.clone());
+            }
+            (None, RefKind::Model) => match state
+                .db
+                .get_upload::<ModelSummary>(UploadKind::Model, DEFAULT_PROJECT, id)
+                .await
+            {
+                Ok(u) => {
+                    models.insert(field, u.summary);
+                }
+                Err(StoreError::NotFound) => {
+                    problems.add(format!("/{field}"), format!("no model with id {id}"))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            (None, RefKind::Dataset) => match state
+                .db
+                .get_upload::<DatasetSummary>(UploadKind::Dataset, DEFAULT_PROJECT, id)
+                .await
+            {
+                Ok(u) => {
+                    datasets.insert(field, u.summary);
+                }
+                Err(StoreError::NotFound) => {
+                    problems.add(format!("/{field}"), format!("no dataset with id {id}"))
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
+    if let Some(model) = models.get("model_id") {
+        for field in ["dataset_id", "calibration_dataset_id"] {
+            if let Some(data) = datasets.get(field) {
+                if let Err(e) = crate::engine::dataset::bind(model, data) {
+                    problems.add(
+                        format!("/{field}"),
+                        format!("the dataset does not fit the model: {e}"),
+                    );
+                }
+            }
+        }
+        for (i, stage) in spec.pipeline.iter().enumerate() {
+            let Stage::Evaluate(opts) = stage;
+            if let Some(out) = &opts.output {
+                if !model.outputs.iter().any(|o| &o.name == out) {
+                    let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
+                    problems.add(
+                        format!("/pipeline/{i}/output"),
+                        format!(
+                            "the model has no output `{out}` (it has: {})",
+                            names.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    problems.into_result(()).map_err(ApiError::Validation)
+}
+
+/// The spec as sorted JSON plus each file part's hash: equal requests hash equally.
+fn request_hash(spec: &serde_json::Value, parts: &BTreeMap<String, Part>) -> String {
+    let mut h = Sha256::new();
+    h.update(spec.to_string().as_bytes());
+    for (field, part) in parts {
+        let sha = match part {
+            Part::Model(s, _, _) | Part::Dataset(s, _, _) => &s.sha256,
+        };
+        h.update(format!("\n{field}={sha}").as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobFilter {
+    /// Only jobs with this status.
+    pub status: Option<String>,
+    /// Only jobs on this model.
+    pub model_id: Option<String>,
+}
+
+/// List jobs, newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", params(JobFilter, PageQuery),
+    responses((status = 200, body = Page<Job>), (status = 422, body = Problem, content_type = "application/problem+json")))]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    Query(f): Query<JobFilter>,
+    Query(p): Query<PageQuery>,
+) -> ApiResult<Json<Page<Job>>> {
+    let limit = p.limit()?;
+    let status = match f.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::field(
+                "/status",
+                "`status` must be queued, running, succeeded, failed or cancelled",
+            )
+        })?),
+    };
+    let rows = state
+        .db
+        .list_jobs(
+            DEFAULT_PROJECT,
+            status,
+            f.model_id.as_deref(),
+            p.cursor.as_deref(),
+            limit,
+        )
+        .await?;
+    let jobs = rows
+        .iter()
+        .map(JobRow::to_job)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(Page::new(jobs, limit, |j: &Job| j.id.clone())))
+}
+
+async fn find_job(state: &AppState, id: &str) -> ApiResult<JobRow> {
+    state
+        .db
+        .get_job(DEFAULT_PROJECT, id)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::NotFound(format!("job {id}")),
+            other => other.into(),
+        })
+}
+
+/// Get a job's status, stage, progress and error.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Job), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Job>> {
+    Ok(Json(find_job(&state, &id).await?.to_job()?))
+}
+
+/// Cancel a job: a queued job ends at once; a running one stops at its next checkpoint.
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, description = "Cancelled, or cancellation requested", body = Job),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job already succeeded or failed", body = Problem, content_type = "application/problem+json")))]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    let row = state
+        .db
+        .request_cancel(DEFAULT_PROJECT, &id, now_ms())
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::NotFound(format!("job {id}")),
+            other => other.into(),
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(row.to_job()?)))
+}
+
+/// Follow a job: Server-Sent Events (`event: job`, data = the job) on every status, stage or progress change, until it ends.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "An event stream", content_type = "text/event-stream"),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    find_job(&state, &id).await?;
+    let stream = async_stream::stream! {
+        let mut last: Option<(String, Option<String>, i64)> = None;
+        loop {
+            let Ok(row) = state.db.get_job(DEFAULT_PROJECT, &id).await else { break };
+            let key = (row.status.clone(), row.stage.clone(), (row.progress * 1000.0) as i64);
+            if last.as_ref() != Some(&key) {
+                if let Ok(job) = row.to_job() {
+                    if let Ok(ev) = Event::default().event("job").json_data(&job) {
+                        yield Ok(ev);
+                    }
+                }
+                last = Some(key);
+            }
+            if row.status().is_final() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Get the report of a succeeded job.
+#[utoipa::path(get, path = "/jobs/{id}/report", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Report), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job has no report (yet)", body = Problem, content_type = "application/problem+json")))]
+pub async fn job_report(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let row = find_job(&state, &id).await?;
+    let Some(key) = row.report_key else {
+        return Err(ApiError::Conflict(format!(
+            "job {id} has no report: it is {}",
+            row.status
+        )));
+    };
+    let blob = state.blobs.get_stream(&key).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(blob.body),
+    )
+        .into_response())
+}
+
+/// One output file of a job.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Artifact {
+    pub name: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub content_type: String,
+    pub created_at: DateTime<Utc>,
+    /// Where to download it.
+    pub url: String,
+}
+
+/// List a job's artifacts (models after each stage, the report, the log).
+#[utoipa::path(get, path = "/jobs/{id}/artifacts", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<Artifact>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn list_artifacts(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<Artifact>>> {
+    find_job(&state, &id).await?;
+    let rows = state.db.list_artifacts(&id).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|a| Artifact {
+                url: format!("/jobs/{id}/artifacts/{}", a.name),
+                name: a.name,
+                size_bytes: a.size_bytes,
+                sha256: a.sha256,
+                content_type: a.content_type,
+                created_at: crate::store::ms_to_time(a.created_at),
+            })
+            .collect(),
+    ))
+}
+
+/// Download one artifact (streamed, or a redirect to a presigned URL when configured).
+#[utoipa::path(get, path = "/jobs/{id}/artifacts/{name}", tag = "jobs", params(("id" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "The file", content_type = "application/octet-stream"),
+        (status = 307, description = "Redirect to a presigned object-store URL (when configured)"),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn get_artifact(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    find_job(&state, &id).await?;
+    let rows = state.db.list_artifacts(&id).await?;
+    let a = rows
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("artifact {name} of job {id}")))?;
+    download(&state, &a.blob_key, &a.name, &a.content_type).await
+}

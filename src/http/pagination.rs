@@ -1,0 +1,42 @@
+//! Cursor pagination: newest first; the cursor is the last id of the previous page.
+use super::error::ApiError;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1..=200 (default 50).
+    pub limit: Option<i64>,
+    /// `next_cursor` from the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit.unwrap_or(50) {
+            n @ 1..=200 => Ok(n),
+            _ => Err(ApiError::field(
+                "/limit",
+                "`limit` must be between 1 and 200",
+            )),
+        }
+    }
+}
+
+/// One page of results.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    pub fn new(items: Vec<T>, limit: i64, id: impl Fn(&T) -> String) -> Self {
+        let next_cursor = (items.len() as i64 == limit)
+            .then(|| items.last().map(&id))
+            .flatten();
+        Self { items, next_cursor }
+    }
+}

@@ -1,0 +1,23 @@
+//! Shrink: a self-hosted model-optimization service.
+//!
+//! # Layout
+//! - [`config`]: every setting, from flags and `SHRINK_*` environment variables.
+//! - [`domain`]: jobs, specs, summaries and reports — plain data with validation.
+//! - [`engine`]: the ML library: ONNX I/O, datasets, ONNX Runtime, measurements. No web or database code.
+//! - [`store`]: the database (PostgreSQL or SQLite through sqlx): rows and the job queue.
+//! - [`blob`]: artifact storage behind one trait: S3 or a local directory.
+//! - [`ingest`]: turns an uploaded byte stream into a hashed, validated, stored model or dataset.
+//! - [`worker`]: claims jobs, runs the pipeline on the engine off the async runtime, stores results.
+//! - [`http`]: the axum API, its errors and its OpenAPI document.
+//! - [`app`]: wires everything together and runs until shutdown.
+pub mod app;
+pub mod blob;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod http;
+pub mod ingest;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,289 @@
+//! One attempt at one job: fetch inputs, run the pipeline on a blocking thread, store the outputs,
+//! and end the attempt as succeeded, failed (maybe retried), cancelled or handed back.
+use super::heartbeat::{self, JobProgress, StopReason};
+use super::pipeline::{self, InputHashes, PipelineOutput};
+use super::WorkerContext;
+use crate::blob::artifact_key;
+use crate::domain::dataset::DatasetSummary;
+use crate::domain::job::JobError;
+use crate::domain::model::ModelSummary;
+use crate::engine::{self, EngineError};
+use crate::store::jobs::{ArtifactRow, JobRow};
+use crate::store::uploads::UploadKind;
+use crate::store::{now_ms, queue::FailOutcome};
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// How an attempt failed, which decides whether to retry.
+enum Failure {
+    /// The input is at fault: retrying cannot help.
+    Invalid(anyhow::Error),
+    /// Storage, database or runtime trouble: worth retrying.
+    Infrastructure(anyhow::Error),
+    Stopped(StopReason),
+}
+
+pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver<bool>) {
+    let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt, request_id = job.request_id.as_deref().unwrap_or("-"));
+    async move {
+        tracing::info!("job started");
+        let progress = Arc::new(JobProgress::default());
+        progress.enter("baseline", 0.0, 0.0);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let interval = (ctx.lease / 3).clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+        );
+        let beat = tokio::spawn(
+            heartbeat::run(
+                ctx.db.clone(),
+                job.id.clone(),
+                ctx.worker_id.clone(),
+                ctx.lease,
+                interval,
+                progress.clone(),
+                shutdown,
+                done_rx,
+            )
+            .in_current_span(),
+        );
+        let result = attempt(ctx, &job, progress.clone()).await;
+        let _ = done_tx.send(());
+        let _ = beat.await;
+        finish(ctx, &job, result, &progress).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn attempt(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    progress: Arc<JobProgress>,
+) -> Result<(), Failure> {
+    let spec = job.spec().map_err(|e| Failure::Invalid(e.into()))?;
+    let rt = ctx.runtime.clone().map_err(|e| {
+        Failure::Infrastructure(anyhow::anyhow!(EngineError::RuntimeUnavailable(e)))
+    })?;
+    let infra = |e: anyhow::Error| Failure::Infrastructure(e);
+
+    let model_row = ctx
+        .db
+        .get_upload::<ModelSummary>(UploadKind::Model, &job.project, &spec.model_id)
+        .await
+        .context("while looking up the model")
+        .map_err(|e| Failure::Invalid(e))?;
+    let data_row = ctx
+        .db
+        .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, &spec.dataset_id)
+        .await
+        .context("while looking up the dataset")
+        .map_err(|e| Failure::Invalid(e))?;
+    tokio::fs::create_dir_all(&ctx.scratch_dir)
+        .await
+        .context("while creating the scratch directory")
+        .map_err(infra)?;
+    let dir = tempfile::Builder::new()
+        .prefix("job-")
+        .tempdir_in(&ctx.scratch_dir)
+        .context("while creating a scratch directory")
+        .map_err(infra)?;
+    let model_path = dir.path().join("model.onnx");
+    let data_path = dir.path().join("dataset");
+    ctx.blobs
+        .get_to_file(&model_row.blob_key, &model_path)
+        .await
+        .context("while downloading the model")
+        .map_err(infra)?;
+    ctx.blobs
+        .get_to_file(&data_row.blob_key, &data_path)
+        .await
+        .context("while downloading the dataset")
+        .map_err(infra)?;
+
+    let hashes = InputHashes {
+        spec: hex::encode(Sha256::digest(job.spec.as_bytes())),
+        model: model_row.sha256.clone(),
+        dataset: data_row.sha256.clone(),
+    };
+    let job_id = job.id.clone();
+    let p = progress.clone();
+    let span = tracing::Span::current();
+    let output: Result<PipelineOutput, EngineError> = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let model = engine::onnx::load_model_file(&model_path)?;
+        let data = engine::dataset::load(&data_path)?;
+        pipeline::run(&rt, &job_id, &spec, model, &data, hashes, &p)
+    })
+    .await
+    .map_err(|e| Failure::Invalid(anyhow::anyhow!("the engine crashed: {e}")))?;
+    let output = match output {
+        Ok(o) => o,
+        Err(EngineError::Cancelled) => {
+            return Err(Failure::Stopped(
+                progress.stop_reason().unwrap_or(StopReason::Cancelled),
+            ))
+        }
+        Err(e @ EngineError::RuntimeUnavailable(_)) | Err(e @ EngineError::Io(_)) => {
+            return Err(Failure::Infrastructure(e.into()))
+        }
+        Err(e) => {
+            return Err(Failure::Invalid(
+                anyhow::Error::from(e).context("while running the pipeline"),
+            ))
+        }
+    };
+    if let Some(reason) = progress.stop_reason() {
+        return Err(Failure::Stopped(reason));
+    }
+    store_outputs(ctx, job, output).await.map_err(infra)
+}
+
+async fn store_outputs(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    out: PipelineOutput,
+) -> anyhow::Result<()> {
+    let report_json = serde_json::to_vec_pretty(&out.report)?;
+    let files: [(&str, bytes::Bytes, &str); 3] = [
+        (
+            "model.onnx",
+            out.final_model.clone(),
+            "application/octet-stream",
+        ),
+        (
+            "job.log",
+            bytes::Bytes::from(out.log.clone()),
+            "text/plain; charset=utf-8",
+        ),
+        (
+            "report.json",
+            bytes::Bytes::from(report_json),
+            "application/json",
+        ),
+    ];
+    let mut report_key = String::new();
+    for (name, bytes, content_type) in files {
+        let key = artifact_key(&job.project, &job.id, job.attempt, name);
+        ctx.blobs
+            .put_bytes(&key, bytes.clone())
+            .await
+            .with_context(|| format!("while storing {name}"))?;
+        ctx.db
+            .insert_artifact(&ArtifactRow {
+                job_id: job.id.clone(),
+                name: name.to_string(),
+                blob_key: key.clone(),
+                size_bytes: bytes.len() as i64,
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                content_type: content_type.to_string(),
+                created_at: now_ms(),
+            })
+            .await
+            .with_context(|| format!("while recording {name}"))?;
+        if name == "report.json" {
+            report_key = key;
+        }
+    }
+    tracing::info!("\n{}", out.log);
+    let finished = ctx
+        .db
+        .finish_job(
+            &job.id,
+            &ctx.worker_id,
+            now_ms(),
+            "succeeded",
+            None,
+            Some(&report_key),
+            Some(out.report.passed),
+        )
+        .await?;
+    if !finished {
+        tracing::warn!("the lease was lost before the job could be marked succeeded; another attempt will redo it");
+    }
+    Ok(())
+}
+
+fn job_error(kind: &str, e: &anyhow::Error) -> String {
+    let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    let err = JobError {
+        r#type: kind.to_string(),
+        message: e.to_string(),
+        causes,
+    };
+    serde_json::to_string(&err).unwrap_or_default()
+}
+
+async fn finish(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    result: Result<(), Failure>,
+    _progress: &JobProgress,
+) {
+    let now = now_ms();
+    let outcome = match result {
+        Ok(()) => {
+            tracing::info!("job succeeded");
+            return;
+        }
+        Err(Failure::Stopped(StopReason::Cancelled)) => {
+            tracing::info!("job cancelled");
+            ctx.db
+                .finish_job(&job.id, &ctx.worker_id, now, "cancelled", None, None, None)
+                .await
+                .map(|_| ())
+        }
+        Err(Failure::Stopped(StopReason::LeaseLost)) => Ok(()),
+        Err(Failure::Stopped(StopReason::Shutdown)) => {
+            tracing::info!("handing the job back to the queue (shutting down)");
+            ctx.db
+                .hand_back(&job.id, &ctx.worker_id, now)
+                .await
+                .map(|_| ())
+        }
+        Err(Failure::Invalid(e)) => {
+            let kind = if e
+                .chain()
+                .any(|c| c.to_string().contains("the engine crashed"))
+            {
+                "engine"
+            } else {
+                "invalid_input"
+            };
+            tracing::warn!(error = format!("{e:#}"), "job failed");
+            ctx.db
+                .fail_attempt(&job.id, &ctx.worker_id, now, &job_error(kind, &e), false)
+                .await
+                .map(|_| ())
+        }
+        Err(Failure::Infrastructure(e)) => {
+            let kind = if e
+                .chain()
+                .any(|c| c.to_string().contains("ONNX Runtime is unavailable"))
+            {
+                "runtime_unavailable"
+            } else {
+                "infrastructure"
+            };
+            tracing::warn!(error = format!("{e:#}"), "attempt failed");
+            match ctx
+                .db
+                .fail_attempt(&job.id, &ctx.worker_id, now, &job_error(kind, &e), true)
+                .await
+            {
+                Ok(FailOutcome::Retrying { run_at }) => {
+                    tracing::info!(retry_in_ms = run_at - now, "will retry");
+                    Ok(())
+                }
+                other => other.map(|_| ()),
+            }
+        }
+    };
+    if let Err(e) = outcome {
+        // The lease will expire and the rescuer will requeue the job: nothing is lost.
+        tracing::error!(error = %e, "could not record the job's outcome");
+    }
+}

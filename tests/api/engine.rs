@@ -1,0 +1,329 @@
+//! The engine as a library: outputs and metrics equal onnxruntime-Python's; errors are specific.
+use crate::helpers::{fixture, reference};
+use shrink::domain::spec::EvaluateOptions;
+use shrink::engine::dataset::{self, TensorData};
+use shrink::engine::evaluate::evaluate;
+use shrink::engine::onnx::{load_model_bytes, load_model_file, proto::ModelProto};
+use shrink::engine::runtime::Runtime;
+use shrink::engine::{EngineError, NoProgress};
+use std::sync::Arc;
+
+fn rt() -> Arc<Runtime> {
+    Runtime::global(None).expect("ONNX Runtime from the project's .venv")
+}
+
+fn quick() -> EvaluateOptions {
+    EvaluateOptions {
+        latency_runs: 5,
+        warmup_runs: 1,
+        ..Default::default()
+    }
+}
+
+fn expected(name: &str) -> dataset::Dataset {
+    dataset::load(&fixture(name)).unwrap()
+}
+
+fn f32s(t: &dataset::Tensor) -> Vec<f32> {
+    match &t.data {
+        TensorData::F32(v) => v.clone(),
+        other => panic!("expected float32, got {}", other.dtype()),
+    }
+}
+
+fn assert_outputs_match(model: &str, data: &str, expected_file: &str) {
+    let m = load_model_file(&fixture(model)).unwrap();
+    let d = dataset::load(&fixture(data)).unwrap();
+    let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    let want = expected(expected_file);
+    for t in &want.tensors {
+        let got = e
+            .outputs
+            .iter()
+            .find(|o| o.name == t.name)
+            .unwrap_or_else(|| panic!("{model}: no output {}", t.name));
+        let w = f32s(t);
+        assert_eq!(got.values.len(), w.len(), "{model}/{}", t.name);
+        let worst = got
+            .values
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= 1e-6,
+            "{model}/{}: max abs difference {worst}",
+            t.name
+        );
+    }
+}
+
+#[test]
+fn outputs_equal_onnxruntime_python_on_every_fixture_model() {
+    assert_outputs_match(
+        "digits_mlp.onnx",
+        "digits_val.npz",
+        "digits_mlp_expected.npz",
+    );
+    assert_outputs_match(
+        "digits_cnn.onnx",
+        "digits_images.npz",
+        "digits_cnn_expected.npz",
+    );
+    assert_outputs_match("two_input.onnx", "two_input.npz", "two_input_expected.npz");
+}
+
+#[test]
+fn accuracy_top5_and_macro_f1_equal_onnxruntime_python_and_scikit_learn() {
+    for (model, data, key) in [
+        ("digits_mlp.onnx", "digits_val.npz", "digits_mlp"),
+        ("digits_cnn.onnx", "digits_images.npz", "digits_cnn"),
+    ] {
+        let want = &reference()[key];
+        let e = evaluate(
+            &rt(),
+            &load_model_file(&fixture(model)).unwrap(),
+            &dataset::load(&fixture(data)).unwrap(),
+            &quick(),
+            None,
+            &NoProgress,
+        )
+        .unwrap();
+        let t = e.metrics.task.expect("labels give task metrics");
+        assert_eq!(t.top1_accuracy, want["top1"].as_f64().unwrap(), "{model}");
+        assert_eq!(t.top5_accuracy, want["top5"].as_f64(), "{model}");
+        assert!(
+            (t.macro_f1 - want["macro_f1"].as_f64().unwrap()).abs() < 1e-12,
+            "{model}"
+        );
+    }
+}
+
+#[test]
+fn a_model_compared_with_itself_is_perfectly_faithful_and_unlabelled_data_still_gets_fidelity() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_unlabelled.npz")).unwrap();
+    let first = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    assert!(first.metrics.task.is_none());
+    let again = evaluate(
+        &rt(),
+        &m,
+        &d,
+        &quick(),
+        Some(&first.as_baseline()),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(again.metrics.fidelity.len(), 2);
+    for f in &again.metrics.fidelity {
+        assert_eq!(
+            (f.top1_agreement, f.max_abs_error, f.mean_abs_error),
+            (1.0, 0.0, 0.0)
+        );
+        assert!((f.cosine_mean - 1.0).abs() < 1e-9 && (f.cosine_min - 1.0).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn latency_percentiles_are_present_and_ordered() {
+    let m = load_model_file(&fixture("digits_cnn.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_images.npz")).unwrap();
+    let e = evaluate(
+        &rt(),
+        &m,
+        &d,
+        &EvaluateOptions {
+            latency_runs: 20,
+            ..Default::default()
+        },
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    let l = &e.metrics.latency;
+    for s in [&l.batch_1, l.batch_n.as_ref().unwrap()] {
+        assert!(
+            s.min_ms > 0.0 && s.min_ms <= s.p50_ms && s.p50_ms <= s.p95_ms && s.p95_ms <= s.p99_ms,
+            "{s:?}"
+        );
+        assert_eq!(s.runs, 20);
+    }
+    assert_eq!(
+        (l.batch_1.batch_size, l.batch_n.as_ref().unwrap().batch_size),
+        (1, 32)
+    );
+    assert_eq!(l.speedup_batch_1, 1.0);
+}
+
+#[test]
+fn the_single_input_aliases_x_and_y_are_accepted() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_val_alias.npz")).unwrap();
+    let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    assert_eq!(
+        e.metrics.task.unwrap().top1_accuracy,
+        reference()["digits_mlp"]["top1"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn every_malformed_dataset_gets_its_specific_error() {
+    let model = shrink::engine::onnx::summarize(
+        &load_model_file(&fixture("digits_mlp.onnx")).unwrap().proto,
+    );
+    let bind = |file: &str| {
+        dataset::summarize_file(&fixture(file))
+            .and_then(|s| dataset::bind(&model, &s))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(
+        bind("bad/sample_mismatch.npz").contains("tensor `labels`: has 449 samples"),
+        "{}",
+        bind("bad/sample_mismatch.npz")
+    );
+    assert!(bind("bad/wrong_dtype.npz")
+        .contains("has dtype float64 but model input `input` expects float32"));
+    assert!(bind("bad/wrong_name.npz").contains("no tensor of that name (it has: labels, pixels)"));
+    assert!(bind("bad/wrong_width.npz").contains("size 32 on axis 1"));
+    assert!(bind("bad/wrong_rank.npz").contains("expects rank 2"));
+    assert!(bind("bad/float_labels.npz").contains("labels must be integer class ids, got float32"));
+    assert!(bind("bad/scalar.npz").contains("scalar"));
+    assert!(matches!(
+        dataset::summarize_file(&fixture("bad/not_a_dataset.npz")),
+        Err(EngineError::UnreadableDataset(_))
+    ));
+}
+
+#[test]
+fn a_model_round_tripped_through_shrink_gives_identical_outputs_and_bytes() {
+    use prost::Message;
+    let original = std::fs::read(fixture("digits_mlp.onnx")).unwrap();
+    let proto = ModelProto::decode(&original[..]).unwrap();
+    let reencoded = proto.encode_to_vec();
+    assert_eq!(
+        reencoded, original,
+        "re-serializing an untouched model changes no byte"
+    );
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let a = evaluate(
+        &rt(),
+        &load_model_bytes(original.into()).unwrap(),
+        &d,
+        &quick(),
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    let b = evaluate(
+        &rt(),
+        &load_model_bytes(reencoded.into()).unwrap(),
+        &d,
+        &quick(),
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    for (x, y) in a.outputs.iter().zip(&b.outputs) {
+        assert_eq!(x.values, y.values);
+    }
+}
+
+#[test]
+fn a_named_output_that_does_not_exist_is_an_invalid_option() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let err = evaluate(
+        &rt(),
+        &m,
+        &d,
+        &EvaluateOptions {
+            output: Some("logits".into()),
+            ..quick()
+        },
+        None,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, EngineError::InvalidOption { .. })
+            && err.to_string().contains("label, probabilities"),
+        "{err}"
+    );
+}
+
+#[test]
+fn max_samples_limits_the_evaluated_rows() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let e = evaluate(
+        &rt(),
+        &m,
+        &d,
+        &EvaluateOptions {
+            max_samples: Some(100),
+            ..quick()
+        },
+        None,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(
+        (e.metrics.samples, e.metrics.task.unwrap().samples),
+        (100, 100)
+    );
+}
+
+#[test]
+fn the_eval_command_prints_the_same_accuracy_as_the_engine() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(["eval", "--json", "--latency-runs", "3"])
+        .arg(fixture("digits_mlp.onnx"))
+        .arg(fixture("digits_val.npz"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        m["task"]["top1_accuracy"].as_f64(),
+        reference()["digits_mlp"]["top1"].as_f64()
+    );
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(["eval", "--latency-runs", "3"])
+        .arg(fixture("digits_mlp.onnx"))
+        .arg(fixture("digits_val.npz"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "top-1 {:.6}",
+            reference()["digits_mlp"]["top1"].as_f64().unwrap()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_runtime_library_is_a_clear_error_from_the_eval_command() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args([
+            "eval",
+            "--ort-library",
+            "/nonexistent/libonnxruntime.so.1.32.0",
+        ])
+        .arg(fixture("digits_mlp.onnx"))
+        .arg(fixture("digits_val.npz"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ONNX Runtime is unavailable") && err.contains("/nonexistent"),
+        "{err}"
+    );
+}

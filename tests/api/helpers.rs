@@ -1,0 +1,278 @@
+//! The test harness: fixtures, `spawn_app`, typed request helpers and a synchronous queue drain.
+use reqwest::{multipart, Client, Response};
+use serde_json::Value;
+use shrink::app::Application;
+use shrink::config::Settings;
+use shrink::store::Db;
+use shrink::worker::WorkerContext;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// Where test fixtures live; built once per test run by `scripts/make_fixtures.py`.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures-out");
+        if !dir.join("reference.json").exists() {
+            let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+            let status = std::process::Command::new(&python)
+                .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/make_fixtures.py"))
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("run scripts/setup-python.sh first: the fixtures need the project's .venv");
+            assert!(status.success(), "scripts/make_fixtures.py failed");
+        }
+        dir
+    })
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap()
+}
+
+/// Which database and object store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// The embedded defaults: SQLite + local directory.
+    Embedded,
+    /// Production: PostgreSQL + an S3-compatible server (SeaweedFS from `scripts/test`).
+    Production,
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub db: Db,
+    pub worker: WorkerContext,
+    pub settings: Settings,
+    pub data_dir: tempfile::TempDir,
+    stop_workers: watch::Sender<bool>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("SHRINK_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Creates an empty PostgreSQL database and returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    use sqlx::Executor;
+    let admin = postgres_admin_url();
+    let name = format!("shrink_test_{}", uuid::Uuid::new_v4().simple());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&admin)
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432");
+    pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
+    pool.close().await;
+    let base = admin.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+pub fn s3_endpoint() -> String {
+    std::env::var("SHRINK_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into())
+}
+
+/// Settings for a fresh app of the given setup (a new database and bucket each time).
+pub async fn test_settings(setup: Setup) -> (Settings, tempfile::TempDir) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::for_data_dir(data_dir.path().to_path_buf());
+    s.bind = "127.0.0.1:0".into();
+    s.workers = 0;
+    s.ort_auto_install = false;
+    s.max_upload_bytes = 8 * 1024 * 1024;
+    s.lease_secs = 5;
+    s.poll_ms = 50;
+    if setup == Setup::Production {
+        std::env::set_var(
+            "AWS_ACCESS_KEY_ID",
+            std::env::var("SHRINK_TEST_S3_KEY").unwrap_or_else(|_| "testkey".into()),
+        );
+        std::env::set_var(
+            "AWS_SECRET_ACCESS_KEY",
+            std::env::var("SHRINK_TEST_S3_SECRET").unwrap_or_else(|_| "testsecret".into()),
+        );
+        s.database_url = Some(fresh_postgres_database().await);
+        s.s3_bucket = Some(format!("shrink-test-{}", uuid::Uuid::new_v4().simple()));
+        s.s3_endpoint = Some(s3_endpoint());
+        s.s3_create_bucket = true;
+    }
+    (s, data_dir)
+}
+
+pub async fn spawn_app(setup: Setup) -> TestApp {
+    let (settings, data_dir) = test_settings(setup).await;
+    spawn_with(settings, data_dir, 0).await
+}
+
+/// Starts the app with `workers` in-process worker slots (0: tests drain the queue themselves).
+pub async fn spawn_with(
+    settings: Settings,
+    data_dir: tempfile::TempDir,
+    workers: usize,
+) -> TestApp {
+    let app = Application::build(settings.clone(), true)
+        .await
+        .expect("the application builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let db = app.state.db.clone();
+    let worker = app.workers.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(workers, async move {
+        let _ = rx.await;
+    }));
+    let (stop_workers, _) = watch::channel(false);
+    TestApp {
+        address,
+        client: Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        db,
+        worker,
+        settings,
+        data_dir,
+        stop_workers,
+        shutdown: Some(tx),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn upload_raw(&self, path: &str, file: &Path, name: Option<&str>) -> Response {
+        let bytes = tokio::fs::read(file).await.unwrap();
+        let mut req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/octet-stream")
+            .body(bytes);
+        if let Some(n) = name {
+            req = req.query(&[("name", n)]);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Uploads a model fixture and returns its JSON (asserting 201).
+    pub async fn model(&self, name: &str) -> Value {
+        let r = self.upload_raw("/models", &fixture(name), Some(name)).await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        r.json().await.unwrap()
+    }
+
+    pub async fn dataset(&self, name: &str) -> Value {
+        let r = self
+            .upload_raw("/datasets", &fixture(name), Some(name))
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        r.json().await.unwrap()
+    }
+
+    pub async fn post_job(&self, spec: &Value) -> Response {
+        self.client
+            .post(self.url("/jobs"))
+            .json(spec)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_job_multipart(&self, spec: &Value, files: &[(&str, &str)]) -> Response {
+        let mut form = multipart::Form::new().text("spec", spec.to_string());
+        for (part, file) in files {
+            let bytes = tokio::fs::read(fixture(file)).await.unwrap();
+            form = form.part(
+                part.to_string(),
+                multipart::Part::bytes(bytes).file_name(file.to_string()),
+            );
+        }
+        self.client
+            .post(self.url("/jobs"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Runs queued jobs in this task until the queue is empty.
+    pub async fn drain(&self) {
+        let rx = self.stop_workers.subscribe();
+        while self.worker.run_next(&rx).await.expect("claiming works") {}
+    }
+
+    /// Polls a job until it reaches a final status (for tests with live workers).
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (_, job) = self.get_json(&format!("/jobs/{id}")).await;
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} did not finish in {timeout:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A quick evaluate spec for the given ids.
+    pub fn evaluate_spec(model_id: &str, dataset_id: &str) -> Value {
+        serde_json::json!({
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "pipeline": [{"stage": "evaluate", "latency_runs": 5, "warmup_runs": 1}],
+        })
+    }
+}
+
+/// Files under a directory, recursively (to check that failed uploads leave nothing behind).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}

@@ -1,0 +1,545 @@
+//! Creating jobs, validation, idempotency, cancellation, events, reports and artifacts.
+use crate::helpers::{fixture, reference, spawn_app, spawn_with, test_settings, Setup, TestApp};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Runs an evaluate-only job on the digits MLP and checks the report against onnxruntime-Python.
+pub async fn evaluate_job_matches_onnxruntime_python(setup: Setup) {
+    let app = spawn_app(setup).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let mut spec = TestApp::evaluate_spec(m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+    spec["constraints"] =
+        json!({"max_accuracy_drop": 0.0, "min_fidelity": 1.0, "max_size_bytes": 1_000_000});
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202);
+    assert!(r.headers().contains_key("location"));
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap().to_string();
+    app.drain().await;
+
+    let (_, job) = app.get_json(&format!("/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        (
+            job["progress"].as_f64(),
+            job["attempt"].as_i64(),
+            job["passed"].as_bool()
+        ),
+        (Some(1.0), Some(1), Some(true))
+    );
+
+    let (status, report) = app.get_json(&format!("/jobs/{id}/report")).await;
+    assert_eq!(status, 200);
+    let want = &reference()["digits_mlp"];
+    for m in [
+        &report["baseline"],
+        &report["final"],
+        &report["stages"][0]["metrics"],
+    ] {
+        let task = &m["task"];
+        assert_eq!(task["output"], "probabilities");
+        assert_eq!(
+            task["top1_accuracy"].as_f64(),
+            want["top1"].as_f64(),
+            "accuracy must equal onnxruntime-Python's exactly"
+        );
+        assert_eq!(task["top5_accuracy"].as_f64(), want["top5"].as_f64());
+        assert!(
+            (task["macro_f1"].as_f64().unwrap() - want["macro_f1"].as_f64().unwrap()).abs() < 1e-12
+        );
+        assert_eq!(
+            (task["samples"].as_u64(), task["classes"].as_u64()),
+            (Some(450), Some(10))
+        );
+        let size = &m["size"];
+        assert_eq!(
+            size["bytes"].as_u64(),
+            Some(std::fs::metadata(fixture("digits_mlp.onnx")).unwrap().len())
+        );
+        assert!(size["zstd_bytes"].as_u64().unwrap() < size["bytes"].as_u64().unwrap());
+        assert!(
+            size["nonzero_parameters"].as_u64().unwrap() <= size["parameters"].as_u64().unwrap()
+        );
+        assert_eq!(size["compression_ratio"].as_f64(), Some(1.0));
+        for stats in [&m["latency"]["batch_1"], &m["latency"]["batch_n"]] {
+            let (p50, p95, p99) = (
+                stats["p50_ms"].as_f64().unwrap(),
+                stats["p95_ms"].as_f64().unwrap(),
+                stats["p99_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 < p50 && p50 <= p95 && p95 <= p99, "{stats}");
+            assert_eq!(stats["runs"], 5);
+            assert!(stats["throughput_per_s"].as_f64().unwrap() > 0.0);
+        }
+        assert_eq!(m["latency"]["batch_n"]["batch_size"], 32);
+        assert_eq!(m["latency"]["intra_op_threads"], 1);
+        assert!(m["memory"]["peak_rss_growth_bytes"].as_u64().is_some());
+        let fid = m["fidelity"].as_array().unwrap();
+        assert_eq!(fid.len(), 2, "one fidelity entry per output");
+        for f in fid {
+            assert_eq!(
+                (f["top1_agreement"].as_f64(), f["max_abs_error"].as_f64()),
+                (Some(1.0), Some(0.0))
+            );
+        }
+    }
+    assert_eq!(report["deltas"]["accuracy_drop"].as_f64(), Some(0.0));
+    assert_eq!(report["verdicts"].as_array().unwrap().len(), 3);
+    assert!(
+        report["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["passed"] == true),
+        "{}",
+        report["verdicts"]
+    );
+    let env = &report["environment"];
+    assert_eq!(env["onnxruntime_version"], "1.32.0");
+    assert_eq!(env["model_sha256"], m["sha256"]);
+    assert_eq!(env["dataset_sha256"], d["sha256"]);
+    assert_eq!(env["spec_sha256"].as_str().unwrap().len(), 64);
+
+    let (_, artifacts) = app.get_json(&format!("/jobs/{id}/artifacts")).await;
+    let names: Vec<&str> = artifacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for want in ["model.onnx", "report.json", "job.log"] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    let model = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/artifacts/model.onnx")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(model.status(), 200);
+    assert_eq!(
+        model.bytes().await.unwrap().to_vec(),
+        std::fs::read(fixture("digits_mlp.onnx")).unwrap()
+    );
+    let log = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/artifacts/job.log")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        log.contains("baseline") && log.contains("[PASS] max_accuracy_drop"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_evaluate_job_reports_what_onnxruntime_python_computes_embedded() {
+    evaluate_job_matches_onnxruntime_python(Setup::Embedded).await;
+}
+
+#[tokio::test]
+async fn an_evaluate_job_reports_what_onnxruntime_python_computes_on_postgres_and_s3() {
+    evaluate_job_matches_onnxruntime_python(Setup::Production).await;
+}
+
+async fn problem_pointers(r: reqwest::Response) -> Vec<String> {
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.unwrap();
+    p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_class_of_spec_error_is_a_422_with_its_pointer() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let (mid, did) = (m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+    let missing = uuid::Uuid::now_v7().to_string();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate"}], "colour": 1}),
+            "/colour",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate", "batch_size": 0}]}),
+            "/pipeline/0/batch_size",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate", "speed": "max"}]}),
+            "/pipeline/0/speed",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "squash"}]}),
+            "/pipeline/0/stage",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "quantize"}]}),
+            "/pipeline/0/stage",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate"}], "constraints": {"max_accuracy_drop": 2}}),
+            "/constraints/max_accuracy_drop",
+        ),
+        (
+            json!({"model_id": missing, "dataset_id": did, "pipeline": [{"stage": "evaluate"}]}),
+            "/model_id",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": mid, "pipeline": [{"stage": "evaluate"}]}),
+            "/dataset_id",
+        ),
+        (
+            json!({"model_id": mid, "pipeline": [{"stage": "evaluate"}]}),
+            "/dataset_id",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate", "output": "logits"}]}),
+            "/pipeline/0/output",
+        ),
+        (json!({"model_id": mid, "dataset_id": did}), "/pipeline"),
+        (json!([1, 2]), ""),
+    ];
+    for (spec, pointer) in cases {
+        let got = problem_pointers(app.post_job(&spec).await).await;
+        assert!(
+            got.contains(&pointer.to_string()),
+            "{spec}: wanted {pointer}, got {got:?}"
+        );
+    }
+    // Several problems at once are all reported.
+    let got = problem_pointers(
+        app.post_job(
+            &json!({"model_id": 3, "pipeline": [{"stage": "evaluate", "threads": 0}], "seed": "x"}),
+        )
+        .await,
+    )
+    .await;
+    for p in ["/model_id", "/dataset_id", "/pipeline/0/threads", "/seed"] {
+        assert!(got.contains(&p.to_string()), "{got:?}");
+    }
+    let r = app
+        .client
+        .post(app.url("/jobs"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem_pointers(r).await, vec![String::new()]);
+    let (_, jobs) = app.get_json("/jobs").await;
+    assert_eq!(
+        jobs["items"].as_array().unwrap().len(),
+        0,
+        "nothing may be queued by an invalid request"
+    );
+}
+
+#[tokio::test]
+async fn a_dataset_that_does_not_fit_the_model_is_refused_naming_the_tensor() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    for (file, needle) in [
+        ("bad/wrong_dtype.npz", "float64"),
+        ("bad/wrong_name.npz", "needs input `input`"),
+        ("bad/wrong_width.npz", "axis 1"),
+        ("bad/wrong_rank.npz", "rank 2"),
+        ("bad/float_labels.npz", "integer class ids"),
+    ] {
+        let d = app.dataset(file).await;
+        let r = app
+            .post_job(&TestApp::evaluate_spec(
+                m["id"].as_str().unwrap(),
+                d["id"].as_str().unwrap(),
+            ))
+            .await;
+        assert_eq!(r.status(), 422);
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["errors"][0]["pointer"], "/dataset_id", "{file}");
+        assert!(
+            p["errors"][0]["detail"].as_str().unwrap().contains(needle),
+            "{file}: {p}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_and_body_return_the_same_job() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("two_input.onnx").await;
+    let d = app.dataset("two_input.npz").await;
+    let spec = TestApp::evaluate_spec(m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+    let post = |body: Value| {
+        app.client
+            .post(app.url("/jobs"))
+            .header("idempotency-key", "ci-run-42")
+            .json(&body)
+            .send()
+    };
+    let a: Value = post(spec.clone()).await.unwrap().json().await.unwrap();
+    let b = post(spec.clone()).await.unwrap();
+    assert_eq!(b.status(), 202);
+    let b: Value = b.json().await.unwrap();
+    assert_eq!(a["id"], b["id"]);
+    let mut other = spec.clone();
+    other["seed"] = json!(7);
+    let c = post(other).await.unwrap();
+    assert_eq!(c.status(), 409);
+    let (_, jobs) = app.get_json("/jobs").await;
+    assert_eq!(jobs["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_multipart_job_stores_its_files_as_models_and_datasets() {
+    let app = spawn_app(Setup::Embedded).await;
+    let spec = json!({"pipeline": [{"stage": "evaluate", "latency_runs": 3}], "labels": {"team": "vision"}});
+    let r = app
+        .post_job_multipart(
+            &spec,
+            &[("model", "digits_mlp.onnx"), ("dataset", "digits_val.npz")],
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["labels"]["team"], "vision");
+    let model_id = job["spec"]["model_id"].as_str().unwrap();
+    let (status, model) = app.get_json(&format!("/models/{model_id}")).await;
+    assert_eq!(
+        (status, model["name"].as_str()),
+        (200, Some("digits_mlp.onnx"))
+    );
+    app.drain().await;
+    let (_, job) = app
+        .get_json(&format!("/jobs/{}", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(job["status"], "succeeded");
+
+    // A bad file part is named by its part; nothing is stored.
+    let r = app
+        .post_job_multipart(
+            &spec,
+            &[("model", "bad/garbage.onnx"), ("dataset", "digits_val.npz")],
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["errors"][0]["pointer"], "/model");
+    let r = app
+        .post_job_multipart(
+            &spec,
+            &[("model", "digits_mlp.onnx"), ("weights", "digits_val.npz")],
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let (_, models) = app.get_json("/models").await;
+    assert_eq!(
+        models["items"].as_array().unwrap().len(),
+        1,
+        "only the first job's model is stored"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_ends_it_at_once() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("two_input.onnx").await;
+    let d = app.dataset("two_input.npz").await;
+    let job: Value = app
+        .post_job(&TestApp::evaluate_spec(
+            m["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap(),
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["status"], "cancelled");
+    app.drain().await;
+    let (_, j) = app.get_json(&format!("/jobs/{id}")).await;
+    assert_eq!(
+        (j["status"].as_str(), j["attempt"].as_i64()),
+        (Some("cancelled"), Some(0)),
+        "a cancelled job never runs"
+    );
+    let (status, _) = app.get_json(&format!("/jobs/{id}/report")).await;
+    assert_eq!(status, 409);
+}
+
+/// A job that runs for many seconds: thousands of timed runs of the big MLP at batch 32.
+pub fn slow_spec(model_id: &str, dataset_id: &str) -> Value {
+    json!({"model_id": model_id, "dataset_id": dataset_id, "pipeline": [{"stage": "evaluate", "latency_runs": 20000, "warmup_runs": 0}]})
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_within_seconds() {
+    let (settings, dir) = test_settings(Setup::Embedded).await;
+    let app = spawn_with(settings, dir, 1).await;
+    let m = app.model("digits_mlp_big.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let job: Value = app
+        .post_job(&slow_spec(
+            m["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap(),
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, j) = app.get_json(&format!("/jobs/{id}")).await;
+        if j["status"] == "running" && j["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never started: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = std::time::Instant::now();
+    let r = app
+        .client
+        .post(app.url(&format!("/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let j = app.wait_final(id, Duration::from_secs(15)).await;
+    assert_eq!(j["status"], "cancelled", "{j}");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn events_stream_the_job_until_it_ends() {
+    let (settings, dir) = test_settings(Setup::Embedded).await;
+    let app = spawn_with(settings, dir, 1).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let job: Value = app
+        .post_job(&TestApp::evaluate_spec(
+            m["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap(),
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let r = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let body = tokio::time::timeout(Duration::from_secs(60), r.text())
+        .await
+        .expect("the stream ends with the job")
+        .unwrap();
+    let statuses: Vec<String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("succeeded"),
+        "{body}"
+    );
+    assert!(body.contains("event: job"));
+}
+
+#[tokio::test]
+async fn a_job_whose_input_vanished_is_retried_as_an_infrastructure_failure() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("two_input.onnx").await;
+    let d = app.dataset("two_input.npz").await;
+    let job: Value = app
+        .post_job(&TestApp::evaluate_spec(
+            m["id"].as_str().unwrap(),
+            d["id"].as_str().unwrap(),
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    // Delete the dataset's blob behind the API's back: the worker cannot fetch it, which is an
+    // infrastructure failure, retried with backoff rather than failed at once.
+    let blobs = crate::helpers::files_under(&app.data_dir.path().join("blobs"));
+    for b in blobs
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/datasets/"))
+    {
+        std::fs::remove_file(b).unwrap();
+    }
+    app.drain().await;
+    let (_, j) = app
+        .get_json(&format!("/jobs/{}", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        j["status"], "queued",
+        "an infrastructure failure is retried: {j}"
+    );
+    assert_eq!(j["error"]["type"], "infrastructure");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("downloading the dataset"),
+        "{j}"
+    );
+    assert_eq!(j["attempt"], 1);
+}
+
+#[tokio::test]
+async fn jobs_are_listed_newest_first_and_filtered() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("two_input.onnx").await;
+    let d = app.dataset("two_input.npz").await;
+    let spec = TestApp::evaluate_spec(m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+    let a: Value = app.post_job(&spec).await.json().await.unwrap();
+    let b: Value = app.post_job(&spec).await.json().await.unwrap();
+    app.client
+        .post(app.url(&format!("/jobs/{}/cancel", a["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    let (_, all) = app.get_json("/jobs").await;
+    assert_eq!(all["items"][0]["id"], b["id"]);
+    let (_, cancelled) = app.get_json("/jobs?status=cancelled").await;
+    assert_eq!(cancelled["items"].as_array().unwrap().len(), 1);
+    assert_eq!(cancelled["items"][0]["id"], a["id"]);
+    let (_, by_model) = app
+        .get_json(&format!("/jobs?model_id={}", m["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(by_model["items"].as_array().unwrap().len(), 2);
+    let (status, _) = app.get_json("/jobs?status=sleeping").await;
+    assert_eq!(status, 422);
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, one module per area. Each test starts the real application on
+//! port 0 with its own database (SQLite file or a fresh PostgreSQL database) and object store.
+mod architecture;
+mod engine;
+mod helpers;
+mod jobs;
+mod openapi;
+mod queue;
+mod storage;
+mod uploads;
