@@ -88,17 +88,28 @@ pub async fn inspect_dataset(staged: &Staged) -> Result<DatasetSummary, IngestEr
     Ok(summary)
 }
 
+/// Where and as what a staged upload is stored.
+pub struct Target<'a> {
+    pub kind: UploadKind,
+    pub project: &'a str,
+    pub name: &'a str,
+    pub format: &'a str,
+}
+
 /// Stores a staged upload as a model or dataset: object first, then row; the object is removed if the row fails.
 pub async fn commit<S: serde::Serialize + Clone>(
     db: &Db,
     blobs: &dyn BlobStore,
-    kind: UploadKind,
-    project: &str,
-    name: &str,
-    format: &str,
+    target: Target<'_>,
     staged: Staged,
     summary: S,
 ) -> Result<Upload<S>, IngestError> {
+    let Target {
+        kind,
+        project,
+        name,
+        format,
+    } = target;
     let id = match kind {
         UploadKind::Model => crate::domain::ids::ModelId::new().to_string(),
         UploadKind::Dataset => crate::domain::ids::DatasetId::new().to_string(),

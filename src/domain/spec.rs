@@ -379,20 +379,16 @@ fn validate_constraints(c: &Value, p: &mut Problems) {
         let ptr = format!("/constraints/{}", pointer_key(key));
         let num = v.as_f64();
         match key.as_str() {
-            "max_accuracy_drop" | "min_fidelity" => {
-                if !matches!(num, Some(x) if (0.0..=1.0).contains(&x)) {
-                    p.add(ptr, format!("`{key}` must be a fraction between 0 and 1"));
-                }
+            "max_accuracy_drop" | "min_fidelity" if !matches!(num, Some(x) if (0.0..=1.0).contains(&x)) =>
+            {
+                p.add(ptr, format!("`{key}` must be a fraction between 0 and 1"));
             }
-            "max_size_bytes" => {
-                if !matches!(v.as_u64(), Some(n) if n > 0) {
-                    p.add(ptr, "`max_size_bytes` must be a positive integer");
-                }
+            "max_size_bytes" if !matches!(v.as_u64(), Some(n) if n > 0) => {
+                p.add(ptr, "`max_size_bytes` must be a positive integer");
             }
-            "max_latency_ms" | "min_speedup" => {
-                if !matches!(num, Some(x) if x > 0.0 && x.is_finite()) {
-                    p.add(ptr, format!("`{key}` must be a positive number"));
-                }
+            "max_latency_ms" | "min_speedup" if !matches!(num, Some(x) if x > 0.0 && x.is_finite()) =>
+            {
+                p.add(ptr, format!("`{key}` must be a positive number"));
             }
             _ => {}
         }

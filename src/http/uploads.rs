@@ -154,10 +154,12 @@ pub async fn store_model(
     let u = ingest::commit(
         &state.db,
         state.blobs.as_ref(),
-        UploadKind::Model,
-        crate::domain::ids::DEFAULT_PROJECT,
-        name,
-        "onnx",
+        ingest::Target {
+            kind: UploadKind::Model,
+            project: crate::domain::ids::DEFAULT_PROJECT,
+            name,
+            format: "onnx",
+        },
         staged,
         summary,
     )
@@ -176,10 +178,12 @@ pub async fn store_dataset(
     let u = ingest::commit(
         &state.db,
         state.blobs.as_ref(),
-        UploadKind::Dataset,
-        crate::domain::ids::DEFAULT_PROJECT,
-        name,
-        format,
+        ingest::Target {
+            kind: UploadKind::Dataset,
+            project: crate::domain::ids::DEFAULT_PROJECT,
+            name,
+            format,
+        },
         staged,
         summary,
     )

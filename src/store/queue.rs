@@ -21,6 +21,41 @@ pub enum FailOutcome {
     LeaseLost,
 }
 
+/// How a job ends: its final status and what goes with it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ending<'a> {
+    pub status: &'a str,
+    pub error: Option<&'a str>,
+    pub report_key: Option<&'a str>,
+    pub passed: Option<bool>,
+}
+
+impl<'a> Ending<'a> {
+    pub fn succeeded(report_key: &'a str, passed: bool) -> Self {
+        Self {
+            status: "succeeded",
+            report_key: Some(report_key),
+            passed: Some(passed),
+            error: None,
+        }
+    }
+
+    pub fn failed(error: &'a str) -> Self {
+        Self {
+            status: "failed",
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+
+    pub fn cancelled() -> Self {
+        Self {
+            status: "cancelled",
+            ..Default::default()
+        }
+    }
+}
+
 /// Delay before retry `attempt` (1-based): 2 s, 4 s, 8 s ... capped at 5 minutes.
 pub fn backoff_ms(attempt: i64) -> i64 {
     (2_000i64 << (attempt.clamp(1, 20) - 1)).min(300_000)
@@ -99,11 +134,14 @@ impl Db {
         id: &str,
         worker: &str,
         now: i64,
-        status: &str,
-        error: Option<&str>,
-        report_key: Option<&str>,
-        passed: Option<bool>,
+        end: Ending<'_>,
     ) -> Result<bool> {
+        let Ending {
+            status,
+            error,
+            report_key,
+            passed,
+        } = end;
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET status = $1, error = $2, report_key = $3, passed = $4, finished_at = $5, updated_at = $5, \
@@ -173,7 +211,7 @@ impl Db {
         }
         Ok(
             if self
-                .finish_job(id, worker, now, "failed", Some(error), None, None)
+                .finish_job(id, worker, now, Ending::failed(error))
                 .await?
             {
                 FailOutcome::Failed

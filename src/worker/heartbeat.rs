@@ -71,17 +71,29 @@ impl Progress for JobProgress {
     }
 }
 
+/// Whose lease to renew, for how long, and how often.
+pub struct LeaseTerms {
+    pub db: Db,
+    pub job_id: String,
+    pub worker: String,
+    pub lease: Duration,
+    pub interval: Duration,
+}
+
 /// Renews the lease every `interval` until `done` fires, relaying progress and stop requests.
 pub async fn run(
-    db: Db,
-    job_id: String,
-    worker: String,
-    lease: Duration,
-    interval: Duration,
+    terms: LeaseTerms,
     progress: Arc<JobProgress>,
     mut shutdown: watch::Receiver<bool>,
     mut done: tokio::sync::oneshot::Receiver<()>,
 ) {
+    let LeaseTerms {
+        db,
+        job_id,
+        worker,
+        lease,
+        interval,
+    } = terms;
     loop {
         tokio::select! {
             _ = &mut done => return,

@@ -1,6 +1,6 @@
 //! One attempt at one job: fetch inputs, run the pipeline on a blocking thread, store the outputs,
 //! and end the attempt as succeeded, failed (maybe retried), cancelled or handed back.
-use super::heartbeat::{self, JobProgress, StopReason};
+use super::heartbeat::{self, JobProgress, LeaseTerms, StopReason};
 use super::pipeline::{self, InputHashes, PipelineOutput};
 use super::WorkerContext;
 use crate::blob::artifact_key;
@@ -9,8 +9,9 @@ use crate::domain::job::JobError;
 use crate::domain::model::ModelSummary;
 use crate::engine::{self, EngineError};
 use crate::store::jobs::{ArtifactRow, JobRow};
+use crate::store::now_ms;
+use crate::store::queue::{Ending, FailOutcome};
 use crate::store::uploads::UploadKind;
-use crate::store::{now_ms, queue::FailOutcome};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -39,11 +40,13 @@ pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver
         );
         let beat = tokio::spawn(
             heartbeat::run(
-                ctx.db.clone(),
-                job.id.clone(),
-                ctx.worker_id.clone(),
-                ctx.lease,
-                interval,
+                LeaseTerms {
+                    db: ctx.db.clone(),
+                    job_id: job.id.clone(),
+                    worker: ctx.worker_id.clone(),
+                    lease: ctx.lease,
+                    interval,
+                },
                 progress.clone(),
                 shutdown,
                 done_rx,
@@ -75,13 +78,13 @@ async fn attempt(
         .get_upload::<ModelSummary>(UploadKind::Model, &job.project, &spec.model_id)
         .await
         .context("while looking up the model")
-        .map_err(|e| Failure::Invalid(e))?;
+        .map_err(Failure::Invalid)?;
     let data_row = ctx
         .db
         .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, &spec.dataset_id)
         .await
         .context("while looking up the dataset")
-        .map_err(|e| Failure::Invalid(e))?;
+        .map_err(Failure::Invalid)?;
     tokio::fs::create_dir_all(&ctx.scratch_dir)
         .await
         .context("while creating the scratch directory")
@@ -195,10 +198,7 @@ async fn store_outputs(
             &job.id,
             &ctx.worker_id,
             now_ms(),
-            "succeeded",
-            None,
-            Some(&report_key),
-            Some(out.report.passed),
+            Ending::succeeded(&report_key, out.report.passed),
         )
         .await?;
     if !finished {
@@ -232,7 +232,7 @@ async fn finish(
         Err(Failure::Stopped(StopReason::Cancelled)) => {
             tracing::info!("job cancelled");
             ctx.db
-                .finish_job(&job.id, &ctx.worker_id, now, "cancelled", None, None, None)
+                .finish_job(&job.id, &ctx.worker_id, now, Ending::cancelled())
                 .await
                 .map(|_| ())
         }
