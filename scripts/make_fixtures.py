@@ -148,6 +148,9 @@ def main(out):
     np.savez(os.path.join(bad, "scalar.npz"), input=X_te, labels=np.int64(3))
     with open(os.path.join(bad, "not_a_dataset.npz"), "wb") as f:
         f.write(b"this is not a dataset at all")
+    ext = onnx.load(ti)
+    onnx.save(ext, os.path.join(bad, "external_data.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="external_data.bin", size_threshold=0)
     data = open(path, "rb").read()
     with open(os.path.join(bad, "truncated.onnx"), "wb") as f:
         f.write(data[: len(data) // 2])

@@ -22,6 +22,16 @@ fn page_size() -> u64 {
     4096
 }
 
+/// Returns memory that earlier work freed to the OS, so that it does not hide the growth of the
+/// next measurement (glibc keeps freed memory resident and reuses it).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Samples the resident set every millisecond on a helper thread and keeps the peak.
 /// The figure is process-wide: concurrent jobs in the same process add to it (the report says so).
 pub struct PeakSampler {
@@ -33,6 +43,7 @@ pub struct PeakSampler {
 
 impl PeakSampler {
     pub fn start() -> Self {
+        release_free_memory();
         let start = current_rss();
         let peak = Arc::new(AtomicU64::new(start));
         let stop = Arc::new(AtomicBool::new(false));

@@ -145,7 +145,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE jobs SET status = $1, error = $2, report_key = $3, passed = $4, finished_at = $5, updated_at = $5, \
-             progress = CASE WHEN $1 = 'succeeded' THEN 1.0 ELSE progress END, locked_by = NULL, lease_expires_at = NULL \
+             progress = CASE WHEN $1 = 'succeeded' THEN 1.0 ELSE progress END, \
+             stage = CASE WHEN $1 = 'succeeded' THEN NULL ELSE stage END, locked_by = NULL, lease_expires_at = NULL \
              WHERE id = $6 AND locked_by = $7 AND status = 'running'",
         )
         .bind(status)

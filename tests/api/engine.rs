@@ -156,6 +156,22 @@ fn latency_percentiles_are_present_and_ordered() {
 }
 
 #[test]
+fn peak_memory_counts_the_session_each_time_not_only_the_first() {
+    // The big MLP holds 4.5 MB of weights that ONNX Runtime copies into its session.
+    let m = load_model_file(&fixture("digits_mlp_big.onnx")).unwrap();
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    for round in 0..2 {
+        let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+        let peak = e.metrics.memory.peak_rss_growth_bytes;
+        assert!(
+            peak >= 4_000_000,
+            "round {round}: peak RSS growth {peak} bytes is below the weights' size"
+        );
+        assert!(peak >= e.metrics.memory.load_rss_growth_bytes);
+    }
+}
+
+#[test]
 fn the_single_input_aliases_x_and_y_are_accepted() {
     let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
     let d = dataset::load(&fixture("digits_val_alias.npz")).unwrap();

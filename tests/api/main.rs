@@ -6,5 +6,6 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod queue;
+mod runtime;
 mod storage;
 mod uploads;

@@ -161,6 +161,21 @@ async fn corrupt_models_are_refused_with_422_naming_the_problem() {
 }
 
 #[tokio::test]
+async fn a_model_with_external_data_is_refused_for_now() {
+    let app = spawn_app(Setup::Embedded).await;
+    let r = app
+        .upload_raw("/models", &fixture("bad/external_data.onnx"), None)
+        .await;
+    assert_eq!(r.status(), 422);
+    let p: Value = r.json().await.unwrap();
+    assert!(
+        p["detail"].as_str().unwrap().contains("external data"),
+        "{p}"
+    );
+    assert_nothing_stored(&app).await;
+}
+
+#[tokio::test]
 async fn datasets_whose_tensors_disagree_on_samples_are_refused() {
     let app = spawn_app(Setup::Embedded).await;
     for (bad, needle) in [
