@@ -77,12 +77,15 @@ impl S3Blobs {
                 .await
                 .is_err()
         {
-            me.client
-                .create_bucket()
-                .bucket(&me.bucket)
-                .send()
-                .await
-                .map_err(describe_sdk)?;
+            match me.client.create_bucket().bucket(&me.bucket).send().await {
+                Ok(_) => {}
+                // Processes starting together race to create it; losing that race is fine.
+                Err(e)
+                    if e.as_service_error().is_some_and(|s| {
+                        s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
+                    }) => {}
+                Err(e) => return Err(describe_sdk(e)),
+            }
         }
         Ok(me)
     }

@@ -62,6 +62,28 @@ async fn s3_stores_large_objects_in_parts_and_reads_them_back() {
 }
 
 #[tokio::test]
+async fn processes_starting_together_may_all_create_the_same_bucket() {
+    s3().await; // sets the test credentials
+    let bucket = format!("shrink-race-{}", uuid::Uuid::new_v4().simple());
+    let endpoint = s3_endpoint();
+    let connect = || {
+        S3Blobs::connect(S3Config {
+            bucket: &bucket,
+            endpoint: Some(&endpoint),
+            region: "us-east-1",
+            path_style: true,
+            create_bucket: true,
+            static_credentials: None,
+        })
+    };
+    let (a, b, c, d) = tokio::join!(connect(), connect(), connect(), connect());
+    for r in [a, b, c, d] {
+        let store = r.expect("losing the race to create the bucket is not an error");
+        store.check().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn the_local_store_round_trips_and_refuses_escaping_keys() {
     let dir = tempfile::tempdir().unwrap();
     let store = LocalBlobs::new(dir.path().to_path_buf()).unwrap();
