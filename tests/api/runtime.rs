@@ -70,18 +70,16 @@ async fn without_onnx_runtime_readyz_says_why_and_jobs_fail_clearly() {
             .body(body)
             .send()
     };
-    let m: Value = upload("/models", "two_input.onnx")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let d: Value = upload("/datasets", "two_input.npz")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let upload_json = |path, file| async move {
+        upload(path, file)
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let m = upload_json("/models", "two_input.onnx").await;
+    let d = upload_json("/datasets", "two_input.npz").await;
     let spec =
         json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [{"stage": "evaluate"}]});
     let job: Value = client

@@ -4,6 +4,18 @@ use shrink::blob::s3::S3Config;
 use shrink::blob::{BlobError, BlobStore, LocalBlobs, S3Blobs};
 use std::io::Write;
 
+/// Settings for a test bucket on the test server, with the chain's credentials.
+fn config<'a>(bucket: &'a str, endpoint: &'a str) -> S3Config<'a> {
+    S3Config {
+        bucket,
+        endpoint: Some(endpoint),
+        region: "us-east-1",
+        path_style: true,
+        create_bucket: true,
+        static_credentials: None,
+    }
+}
+
 async fn s3() -> S3Blobs {
     std::env::set_var(
         "AWS_ACCESS_KEY_ID",
@@ -15,16 +27,9 @@ async fn s3() -> S3Blobs {
     );
     let bucket = format!("shrink-blob-{}", uuid::Uuid::new_v4().simple());
     let endpoint = s3_endpoint();
-    S3Blobs::connect(S3Config {
-        bucket: &bucket,
-        endpoint: Some(&endpoint),
-        region: "us-east-1",
-        path_style: true,
-        create_bucket: true,
-        static_credentials: None,
-    })
-    .await
-    .expect("an S3-compatible server must run (scripts/test starts SeaweedFS)")
+    S3Blobs::connect(config(&bucket, &endpoint))
+        .await
+        .expect("an S3-compatible server must run (scripts/test starts SeaweedFS)")
 }
 
 fn big_file(mib: usize) -> tempfile::NamedTempFile {
@@ -66,16 +71,7 @@ async fn processes_starting_together_may_all_create_the_same_bucket() {
     s3().await; // sets the test credentials
     let bucket = format!("shrink-race-{}", uuid::Uuid::new_v4().simple());
     let endpoint = s3_endpoint();
-    let connect = || {
-        S3Blobs::connect(S3Config {
-            bucket: &bucket,
-            endpoint: Some(&endpoint),
-            region: "us-east-1",
-            path_style: true,
-            create_bucket: true,
-            static_credentials: None,
-        })
-    };
+    let connect = || S3Blobs::connect(config(&bucket, &endpoint));
     let (a, b, c, d) = tokio::join!(connect(), connect(), connect(), connect());
     for r in [a, b, c, d] {
         let store = r.expect("losing the race to create the bucket is not an error");
@@ -116,12 +112,9 @@ async fn a_wrong_s3_secret_is_refused() {
         .unwrap();
     let endpoint = s3_endpoint();
     let bad = S3Blobs::connect(S3Config {
-        bucket: store.bucket(),
-        endpoint: Some(&endpoint),
-        region: "us-east-1",
-        path_style: true,
         create_bucket: false,
         static_credentials: Some(("testkey", "not-the-secret")),
+        ..config(store.bucket(), &endpoint)
     })
     .await
     .unwrap();
