@@ -148,6 +148,13 @@ def main(out):
     np.savez(os.path.join(bad, "scalar.npz"), input=X_te, labels=np.int64(3))
     with open(os.path.join(bad, "not_a_dataset.npz"), "wb") as f:
         f.write(b"this is not a dataset at all")
+    # Parses as ONNX, but no runtime implements the operator: it can only fail when run.
+    unknown = helper.make_model(
+        helper.make_graph([helper.make_node("Frobnicate", ["a"], ["scores"], domain="com.example")], "unknown_op",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 4])]),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.example", 1)])
+    onnx.save(unknown, os.path.join(bad, "unknown_op.onnx"))
     ext = onnx.load(ti)
     onnx.save(ext, os.path.join(bad, "external_data.onnx"), save_as_external_data=True,
               all_tensors_to_one_file=True, location="external_data.bin", size_threshold=0)

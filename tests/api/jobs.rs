@@ -543,3 +543,54 @@ async fn jobs_are_listed_newest_first_and_filtered() {
     let (status, _) = app.get_json("/jobs?status=sleeping").await;
     assert_eq!(status, 422);
 }
+
+#[tokio::test]
+async fn a_model_onnx_runtime_rejects_fails_at_once_as_invalid_input_without_retry() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("bad/unknown_op.onnx").await;
+    let d = app.dataset("two_input.npz").await;
+    let spec =
+        json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [{"stage": "evaluate"}]});
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202, "the graph parses, so the job is accepted");
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let (_, j) = app
+        .get_json(&format!("/jobs/{}", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        (j["status"].as_str(), j["attempt"].as_i64()),
+        (Some("failed"), Some(1)),
+        "bad input never retries: {j}"
+    );
+    assert_eq!(j["error"]["type"], "invalid_input");
+    let chain = j["error"]["causes"].as_array().unwrap();
+    assert!(
+        chain
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("Frobnicate")),
+        "the cause chain names the operator: {j}"
+    );
+    assert!(j["finished_at"].is_string());
+}
+
+#[tokio::test]
+async fn the_dashboard_origin_may_call_the_api_from_a_browser() {
+    let (mut settings, dir) = test_settings(Setup::Embedded).await;
+    settings.cors_origins = vec!["https://dashboard.example".into()];
+    let app = spawn_with(settings, dir, 0).await;
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/jobs"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("https://dashboard.example").await.unwrap();
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://dashboard.example"
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
