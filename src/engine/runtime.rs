@@ -42,6 +42,8 @@ impl Runtime {
                  or run scripts/setup-python.sh to install onnxruntime=={PINNED_VERSION} into .venv"
             )
         })?;
+        // ort resolves relative paths against the executable's folder, not the working directory.
+        let library = std::fs::canonicalize(&library).unwrap_or(library);
         let builder = ort::init_from(&library)
             .map_err(|e| format!("could not load {}: {e}", library.display()))?;
         let env = builder

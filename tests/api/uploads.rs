@@ -127,6 +127,33 @@ async fn an_upload_over_the_limit_is_refused_with_413_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn an_upload_aborted_mid_stream_leaves_nothing() {
+    let app = spawn_app(Setup::Embedded).await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(vec![1u8; 256 * 1024]),
+        Ok(vec![2u8; 256 * 1024]),
+        Err(std::io::Error::other("client went away")),
+    ];
+    let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let r = app
+        .client
+        .post(app.url("/models"))
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .send()
+        .await;
+    assert!(r.is_err() || r.unwrap().status().is_client_error());
+    // The server notices the broken body asynchronously; give it a moment to clean up.
+    for _ in 0..50 {
+        if crate::helpers::files_under(&app.data_dir.path().join("tmp")).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_nothing_stored(&app).await;
+}
+
+#[tokio::test]
 async fn a_declared_length_over_the_limit_is_refused_before_reading() {
     let app = spawn_app(Setup::Embedded).await;
     let r = app
