@@ -1,6 +1,6 @@
 //! A read-only view of a graph for the transformations in later stages: nodes in topological
 //! order, who produces and who consumes each value, and weights by name.
-use super::proto::{GraphProto, NodeProto, TensorProto};
+use super::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::engine::{EngineError, Result};
 use std::collections::{HashMap, VecDeque};
 
@@ -14,6 +14,8 @@ pub struct GraphView<'g> {
     pub consumers: HashMap<&'g str, Vec<usize>>,
     /// Weight name -> tensor, from initializers and `Constant` nodes.
     pub weights: HashMap<&'g str, &'g TensorProto>,
+    /// Value name -> declared type and shape (graph inputs, outputs and intermediate value infos).
+    pub value_infos: HashMap<&'g str, &'g ValueInfoProto>,
 }
 
 impl<'g> GraphView<'g> {
@@ -41,12 +43,20 @@ impl<'g> GraphView<'g> {
             }
         }
         let order = topological_order(&graph.node, &producer)?;
+        let value_infos = graph
+            .input
+            .iter()
+            .chain(&graph.output)
+            .chain(&graph.value_info)
+            .filter_map(|v| v.name.as_deref().map(|n| (n, v)))
+            .collect();
         Ok(Self {
             graph,
             order,
             producer,
             consumers,
             weights,
+            value_infos,
         })
     }
 
@@ -89,4 +99,58 @@ fn topological_order(nodes: &[NodeProto], producer: &HashMap<&str, usize>) -> Re
         return Err(EngineError::InvalidModel("the graph has a cycle".into()));
     }
     Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nodes_listed_out_of_order_come_out_in_dependency_order() {
+        let graph = GraphProto {
+            node: vec![
+                node("Relu", &["h"], &["y"]),
+                node("MatMul", &["x", "w"], &["h"]),
+                node("Constant", &[], &["w"]),
+            ],
+            initializer: vec![TensorProto {
+                name: Some("b".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let view = GraphView::new(&graph).unwrap();
+        let ops: Vec<&str> = view
+            .nodes()
+            .map(|n| n.op_type.as_deref().unwrap())
+            .collect();
+        assert_eq!(ops, ["Constant", "MatMul", "Relu"]);
+        assert_eq!(view.producer["h"], 1);
+        assert_eq!(view.consumers["h"], vec![0]);
+        assert!(view.weights.contains_key("b"), "initializers are weights");
+    }
+
+    #[test]
+    fn a_cycle_is_an_invalid_model() {
+        let graph = GraphProto {
+            node: vec![
+                node("Add", &["a", "y"], &["x"]),
+                node("Relu", &["x"], &["y"]),
+            ],
+            ..Default::default()
+        };
+        assert!(matches!(
+            GraphView::new(&graph),
+            Err(EngineError::InvalidModel(_))
+        ));
+    }
 }
