@@ -14,7 +14,8 @@ up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 case "${1:-start}" in
 start)
   if up; then echo "S3 server already listening on 127.0.0.1:$PORT"; exit 0; fi
-  mkdir -p "$STATE/data"
+  # Test data only: start clean, since every bucket holds volumes on this single server.
+  rm -rf "$STATE/data"; mkdir -p "$STATE/data"
   cat > "$STATE/s3.json" <<'JSON'
 {"identities":[{"name":"admin","credentials":[{"accessKey":"testkey","secretKey":"testsecret"}],"actions":["Admin","Read","List","Tagging","Write"]}]}
 JSON

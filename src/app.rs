@@ -131,6 +131,7 @@ async fn open_blobs(s: &Settings) -> anyhow::Result<Arc<dyn BlobStore>> {
         Some(bucket) => Arc::new(
             S3Blobs::connect(S3Config {
                 bucket,
+                prefix: &s.s3_prefix,
                 endpoint: s.s3_endpoint.as_deref(),
                 region: &s.s3_region,
                 path_style: s.s3_path_style,

@@ -32,6 +32,10 @@ pub struct Settings {
     #[arg(long, env = "SHRINK_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
 
+    /// Prefix for every object key (e.g. `shrink/`), so that a bucket can be shared.
+    #[arg(long, env = "SHRINK_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+
     #[arg(long, env = "SHRINK_S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
 
@@ -140,6 +144,7 @@ impl fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url()))
             .field("s3_bucket", &self.s3_bucket)
             .field("s3_endpoint", &self.s3_endpoint)
+            .field("s3_prefix", &self.s3_prefix)
             .field("s3_region", &self.s3_region)
             .field("s3_path_style", &self.s3_path_style)
             .field("s3_presign", &self.s3_presign)

@@ -15,11 +15,15 @@ const PART_SIZE: u64 = 16 * 1024 * 1024;
 pub struct S3Blobs {
     client: Client,
     bucket: String,
+    /// Prepended to every key, so several deployments (or test runs) can share a bucket.
+    prefix: String,
 }
 
 /// Connection settings; credentials come from the standard AWS chain (environment, profile, IMDS).
 pub struct S3Config<'a> {
     pub bucket: &'a str,
+    /// Key prefix inside the bucket (`team-a/`); empty for none.
+    pub prefix: &'a str,
     pub endpoint: Option<&'a str>,
     pub region: &'a str,
     pub path_style: bool,
@@ -67,6 +71,7 @@ impl S3Blobs {
         let me = Self {
             client,
             bucket: c.bucket.to_string(),
+            prefix: c.prefix.to_string(),
         };
         if c.create_bucket
             && me
@@ -94,12 +99,20 @@ impl S3Blobs {
         &self.bucket
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
     async fn put_multipart(&self, key: &str, path: &Path, len: u64) -> Result<()> {
         let upload = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .send()
             .await
             .map_err(describe_sdk)?;
@@ -124,7 +137,7 @@ impl S3Blobs {
                     .client
                     .upload_part()
                     .bucket(&self.bucket)
-                    .key(key)
+                    .key(self.full_key(key))
                     .upload_id(&upload_id)
                     .part_number(number)
                     .body(body)
@@ -143,7 +156,7 @@ impl S3Blobs {
             self.client
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
-                .key(key)
+                .key(self.full_key(key))
                 .upload_id(&upload_id)
                 .multipart_upload(
                     CompletedMultipartUpload::builder()
@@ -162,7 +175,7 @@ impl S3Blobs {
                 .client
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
-                .key(key)
+                .key(self.full_key(key))
                 .upload_id(&upload_id)
                 .send()
                 .await;
@@ -182,7 +195,7 @@ impl BlobStore for S3Blobs {
         self.client
             .put_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .body(body)
             .send()
             .await
@@ -194,7 +207,7 @@ impl BlobStore for S3Blobs {
         self.client
             .put_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .body(ByteStream::from(bytes))
             .send()
             .await
@@ -218,7 +231,7 @@ impl BlobStore for S3Blobs {
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .send()
             .await
         {
@@ -240,7 +253,7 @@ impl BlobStore for S3Blobs {
         self.client
             .delete_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .send()
             .await
             .map_err(describe_sdk)?;
@@ -253,7 +266,7 @@ impl BlobStore for S3Blobs {
             .client
             .get_object()
             .bucket(&self.bucket)
-            .key(key)
+            .key(self.full_key(key))
             .presigned(conf)
             .await
             .map_err(describe_sdk)?;

@@ -4,6 +4,7 @@ pub mod dataset;
 pub mod ids;
 pub mod job;
 pub mod model;
+pub mod quantize;
 pub mod report;
 pub mod spec;
 pub mod validation;

@@ -103,6 +103,29 @@ pub struct StageReport {
     pub notes: Vec<String>,
     /// The artifact holding this stage's model.
     pub artifact: Option<String>,
+    /// Per-layer decisions of stages that treat layers differently (quantization precision).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerReport>,
+}
+
+/// What a stage did to one layer, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LayerReport {
+    pub node: String,
+    pub op: String,
+    /// `int8`, `float`...
+    pub precision: String,
+    pub reason: String,
+}
+
+/// Which samples calibrated quantization; they are never among the evaluated samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CalibrationInfo {
+    /// `calibration_dataset` or `split_of_dataset`.
+    pub source: String,
+    pub samples: u64,
+    /// Row indices of the job's dataset used for calibration (for `split_of_dataset`); the rest were evaluated.
+    pub dataset_rows: Vec<u64>,
 }
 
 /// Final vs baseline.
@@ -155,8 +178,9 @@ pub struct Report {
     /// True when every verdict passed (and when there are none).
     pub passed: bool,
     pub environment: Environment,
-    /// Samples evaluated (indices 0..n of the dataset).
+    /// Samples evaluated: every row of the dataset except those used for calibration.
     pub evaluated_samples: u64,
+    pub calibration: Option<CalibrationInfo>,
 }
 
 impl Deltas {

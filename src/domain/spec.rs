@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 /// Stages that this version of Shrink can run. Others are rejected when a job is created.
-pub const AVAILABLE_STAGES: &[&str] = &["evaluate"];
+pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize"];
 /// Stages that the spec language names but that are not implemented yet.
-pub const PLANNED_STAGES: &[&str] = &["quantize", "prune", "distill", "finetune"];
+pub const PLANNED_STAGES: &[&str] = &["prune", "distill", "finetune"];
 
 /// Spec fields that reference uploaded models or datasets, and the multipart file part that can stand in for each.
 pub const REFERENCE_FIELDS: &[(&str, &str, RefKind)] = &[
@@ -66,12 +66,15 @@ pub struct JobSpec {
 pub enum Stage {
     /// Measure the current model: task metrics, fidelity to the baseline, size, latency, memory.
     Evaluate(EvaluateOptions),
+    /// Quantize the current model to int8.
+    Quantize(super::quantize::QuantizeOptions),
 }
 
 impl Stage {
     pub fn name(&self) -> &'static str {
         match self {
             Stage::Evaluate(_) => "evaluate",
+            Stage::Quantize(_) => "quantize",
         }
     }
 }
@@ -151,8 +154,10 @@ impl JobSpec {
     pub fn evaluate_options(&self) -> EvaluateOptions {
         self.pipeline
             .iter()
-            .map(|Stage::Evaluate(o)| o.clone())
-            .next()
+            .find_map(|s| match s {
+                Stage::Evaluate(o) => Some(o.clone()),
+                _ => None,
+            })
             .unwrap_or_default()
     }
 
@@ -295,6 +300,7 @@ fn validate_pipeline(pipeline: Option<&Value>, p: &mut Problems) {
         };
         match obj.get("stage").and_then(Value::as_str) {
             Some("evaluate") => validate_evaluate(obj, &base, p),
+            Some("quantize") => super::quantize::validate(obj, &base, p),
             Some(name) if PLANNED_STAGES.contains(&name) => p.add(
                 format!("{base}/stage"),
                 format!(
@@ -466,7 +472,7 @@ mod tests {
     #[test]
     fn a_stage_not_built_yet_is_rejected_not_ignored() {
         let got = JobSpec::parse(
-            &json!({"model_id": M, "dataset_id": M, "pipeline": [{"stage": "quantize"}]}),
+            &json!({"model_id": M, "dataset_id": M, "pipeline": [{"stage": "prune"}]}),
             &[],
         )
         .unwrap_err();

@@ -79,6 +79,45 @@ impl Dataset {
     pub fn tensor(&self, name: &str) -> Option<&Tensor> {
         self.tensors.iter().find(|t| t.name == name)
     }
+
+    /// A dataset of the given rows (in that order) of every tensor.
+    pub fn select(&self, rows: &[usize]) -> Dataset {
+        fn gather<T: Clone>(v: &[T], row: usize, rows: &[usize]) -> Vec<T> {
+            rows.iter()
+                .flat_map(|&r| v[r * row..(r + 1) * row].iter().cloned())
+                .collect()
+        }
+        let tensors: Vec<Tensor> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let row = t.row_len();
+                let data = match &t.data {
+                    TensorData::F32(v) => TensorData::F32(gather(v, row, rows)),
+                    TensorData::F64(v) => TensorData::F64(gather(v, row, rows)),
+                    TensorData::F16(v) => TensorData::F16(gather(v, row, rows)),
+                    TensorData::I8(v) => TensorData::I8(gather(v, row, rows)),
+                    TensorData::U8(v) => TensorData::U8(gather(v, row, rows)),
+                    TensorData::I32(v) => TensorData::I32(gather(v, row, rows)),
+                    TensorData::I64(v) => TensorData::I64(gather(v, row, rows)),
+                    TensorData::Bool(v) => TensorData::Bool(gather(v, row, rows)),
+                };
+                let mut shape = t.shape.clone();
+                shape[0] = rows.len();
+                Tensor {
+                    name: t.name.clone(),
+                    shape,
+                    data,
+                }
+            })
+            .collect();
+        let mut summary = self.summary.clone();
+        summary.samples = rows.len() as u64;
+        for info in summary.tensors.iter_mut() {
+            info.shape[0] = rows.len() as u64;
+        }
+        Dataset { summary, tensors }
+    }
 }
 
 /// How a dataset feeds a model: model input -> dataset tensor, and where the labels are.

@@ -303,7 +303,9 @@ async fn check_references(
             }
         }
         for (i, stage) in spec.pipeline.iter().enumerate() {
-            let Stage::Evaluate(opts) = stage;
+            let Stage::Evaluate(opts) = stage else {
+                continue;
+            };
             if let Some(out) = &opts.output {
                 if !model.outputs.iter().any(|o| &o.name == out) {
                     let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();

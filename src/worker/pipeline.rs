@@ -1,15 +1,19 @@
 //! Runs a job's stages in order on the engine (blocking code, no database or network):
 //! baseline evaluation, each stage on the previous stage's output, evaluation after each, report.
-use crate::domain::report::{self, Deltas, Environment, Report, StageReport};
+use crate::domain::quantize::{ActivationType, Granularity, QuantizeOptions};
+use crate::domain::report::{
+    self, CalibrationInfo, Deltas, Environment, LayerReport, Metrics, Report, StageReport,
+};
 use crate::domain::spec::{JobSpec, Stage};
 use crate::engine::dataset::Dataset;
-use crate::engine::evaluate::evaluate;
+use crate::engine::evaluate::{evaluate, Baseline};
 use crate::engine::onnx::LoadedModel;
+use crate::engine::quantize::{self, params, StaticOptions};
 use crate::engine::runtime::Runtime;
-use crate::engine::{table, Result};
+use crate::engine::{table, EngineError, Progress, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use std::time::Instant;
-
-use super::heartbeat::JobProgress;
 
 /// Hashes of the inputs, recorded in the report's environment block.
 pub struct InputHashes {
@@ -18,47 +22,179 @@ pub struct InputHashes {
     pub dataset: String,
 }
 
+/// What a pipeline works on.
+pub struct PipelineInputs {
+    pub model: LoadedModel,
+    pub data: Dataset,
+    /// The spec's calibration dataset; without one, calibration rows are split off `data`.
+    pub calibration: Option<Dataset>,
+    pub hashes: InputHashes,
+}
+
 /// What a finished pipeline produced.
 pub struct PipelineOutput {
     pub report: Report,
     /// The final model's bytes (the input model when no stage changes it).
     pub final_model: bytes::Bytes,
+    /// Models written by stages that change the model, by artifact name.
+    pub stage_models: Vec<(String, bytes::Bytes)>,
     /// Human-readable log: the report table and stage notes.
     pub log: String,
+}
+
+/// Splits off calibration rows when a stage needs them and no calibration dataset was given:
+/// a seeded random sample, removed from the evaluation set so no number is measured on them.
+fn calibration_split(
+    spec: &JobSpec,
+    data: &Dataset,
+    given: Option<Dataset>,
+) -> Result<(Dataset, Option<Dataset>, Option<CalibrationInfo>)> {
+    let wanted = spec
+        .pipeline
+        .iter()
+        .filter_map(|s| match s {
+            Stage::Quantize(q) => Some(q.calibration.samples as usize),
+            _ => None,
+        })
+        .max();
+    let Some(wanted) = wanted else {
+        return Ok((data.clone(), given, None));
+    };
+    if let Some(c) = given {
+        let info = CalibrationInfo {
+            source: "calibration_dataset".into(),
+            samples: c.summary.samples.min(wanted as u64),
+            dataset_rows: vec![],
+        };
+        return Ok((data.clone(), Some(c), Some(info)));
+    }
+    let total = data.summary.samples as usize;
+    if total < 2 {
+        return Err(EngineError::InvalidDataset {
+            tensor: "(all)".into(),
+            problem: "one sample cannot both calibrate and evaluate".into(),
+        });
+    }
+    // Keep at least half of the dataset for evaluation.
+    let n = wanted.min(total / 2).max(1);
+    let mut rows: Vec<usize> = (0..total).collect();
+    rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(spec.seed));
+    let (calib, rest) = rows.split_at(n);
+    let mut calib = calib.to_vec();
+    let mut rest = rest.to_vec();
+    calib.sort_unstable();
+    rest.sort_unstable();
+    let info = CalibrationInfo {
+        source: "split_of_dataset".into(),
+        samples: n as u64,
+        dataset_rows: calib.iter().map(|&r| r as u64).collect(),
+    };
+    Ok((data.select(&rest), Some(data.select(&calib)), Some(info)))
+}
+
+fn static_options(q: &QuantizeOptions) -> StaticOptions {
+    StaticOptions {
+        per_channel: q.granularity == Granularity::PerChannel,
+        activation: match q.activation_type {
+            ActivationType::Uint8 => params::ActivationType::Uint8,
+            ActivationType::Int8 => params::ActivationType::Int8,
+        },
+        op_types: q.op_types.clone(),
+        exclude: q.exclude.clone(),
+    }
+}
+
+fn evaluate_stage(
+    rt: &Runtime,
+    model: &LoadedModel,
+    data: &Dataset,
+    spec: &JobSpec,
+    stage: &Stage,
+    baseline: &Baseline,
+    progress: &dyn Progress,
+) -> Result<(Metrics, Vec<String>)> {
+    let opts = match stage {
+        Stage::Evaluate(o) => o.clone(),
+        _ => spec.evaluate_options(),
+    };
+    let e = evaluate(rt, model, data, &opts, Some(baseline), progress)?;
+    Ok((e.metrics, e.notes))
 }
 
 pub fn run(
     rt: &Runtime,
     job_id: &str,
     spec: &JobSpec,
-    model: LoadedModel,
-    data: &Dataset,
-    hashes: InputHashes,
-    progress: &JobProgress,
+    inputs: PipelineInputs,
+    progress: &super::heartbeat::JobProgress,
 ) -> Result<PipelineOutput> {
+    let PipelineInputs {
+        model,
+        data,
+        calibration,
+        hashes,
+    } = inputs;
+    let data = &data;
     let steps = (spec.pipeline.len() + 1) as f64;
     let opts = spec.evaluate_options();
     let mut log = String::new();
+    let (eval_data, calibration, calibration_info) = calibration_split(spec, data, calibration)?;
 
     progress.enter("baseline", 0.0, 1.0 / steps);
-    let base = evaluate(rt, &model, data, &opts, None, progress)?;
+    let base = evaluate(rt, &model, &eval_data, &opts, None, progress)?;
     for n in &base.notes {
         log.push_str(&format!("baseline: {n}\n"));
     }
     let baseline = base.as_baseline();
     let mut current = model;
     let mut stages = Vec::new();
+    let mut stage_models = Vec::new();
     let mut last_metrics = base.metrics.clone();
 
     for (i, stage) in spec.pipeline.iter().enumerate() {
         progress.enter(stage.name(), (i + 1) as f64 / steps, 1.0 / steps);
         let started = Instant::now();
-        let (metrics, notes) = match stage {
-            Stage::Evaluate(o) => {
-                let e = evaluate(rt, &current, data, o, Some(&baseline), progress)?;
-                (e.metrics, e.notes)
-            }
-        };
+        let (mut notes, mut layers, mut artifact) = (Vec::new(), Vec::new(), None);
+        if let Stage::Quantize(q) = stage {
+            let calib = calibration
+                .as_ref()
+                .expect("a quantize stage always has calibration data");
+            let sub = crate::engine::SubProgress {
+                parent: progress,
+                start: (i + 1) as f64 / steps,
+                span: 0.5 / steps,
+            };
+            let out = quantize::quantize_static(
+                rt,
+                &current,
+                calib,
+                q.calibration.samples as usize,
+                &static_options(q),
+                &sub,
+            )?;
+            notes.extend(out.notes);
+            notes.push(format!(
+                "static int8 QDQ, calibrated with min/max over {} samples",
+                out.calibration_samples
+            ));
+            layers = out
+                .layers
+                .into_iter()
+                .map(|l| LayerReport {
+                    node: l.node,
+                    op: l.op,
+                    precision: l.precision,
+                    reason: l.reason,
+                })
+                .collect();
+            let name = format!("stage-{i}-quantize.onnx");
+            stage_models.push((name.clone(), out.model.bytes.clone()));
+            artifact = Some(name);
+            current = out.model;
+        }
+        let (metrics, eval_notes) =
+            evaluate_stage(rt, &current, &eval_data, spec, stage, &baseline, progress)?;
+        notes.extend(eval_notes);
         for n in &notes {
             log.push_str(&format!("{i}:{}: {n}\n", stage.name()));
         }
@@ -70,13 +206,9 @@ pub fn run(
             metrics,
             duration_ms: started.elapsed().as_millis() as u64,
             notes,
-            artifact: None,
+            artifact,
+            layers,
         });
-        // Stages that transform the model replace `current` here; `evaluate` leaves it as is.
-        current = LoadedModel {
-            proto: current.proto,
-            bytes: current.bytes,
-        };
     }
 
     let verdicts = report::verdicts(&spec.constraints, &base.metrics, &last_metrics);
@@ -86,6 +218,7 @@ pub fn run(
         passed: verdicts.iter().all(|v| v.passed),
         verdicts,
         evaluated_samples: base.metrics.samples,
+        calibration: calibration_info,
         environment: Environment {
             shrink_version: env!("CARGO_PKG_VERSION").to_string(),
             onnxruntime_version: rt.version.clone(),
@@ -104,6 +237,7 @@ pub fn run(
     log.push_str(&table::render(&report));
     Ok(PipelineOutput {
         final_model: current.bytes,
+        stage_models,
         report,
         log,
     })

@@ -1,7 +1,7 @@
 //! One attempt at one job: fetch inputs, run the pipeline on a blocking thread, store the outputs,
 //! and end the attempt as succeeded, failed (maybe retried), cancelled or handed back.
 use super::heartbeat::{self, JobProgress, LeaseTerms, StopReason};
-use super::pipeline::{self, InputHashes, PipelineOutput};
+use super::pipeline::{self, InputHashes, PipelineInputs, PipelineOutput};
 use super::WorkerContext;
 use crate::blob::artifact_key;
 use crate::domain::dataset::DatasetSummary;
@@ -107,6 +107,26 @@ async fn attempt(
         .context("while downloading the dataset")
         .map_err(infra)?;
 
+    // A calibration dataset, when the spec names one (otherwise the pipeline splits the dataset).
+    let calib_path = match &spec.calibration_dataset_id {
+        Some(id) => {
+            let row = ctx
+                .db
+                .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, id)
+                .await
+                .context("while looking up the calibration dataset")
+                .map_err(Failure::Invalid)?;
+            let path = dir.path().join("calibration");
+            ctx.blobs
+                .get_to_file(&row.blob_key, &path)
+                .await
+                .context("while downloading the calibration dataset")
+                .map_err(infra)?;
+            Some(path)
+        }
+        None => None,
+    };
+
     let hashes = InputHashes {
         spec: hex::encode(Sha256::digest(job.spec.as_bytes())),
         model: model_row.sha256.clone(),
@@ -119,7 +139,17 @@ async fn attempt(
         let _entered = span.enter();
         let model = engine::onnx::load_model_file(&model_path)?;
         let data = engine::dataset::load(&data_path)?;
-        pipeline::run(&rt, &job_id, &spec, model, &data, hashes, &p)
+        let calibration = calib_path
+            .as_deref()
+            .map(engine::dataset::load)
+            .transpose()?;
+        let inputs = PipelineInputs {
+            model,
+            data,
+            calibration,
+            hashes,
+        };
+        pipeline::run(&rt, &job_id, &spec, inputs, &p)
     })
     .await
     .map_err(|e| Failure::Invalid(anyhow::anyhow!("the engine crashed: {e}")))?;
@@ -151,26 +181,29 @@ async fn store_outputs(
     out: PipelineOutput,
 ) -> anyhow::Result<()> {
     let report_json = serde_json::to_vec_pretty(&out.report)?;
-    let files: [(&str, bytes::Bytes, &str); 3] = [
-        (
-            "model.onnx",
-            out.final_model.clone(),
-            "application/octet-stream",
-        ),
-        (
-            "job.log",
-            bytes::Bytes::from(out.log.clone()),
-            "text/plain; charset=utf-8",
-        ),
-        (
-            "report.json",
-            bytes::Bytes::from(report_json),
-            "application/json",
-        ),
-    ];
+    let mut files: Vec<(String, bytes::Bytes, &str)> = out
+        .stage_models
+        .iter()
+        .map(|(name, bytes)| (name.clone(), bytes.clone(), "application/octet-stream"))
+        .collect();
+    files.push((
+        "model.onnx".into(),
+        out.final_model.clone(),
+        "application/octet-stream",
+    ));
+    files.push((
+        "job.log".into(),
+        bytes::Bytes::from(out.log.clone()),
+        "text/plain; charset=utf-8",
+    ));
+    files.push((
+        "report.json".into(),
+        bytes::Bytes::from(report_json),
+        "application/json",
+    ));
     let mut report_key = String::new();
     for (name, bytes, content_type) in files {
-        let key = artifact_key(&job.project, &job.id, job.attempt, name);
+        let key = artifact_key(&job.project, &job.id, job.attempt, &name);
         ctx.blobs
             .put_bytes(&key, bytes.clone())
             .await

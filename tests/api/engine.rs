@@ -343,3 +343,105 @@ fn a_missing_runtime_library_is_a_clear_error_from_the_eval_command() {
         "{err}"
     );
 }
+
+fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions {
+    shrink::engine::quantize::StaticOptions {
+        per_channel,
+        activation: shrink::engine::quantize::params::ActivationType::Uint8,
+        op_types: vec!["Conv".into(), "MatMul".into(), "Gemm".into()],
+        exclude: vec![],
+    }
+}
+
+#[test]
+fn static_int8_qdq_runs_in_onnx_runtime_and_keeps_the_digits_accuracy() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let calib = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let val = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let base = evaluate(&rt(), &m, &val, &quick(), None, &NoProgress).unwrap();
+    for per_channel in [true, false] {
+        let q = shrink::engine::quantize::quantize_static(
+            &rt(),
+            &m,
+            &calib,
+            128,
+            &static_options(per_channel),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(
+            q.layers.iter().filter(|l| l.precision == "int8").count(),
+            3,
+            "{:?}",
+            q.layers
+        );
+        let e = evaluate(
+            &rt(),
+            &q.model,
+            &val,
+            &quick(),
+            Some(&base.as_baseline()),
+            &NoProgress,
+        )
+        .unwrap();
+        let drop = base.metrics.task.as_ref().unwrap().top1_accuracy
+            - e.metrics.task.as_ref().unwrap().top1_accuracy;
+        assert!(
+            drop <= 0.01,
+            "per_channel={per_channel}: accuracy dropped by {drop}"
+        );
+        assert!(
+            e.metrics.size.bytes * 3 < base.metrics.size.bytes,
+            "int8 weights are a quarter of the size: {} bytes",
+            e.metrics.size.bytes
+        );
+        let ops = shrink::engine::onnx::summarize(&q.model.proto).op_counts;
+        assert!(
+            ops.get("QuantizeLinear").copied().unwrap_or(0) >= 3
+                && ops.get("DequantizeLinear").copied().unwrap_or(0) >= 6,
+            "{ops:?}"
+        );
+    }
+}
+
+#[test]
+fn static_int8_qdq_quantizes_convolutions_with_int32_biases() {
+    let m = load_model_file(&fixture("digits_cnn.onnx")).unwrap();
+    let data = dataset::load(&fixture("digits_images.npz")).unwrap();
+    let base = evaluate(&rt(), &m, &data, &quick(), None, &NoProgress).unwrap();
+    let q = shrink::engine::quantize::quantize_static(
+        &rt(),
+        &m,
+        &data,
+        64,
+        &static_options(true),
+        &NoProgress,
+    )
+    .unwrap();
+    let ints = q
+        .model
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == Some(6))
+        .count();
+    assert_eq!(
+        ints,
+        3 * 2,
+        "two Convs and one Gemm each carry an int32 bias and zero point"
+    );
+    let e = evaluate(
+        &rt(),
+        &q.model,
+        &data,
+        &quick(),
+        Some(&base.as_baseline()),
+        &NoProgress,
+    )
+    .unwrap();
+    let f = &e.metrics.fidelity[0];
+    assert!(f.top1_agreement >= 0.95 && f.cosine_mean >= 0.99, "{f:?}");
+}

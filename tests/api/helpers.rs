@@ -80,6 +80,9 @@ pub async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// The bucket integration tests share; each test writes under its own key prefix.
+pub const TEST_BUCKET: &str = "shrink-tests";
+
 pub fn s3_endpoint() -> String {
     std::env::var("SHRINK_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8333".into())
 }
@@ -104,7 +107,9 @@ pub async fn test_settings(setup: Setup) -> (Settings, tempfile::TempDir) {
             std::env::var("SHRINK_TEST_S3_SECRET").unwrap_or_else(|_| "testsecret".into()),
         );
         s.database_url = Some(fresh_postgres_database().await);
-        s.s3_bucket = Some(format!("shrink-test-{}", uuid::Uuid::new_v4().simple()));
+        // One bucket for every test (each bucket costs the test server volumes), a prefix each.
+        s.s3_bucket = Some(TEST_BUCKET.into());
+        s.s3_prefix = format!("{}/", uuid::Uuid::new_v4().simple());
         s.s3_endpoint = Some(s3_endpoint());
         s.s3_create_bucket = true;
     }

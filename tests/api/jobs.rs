@@ -185,7 +185,7 @@ async fn each_class_of_spec_error_is_a_422_with_its_pointer() {
             "/pipeline/0/stage",
         ),
         (
-            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "quantize"}]}),
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "prune"}]}),
             "/pipeline/0/stage",
         ),
         (
@@ -593,4 +593,192 @@ async fn the_dashboard_origin_may_call_the_api_from_a_browser() {
     );
     let other = preflight("https://evil.example").await.unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
+
+/// Runs a model file in the onnxruntime Python package (scripts/check_onnx.py).
+fn onnxruntime_python(model: &std::path::Path, data: &str, output: &str) -> Value {
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/check_onnx.py"
+        ))
+        .arg(model)
+        .arg(fixture(data))
+        .arg(output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_the_reported_accuracy(
+) {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let c = app.dataset("digits_train.npz").await;
+    let spec = json!({
+        "model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
+        "pipeline": [{"stage": "quantize", "mode": "static", "calibration": {"samples": 200}}],
+        "constraints": {"max_accuracy_drop": 0.01},
+    });
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    app.drain().await;
+    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
+    assert_eq!(report["passed"], true, "{}", report["verdicts"]);
+    let stage = &report["stages"][0];
+    assert_eq!(stage["stage"], "quantize");
+    let int8: Vec<&Value> = stage["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["precision"] == "int8")
+        .collect();
+    assert_eq!(int8.len(), 3, "{}", stage["layers"]);
+    assert_eq!(report["calibration"]["source"], "calibration_dataset");
+    assert_eq!(report["evaluated_samples"], 450);
+    let size = report["final"]["size"]["bytes"].as_u64().unwrap();
+    assert!(
+        size * 3 < report["baseline"]["size"]["bytes"].as_u64().unwrap(),
+        "int8 weights: {size} bytes"
+    );
+
+    let file = app.data_dir.path().join("quantized.onnx");
+    let bytes = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/artifacts/stage-0-quantize.onnx")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let py = onnxruntime_python(&file, "digits_val.npz", "probabilities");
+    assert_eq!(
+        py["top1"].as_f64(),
+        report["final"]["task"]["top1_accuracy"].as_f64(),
+        "the report's accuracy is what onnxruntime-Python measures"
+    );
+    assert!(
+        py["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "QuantizeLinear"),
+        "{py}"
+    );
+    let final_model = app
+        .client
+        .get(app.url(&format!("/jobs/{id}/artifacts/model.onnx")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(final_model, bytes, "the final model is the quantized one");
+}
+
+#[tokio::test]
+async fn without_a_calibration_dataset_a_seeded_split_calibrates_and_is_not_evaluated() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "seed": 7,
+        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor", "calibration": {"samples": 100}},
+                     {"stage": "evaluate", "latency_runs": 3}]});
+    let first: Value = app.post_job(&spec).await.json().await.unwrap();
+    let second: Value = app.post_job(&spec).await.json().await.unwrap();
+    app.drain().await;
+    let (_, a) = app
+        .get_json(&format!("/jobs/{}/report", first["id"].as_str().unwrap()))
+        .await;
+    let (_, b) = app
+        .get_json(&format!("/jobs/{}/report", second["id"].as_str().unwrap()))
+        .await;
+    let cal = &a["calibration"];
+    assert_eq!(
+        (cal["source"].as_str(), cal["samples"].as_u64()),
+        (Some("split_of_dataset"), Some(100))
+    );
+    assert_eq!(cal["dataset_rows"].as_array().unwrap().len(), 100);
+    assert_eq!(a["evaluated_samples"], 350);
+    assert_eq!(
+        a["baseline"]["task"]["samples"], 350,
+        "the baseline is measured on the same rows"
+    );
+    assert_eq!(
+        cal["dataset_rows"], b["calibration"]["dataset_rows"],
+        "the same seed picks the same rows"
+    );
+    assert_eq!(
+        a["final"]["task"]["top1_accuracy"], b["final"]["task"]["top1_accuracy"],
+        "same spec and seed, same accuracy"
+    );
+    assert_eq!(a["stages"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn quantize_options_are_validated_with_pointers() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    for (stage, pointer, needle) in [
+        (json!({"stage": "quantize"}), "/pipeline/0/mode", "required"),
+        (
+            json!({"stage": "quantize", "mode": "dynamic"}),
+            "/pipeline/0/mode",
+            "not available",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "granularity": "per_row"}),
+            "/pipeline/0/granularity",
+            "per_channel",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "op_types": ["Relu"]}),
+            "/pipeline/0/op_types/0",
+            "Conv",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "calibration": {"method": "entropy"}}),
+            "/pipeline/0/calibration/method",
+            "not available",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "calibration": {"samples": 0}}),
+            "/pipeline/0/calibration/samples",
+            "1 to 100000",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "bits": 4}),
+            "/pipeline/0/bits",
+            "unknown option",
+        ),
+    ] {
+        let r = app
+            .post_job(&json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]}))
+            .await;
+        assert_eq!(r.status(), 422, "{stage}");
+        let p: Value = r.json().await.unwrap();
+        let e = p["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["pointer"] == pointer)
+            .unwrap_or_else(|| panic!("{stage}: {p}"));
+        assert!(
+            e["detail"].as_str().unwrap().contains(needle),
+            "{stage}: {e}"
+        );
+    }
 }

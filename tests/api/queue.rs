@@ -15,6 +15,7 @@ fn start_worker(app: &TestApp, id: &str, lease_secs: u64) -> Child {
         )
         .env("SHRINK_S3_BUCKET", app.settings.s3_bucket.as_ref().unwrap())
         .env("SHRINK_S3_ENDPOINT", s3_endpoint())
+        .env("SHRINK_S3_PREFIX", &app.settings.s3_prefix)
         .env("SHRINK_DATA_DIR", dir)
         .env("SHRINK_WORKER_ID", id)
         .env("SHRINK_WORKERS", "1")

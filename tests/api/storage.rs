@@ -8,6 +8,7 @@ use std::io::Write;
 fn config<'a>(bucket: &'a str, endpoint: &'a str) -> S3Config<'a> {
     S3Config {
         bucket,
+        prefix: "",
         endpoint: Some(endpoint),
         region: "us-east-1",
         path_style: true,
@@ -25,11 +26,14 @@ async fn s3() -> S3Blobs {
         "AWS_SECRET_ACCESS_KEY",
         std::env::var("SHRINK_TEST_S3_SECRET").unwrap_or_else(|_| "testsecret".into()),
     );
-    let bucket = format!("shrink-blob-{}", uuid::Uuid::new_v4().simple());
+    let prefix = format!("{}/", uuid::Uuid::new_v4().simple());
     let endpoint = s3_endpoint();
-    S3Blobs::connect(config(&bucket, &endpoint))
-        .await
-        .expect("an S3-compatible server must run (scripts/test starts SeaweedFS)")
+    S3Blobs::connect(S3Config {
+        prefix: &prefix,
+        ..config(crate::helpers::TEST_BUCKET, &endpoint)
+    })
+    .await
+    .expect("an S3-compatible server must run (scripts/test starts SeaweedFS)")
 }
 
 fn big_file(mib: usize) -> tempfile::NamedTempFile {
@@ -77,6 +81,31 @@ async fn processes_starting_together_may_all_create_the_same_bucket() {
         let store = r.expect("losing the race to create the bucket is not an error");
         store.check().await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn keys_live_under_the_configured_prefix() {
+    let store = s3().await;
+    store
+        .put_bytes("p/prefixed", bytes::Bytes::from_static(b"here"))
+        .await
+        .unwrap();
+    let endpoint = s3_endpoint();
+    let unprefixed = S3Blobs::connect(S3Config {
+        create_bucket: false,
+        ..config(store.bucket(), &endpoint)
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        unprefixed.get_stream("p/prefixed").await,
+        Err(BlobError::NotFound(_))
+    ));
+    let listing = unprefixed
+        .get_stream(&format!("{}p/prefixed", store.prefix()))
+        .await
+        .unwrap();
+    assert_eq!(listing.len, 4);
 }
 
 #[tokio::test]

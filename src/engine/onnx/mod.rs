@@ -4,6 +4,7 @@ pub mod graph;
 pub mod load;
 pub mod params;
 pub mod summary;
+pub mod tensor;
 
 /// prost-generated ONNX protobuf types (from the vendored `proto/onnx.proto`).
 #[allow(clippy::all, missing_docs)]

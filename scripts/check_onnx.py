@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Runs an ONNX model in the onnxruntime Python package on an .npz dataset and prints JSON:
+the output names, the op types in the graph, and top-1 accuracy of OUTPUT against `labels`.
+
+Usage: check_onnx.py MODEL.onnx DATA.npz OUTPUT
+"""
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def main(model_path, data_path, output):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    data = np.load(data_path)
+    feeds = {i.name: data[i.name] for i in sess.get_inputs()}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    pred = outs[output].argmax(axis=1)
+    ops = sorted({n.op_type for n in onnx.load(model_path).graph.node})
+    print(json.dumps({"outputs": list(outs), "ops": ops, "top1": float((pred == data["labels"]).mean())}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

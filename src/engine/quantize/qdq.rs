@@ -1,0 +1,371 @@
+//! Static int8 quantization in QDQ form: QuantizeLinear/DequantizeLinear pairs around the
+//! activations of Conv, MatMul and Gemm, int8 weights behind DequantizeLinear, and int32 biases
+//! with scale = input scale x weight scale. ONNX Runtime fuses DQ -> op -> Q into integer kernels
+//! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
+use super::calibrate::Ranges;
+use super::params::{
+    activation_params, quantize, quantize_weights_per_channel, quantize_weights_per_tensor,
+    ActivationType, QParams,
+};
+use crate::engine::onnx::proto::{
+    attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
+};
+use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, i32_tensor, i8_tensor, u8_tensor};
+use crate::engine::{EngineError, Result};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Options of static quantization.
+#[derive(Debug, Clone)]
+pub struct StaticOptions {
+    pub per_channel: bool,
+    pub activation: ActivationType,
+    /// Operator types to quantize (Conv, MatMul, Gemm).
+    pub op_types: Vec<String>,
+    /// Node names to leave in float.
+    pub exclude: Vec<String>,
+}
+
+/// A node that will be quantized, and where its tensors are.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub node: usize,
+    pub name: String,
+    pub op: String,
+    pub activation: String,
+    pub weight: String,
+    pub bias: Option<String>,
+    pub output: String,
+    /// Axis of the weight's output channels.
+    pub axis: usize,
+}
+
+/// What happened to each candidate layer, for the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDecision {
+    pub node: String,
+    pub op: String,
+    pub precision: String,
+    pub reason: String,
+}
+
+fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
+    node.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some(name))
+        .and_then(|a| a.i)
+}
+
+/// Finds the nodes to quantize: a listed op type whose weight is a float initializer of the right rank.
+pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<LayerDecision>) {
+    let graph = model.graph.as_ref().expect("loaded models have a graph");
+    let inits: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.as_deref().map(|n| (n, t)))
+        .collect();
+    let (mut targets, mut decisions) = (Vec::new(), Vec::new());
+    for (i, node) in graph.node.iter().enumerate() {
+        let op = node.op_type.clone().unwrap_or_default();
+        if !matches!(op.as_str(), "Conv" | "MatMul" | "Gemm") {
+            continue;
+        }
+        let name = node
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("{op}_{i}"));
+        let mut decide = |precision: &str, reason: String| {
+            decisions.push(LayerDecision {
+                node: name.clone(),
+                op: op.clone(),
+                precision: precision.into(),
+                reason,
+            })
+        };
+        if !opts.op_types.contains(&op) {
+            decide("float", format!("{op} is not in op_types"));
+            continue;
+        }
+        if opts.exclude.contains(&name) {
+            decide("float", "excluded by the spec".into());
+            continue;
+        }
+        let weight = node.input.get(1).cloned().unwrap_or_default();
+        let Some(w) = inits
+            .get(weight.as_str())
+            .filter(|w| f32_values(w).is_some())
+        else {
+            decide("float", "its weight is not a float32 initializer".into());
+            continue;
+        };
+        let rank = w.dims.len();
+        let axis = match op.as_str() {
+            "Conv" if rank >= 3 => 0,
+            "MatMul" if rank == 2 => 1,
+            "Gemm" if rank == 2 => {
+                if attr_i(node, "transB") == Some(1) {
+                    0
+                } else {
+                    1
+                }
+            }
+            _ => {
+                decide(
+                    "float",
+                    format!("weight rank {rank} is not supported for {op}"),
+                );
+                continue;
+            }
+        };
+        if op == "Gemm" && attr_i(node, "transA") == Some(1) {
+            decide("float", "Gemm with transA is not supported".into());
+            continue;
+        }
+        let channels = w.dims[axis] as usize;
+        let bias = node
+            .input
+            .get(2)
+            .filter(|b| {
+                inits.get(b.as_str()).is_some_and(|t| {
+                    t.dims.len() == 1 && t.dims[0] as usize == channels && f32_values(t).is_some()
+                })
+            })
+            .cloned();
+        decide("int8", "quantized".into());
+        targets.push(Target {
+            node: i,
+            name,
+            op,
+            activation: node.input[0].clone(),
+            weight,
+            bias,
+            output: node.output[0].clone(),
+            axis,
+        });
+    }
+    (targets, decisions)
+}
+
+/// Tensors whose ranges calibration must observe.
+pub fn activations(targets: &[Target]) -> Vec<String> {
+    let mut set: Vec<String> = targets
+        .iter()
+        .flat_map(|t| [t.activation.clone(), t.output.clone()])
+        .collect();
+    set.sort();
+    set.dedup();
+    set
+}
+
+fn axis_attr(axis: usize) -> AttributeProto {
+    AttributeProto {
+        name: Some("axis".into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(axis as i64),
+        ..Default::default()
+    }
+}
+
+fn node(
+    op: &str,
+    name: String,
+    inputs: Vec<String>,
+    output: String,
+    attrs: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input: inputs,
+        output: vec![output],
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+/// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of DequantizeLinear).
+pub fn rewrite(
+    model: &ModelProto,
+    targets: &[Target],
+    ranges: &Ranges,
+    opts: &StaticOptions,
+) -> Result<ModelProto> {
+    let mut out = model.clone();
+    let graph = out.graph.as_mut().expect("loaded models have a graph");
+    let inits: HashMap<String, TensorProto> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone().map(|n| (n, t.clone())))
+        .collect();
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    let mut prologue: Vec<NodeProto> = Vec::new();
+
+    // Activation parameters, one per tensor.
+    let mut act: BTreeMap<String, QParams> = BTreeMap::new();
+    for name in activations(targets) {
+        let (lo, hi) = ranges.get(&name).copied().ok_or_else(|| {
+            EngineError::InvalidModel(format!("no calibration range for `{name}`"))
+        })?;
+        let p = activation_params(lo, hi, opts.activation);
+        new_inits.push(f32_tensor(&format!("{name}_scale"), &[], &[p.scale]));
+        new_inits.push(match opts.activation {
+            ActivationType::Uint8 => {
+                u8_tensor(&format!("{name}_zero_point"), &[], &[p.zero_point as u8])
+            }
+            ActivationType::Int8 => {
+                i8_tensor(&format!("{name}_zero_point"), &[], &[p.zero_point as i8])
+            }
+        });
+        act.insert(name, p);
+    }
+
+    // Weights and biases: int8/int32 initializers behind DequantizeLinear, quantized once even when shared.
+    let mut weight_dq: HashMap<String, String> = HashMap::new();
+    let mut replaced: HashSet<String> = HashSet::new();
+    let mut rename: Vec<(usize, usize, String)> = Vec::new(); // (node, input slot, new name)
+    for t in targets {
+        let w = &inits[&t.weight];
+        let shape = dims(w);
+        let values = f32_values(w).expect("planned weights are float");
+        let w_scales: Vec<f32> = if let Some(dq) = weight_dq.get(&t.weight) {
+            rename.push((t.node, 1, dq.clone()));
+            // Shared weight: the scales are already stored; recompute them for the bias.
+            if opts.per_channel {
+                quantize_weights_per_channel(&values, &shape, t.axis).0
+            } else {
+                vec![quantize_weights_per_tensor(&values).0]
+            }
+        } else {
+            let (scales, q) = if opts.per_channel {
+                quantize_weights_per_channel(&values, &shape, t.axis)
+            } else {
+                let (s, q) = quantize_weights_per_tensor(&values);
+                (vec![s], q)
+            };
+            let (qname, sname, zname, dqname) = (
+                format!("{}_quantized", t.weight),
+                format!("{}_scale", t.weight),
+                format!("{}_zero_point", t.weight),
+                format!("{}_dequantized", t.weight),
+            );
+            let sdims: Vec<usize> = if opts.per_channel {
+                vec![scales.len()]
+            } else {
+                vec![]
+            };
+            new_inits.push(i8_tensor(&qname, &shape, &q));
+            new_inits.push(f32_tensor(&sname, &sdims, &scales));
+            new_inits.push(i8_tensor(&zname, &sdims, &vec![0; scales.len()]));
+            let attrs = if opts.per_channel {
+                vec![axis_attr(t.axis)]
+            } else {
+                vec![]
+            };
+            prologue.push(node(
+                "DequantizeLinear",
+                format!("{}_DequantizeLinear", t.weight),
+                vec![qname, sname, zname],
+                dqname.clone(),
+                attrs,
+            ));
+            weight_dq.insert(t.weight.clone(), dqname.clone());
+            replaced.insert(t.weight.clone());
+            rename.push((t.node, 1, dqname));
+            scales
+        };
+        if let Some(b) = &t.bias {
+            let x = act[&t.activation];
+            let bias = f32_values(&inits[b]).expect("planned biases are float");
+            let scales: Vec<f32> = (0..bias.len())
+                .map(|c| x.scale * w_scales[if w_scales.len() == 1 { 0 } else { c }])
+                .collect();
+            let q: Vec<i32> = bias
+                .iter()
+                .zip(&scales)
+                .map(|(v, s)| {
+                    quantize(
+                        *v,
+                        QParams {
+                            scale: *s,
+                            zero_point: 0,
+                        },
+                        i32::MIN + 1,
+                        i32::MAX,
+                    )
+                })
+                .collect();
+            let (qname, sname, zname, dqname) = (
+                format!("{b}_{}_quantized", t.name),
+                format!("{b}_{}_scale", t.name),
+                format!("{b}_{}_zero_point", t.name),
+                format!("{b}_{}_dequantized", t.name),
+            );
+            new_inits.push(i32_tensor(&qname, &[q.len()], &q));
+            new_inits.push(f32_tensor(&sname, &[scales.len()], &scales));
+            new_inits.push(i32_tensor(&zname, &[scales.len()], &vec![0; scales.len()]));
+            prologue.push(node(
+                "DequantizeLinear",
+                format!("{b}_{}_DequantizeLinear", t.name),
+                vec![qname, sname, zname],
+                dqname.clone(),
+                vec![axis_attr(0)],
+            ));
+            replaced.insert(b.clone());
+            rename.push((t.node, 2, dqname));
+        }
+    }
+    for (n, slot, name) in rename {
+        graph.node[n].input[slot] = name;
+    }
+
+    // Activations: Q -> DQ right after the producer; every consumer reads the dequantized value.
+    let qdq = |name: &str| -> [NodeProto; 2] {
+        let (s, z) = (format!("{name}_scale"), format!("{name}_zero_point"));
+        [
+            node(
+                "QuantizeLinear",
+                format!("{name}_QuantizeLinear"),
+                vec![name.into(), s.clone(), z.clone()],
+                format!("{name}_quantized"),
+                vec![],
+            ),
+            node(
+                "DequantizeLinear",
+                format!("{name}_DequantizeLinear"),
+                vec![format!("{name}_quantized"), s, z],
+                format!("{name}_dequantized"),
+                vec![],
+            ),
+        ]
+    };
+    for n in graph.node.iter_mut() {
+        for input in n.input.iter_mut() {
+            if act.contains_key(input.as_str()) {
+                *input = format!("{input}_dequantized");
+            }
+        }
+    }
+    let mut nodes = prologue;
+    let produced: HashSet<String> = graph.node.iter().flat_map(|n| n.output.clone()).collect();
+    for name in act.keys().filter(|n| !produced.contains(*n)) {
+        nodes.extend(qdq(name)); // graph inputs
+    }
+    for n in std::mem::take(&mut graph.node) {
+        let outs = n.output.clone();
+        nodes.push(n);
+        for o in outs.iter().filter(|o| act.contains_key(o.as_str())) {
+            nodes.extend(qdq(o));
+        }
+    }
+    graph.node = nodes;
+
+    // Drop float weights no float node reads any more, then add the quantized ones.
+    let still_read: HashSet<String> = graph.node.iter().flat_map(|n| n.input.clone()).collect();
+    graph.initializer.retain(|t| {
+        t.name
+            .as_ref()
+            .is_none_or(|n| !replaced.contains(n) || still_read.contains(n))
+    });
+    graph.initializer.extend(new_inits);
+    Ok(out)
+}
