@@ -60,7 +60,7 @@ def preprocess(img):
 
 
 def main(out, per_angle):
-    rng = random.Random(0)
+    rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
     xs, ys = [], []
     for i in range(per_angle):
         base = page(rng)

@@ -34,6 +34,32 @@ pub enum Command {
     },
     /// Evaluate a model on a dataset locally, with the same code as the `evaluate` stage.
     Eval(EvalArgs),
+    /// Quantize a model locally (static int8 QDQ), with the same code as the `quantize` stage.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct QuantizeArgs {
+    /// The float ONNX model.
+    pub model: PathBuf,
+    /// Calibration samples (.npz or .safetensors).
+    pub calibration: PathBuf,
+    /// Where to write the quantized model.
+    pub output: PathBuf,
+    /// Calibration samples to use.
+    #[arg(long, default_value_t = 128)]
+    pub samples: usize,
+    /// One weight scale per tensor instead of per output channel.
+    #[arg(long)]
+    pub per_tensor: bool,
+    /// Symmetric int8 activations instead of asymmetric uint8.
+    #[arg(long)]
+    pub int8_activations: bool,
+    /// Node names to keep in float.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    #[arg(long, env = "SHRINK_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +92,7 @@ pub struct EvalArgs {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Eval(args) => eval(args),
+        Command::Quantize(args) => quantize(args),
         Command::Openapi { output } => {
             let doc = crate::http::openapi::document_json();
             match output {
@@ -114,5 +141,43 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             println!("note: {n}");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
+    use crate::engine::quantize::{params::ActivationType, quantize_static, StaticOptions};
+    let rt = Runtime::global(args.ort_library.as_deref())?;
+    let model = engine::onnx::load_model_file(&args.model)
+        .with_context(|| format!("while reading {}", args.model.display()))?;
+    let data = engine::dataset::load(&args.calibration)
+        .with_context(|| format!("while reading {}", args.calibration.display()))?;
+    let opts = StaticOptions {
+        per_channel: !args.per_tensor,
+        activation: if args.int8_activations {
+            ActivationType::Int8
+        } else {
+            ActivationType::Uint8
+        },
+        op_types: crate::domain::quantize::DEFAULT_OP_TYPES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        exclude: args.exclude,
+    };
+    let q = quantize_static(&rt, &model, &data, args.samples, &opts, &engine::NoProgress)?;
+    std::fs::write(&args.output, &q.model.bytes)
+        .with_context(|| format!("while writing {}", args.output.display()))?;
+    for l in &q.layers {
+        println!("{:<40} {:<8} {:<6} {}", l.node, l.op, l.precision, l.reason);
+    }
+    for n in &q.notes {
+        println!("note: {n}");
+    }
+    println!(
+        "wrote {} ({} bytes, from {} bytes)",
+        args.output.display(),
+        q.model.bytes.len(),
+        model.bytes.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

