@@ -6,7 +6,7 @@ Pages of text are drawn with Pillow's bundled font, rotated clockwise by 0/90/18
 short side to 256 (Lanczos), centre-crop 224x224, scale to [0,1], normalise with ImageNet mean/std,
 CHW. Writes `x` [N,3,224,224] float32 and `labels` [N] int64 to an .npz.
 
-Usage: make_orientation_pages.py OUT.npz [PAGES_PER_ANGLE]
+Usage: make_orientation_pages.py OUT.npz [PAGES_PER_ANGLE] [SEED]
 """
 import random
 import sys
