@@ -74,8 +74,8 @@ pub fn quantize_static(
             calibration_samples: 0,
         });
     }
-    let names = qdq::activations(&targets);
-    let ranges = calibrate::min_max(
+    let (names, constants) = qdq::activations(&model.proto, &targets);
+    let mut ranges = calibrate::min_max(
         rt,
         model,
         calibration,
@@ -87,7 +87,8 @@ pub fn quantize_static(
             span: 0.9,
         },
     )?;
-    let proto = qdq::rewrite(&model.proto, &targets, &ranges, &opts)?;
+    qdq::fold_activation_ranges(&model.proto, &mut ranges);
+    let proto = qdq::rewrite(&model.proto, &targets, &constants, &ranges, &opts)?;
     let bytes = proto.encode_to_vec();
     // ONNX Runtime must accept what we wrote before anyone sees it.
     rt.session(&bytes, 1)

@@ -146,15 +146,105 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
     (targets, decisions)
 }
 
-/// Tensors whose ranges calibration must observe.
-pub fn activations(targets: &[Target]) -> Vec<String> {
-    let mut set: Vec<String> = targets
+/// Ops whose inputs and outputs also get Q/DQ when they sit between quantized tensors, so that
+/// ONNX Runtime keeps the chain in integers (QLinearAdd; Relu/Clip vanish into the Q before them).
+const CHAIN_OPS: &[&str] = &["Add", "Relu", "Clip"];
+
+/// A float constant read by a chained op (an Add's bias): quantized like an activation.
+#[derive(Debug, Clone)]
+pub struct ConstInput {
+    pub node: usize,
+    pub slot: usize,
+    pub name: String,
+}
+
+/// Tensors whose ranges calibration must observe, and constants to quantize for chained ops.
+pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<ConstInput>) {
+    let graph = model.graph.as_ref().expect("loaded models have a graph");
+    let float_inits: HashSet<&str> = graph
+        .initializer
+        .iter()
+        .filter(|t| f32_values(t).is_some())
+        .filter_map(|t| t.name.as_deref())
+        .collect();
+    let mut set: HashSet<String> = targets
         .iter()
         .flat_map(|t| [t.activation.clone(), t.output.clone()])
         .collect();
-    set.sort();
-    set.dedup();
-    set
+    let mut constants = Vec::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        let op = node.op_type.as_deref().unwrap_or("");
+        if !CHAIN_OPS.contains(&op) || node.output.len() != 1 {
+            continue;
+        }
+        let ok = match op {
+            "Add" => {
+                node.input.len() == 2
+                    && node.input.iter().any(|x| set.contains(x))
+                    && node
+                        .input
+                        .iter()
+                        .all(|x| set.contains(x) || float_inits.contains(x.as_str()))
+            }
+            _ => node.input.first().is_some_and(|x| set.contains(x)),
+        };
+        if !ok {
+            continue;
+        }
+        if op == "Add" {
+            for (slot, x) in node
+                .input
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| !set.contains(*x))
+            {
+                constants.push(ConstInput {
+                    node: i,
+                    slot,
+                    name: x.clone(),
+                });
+            }
+        }
+        set.insert(node.output[0].clone());
+    }
+    let mut names: Vec<String> = set.into_iter().collect();
+    names.sort();
+    (names, constants)
+}
+
+/// Gives the input of each Relu/Clip (when nothing else reads it) the range of the Relu's output:
+/// quantizing with that range clips like the Relu does, so ONNX Runtime drops the Relu and the
+/// requantization around it, and the integer chain continues.
+pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
+    let graph = model.graph.as_ref().expect("loaded models have a graph");
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let outputs: HashSet<&str> = graph
+        .output
+        .iter()
+        .filter_map(|o| o.name.as_deref())
+        .collect();
+    for n in &graph.node {
+        if !matches!(n.op_type.as_deref(), Some("Relu" | "Clip"))
+            || n.input.is_empty()
+            || n.output.len() != 1
+        {
+            continue;
+        }
+        let (x, y) = (n.input[0].as_str(), n.output[0].as_str());
+        if readers.get(x) != Some(&1) || outputs.contains(x) {
+            continue;
+        }
+        if let Some(r) = ranges.get(y).copied() {
+            if ranges.contains_key(x) {
+                ranges.insert(x.to_string(), r);
+            }
+        }
+    }
 }
 
 fn axis_attr(axis: usize) -> AttributeProto {
@@ -187,6 +277,7 @@ fn node(
 pub fn rewrite(
     model: &ModelProto,
     targets: &[Target],
+    constants: &[ConstInput],
     ranges: &Ranges,
     opts: &StaticOptions,
 ) -> Result<ModelProto> {
@@ -202,7 +293,8 @@ pub fn rewrite(
 
     // Activation parameters, one per tensor.
     let mut act: BTreeMap<String, QParams> = BTreeMap::new();
-    for name in activations(targets) {
+    let names: Vec<String> = ranges.keys().cloned().collect();
+    for name in names {
         let (lo, hi) = ranges.get(&name).copied().ok_or_else(|| {
             EngineError::InvalidModel(format!("no calibration range for `{name}`"))
         })?;
@@ -313,6 +405,37 @@ pub fn rewrite(
             replaced.insert(b.clone());
             rename.push((t.node, 2, dqname));
         }
+    }
+    // Constants read by chained ops (biases of Add): uint8 per tensor, like the activation beside them.
+    for c in constants {
+        let values = f32_values(&inits[&c.name]).expect("chained constants are float");
+        let (lo, hi) = values
+            .iter()
+            .fold((0.0f32, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
+        let p = activation_params(lo, hi, ActivationType::Uint8);
+        let q: Vec<u8> = values
+            .iter()
+            .map(|v| quantize(*v, p, 0, 255) as u8)
+            .collect();
+        let base = format!("{}_{}_const", c.name, c.node);
+        let (qname, sname, zname, dqname) = (
+            format!("{base}_quantized"),
+            format!("{base}_scale"),
+            format!("{base}_zero_point"),
+            format!("{base}_dequantized"),
+        );
+        new_inits.push(u8_tensor(&qname, &dims(&inits[&c.name]), &q));
+        new_inits.push(f32_tensor(&sname, &[], &[p.scale]));
+        new_inits.push(u8_tensor(&zname, &[], &[p.zero_point as u8]));
+        prologue.push(node(
+            "DequantizeLinear",
+            format!("{base}_DequantizeLinear"),
+            vec![qname, sname, zname],
+            dqname.clone(),
+            vec![],
+        ));
+        replaced.insert(c.name.clone());
+        rename.push((c.node, c.slot, dqname));
     }
     for (n, slot, name) in rename {
         graph.node[n].input[slot] = name;
