@@ -220,6 +220,23 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GETs a path and returns the body bytes (asserting 200).
+    pub async fn get_bytes(&self, path: &str) -> bytes::Bytes {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.bytes().await.unwrap()
+    }
+
+    /// POSTs a streamed octet-stream body.
+    pub async fn post_stream(&self, path: &str, body: reqwest::Body) -> reqwest::Result<Response> {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(self.url(path)).send().await.unwrap();
         let status = r.status().as_u16();

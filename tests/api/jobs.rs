@@ -653,14 +653,8 @@ async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_
 
     let file = app.data_dir.path().join("quantized.onnx");
     let bytes = app
-        .client
-        .get(app.url(&format!("/jobs/{id}/artifacts/stage-0-quantize.onnx")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+        .get_bytes(&format!("/jobs/{id}/artifacts/stage-0-quantize.onnx"))
+        .await;
     std::fs::write(&file, &bytes).unwrap();
     let py = onnxruntime_python(&file, "digits_val.npz", "probabilities");
     assert_eq!(
@@ -677,14 +671,8 @@ async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_
         "{py}"
     );
     let final_model = app
-        .client
-        .get(app.url(&format!("/jobs/{id}/artifacts/model.onnx")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+        .get_bytes(&format!("/jobs/{id}/artifacts/model.onnx"))
+        .await;
     assert_eq!(final_model, bytes, "the final model is the quantized one");
 }
 

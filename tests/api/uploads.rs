@@ -113,14 +113,7 @@ async fn an_upload_over_the_limit_is_refused_with_413_and_leaves_nothing() {
     // Over the 8 MiB test limit, streamed without a Content-Length so the streaming check is what refuses it.
     let chunks = (0..12).map(|_| Ok::<_, std::io::Error>(vec![0u8; 1024 * 1024]));
     let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
-    let r = app
-        .client
-        .post(app.url("/models"))
-        .header("content-type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = app.post_stream("/models", body).await.unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     assert_nothing_stored(&app).await;
@@ -135,13 +128,7 @@ async fn an_upload_aborted_mid_stream_leaves_nothing() {
         Err(std::io::Error::other("client went away")),
     ];
     let body = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
-    let r = app
-        .client
-        .post(app.url("/models"))
-        .header("content-type", "application/octet-stream")
-        .body(body)
-        .send()
-        .await;
+    let r = app.post_stream("/models", body).await;
     assert!(r.is_err() || r.unwrap().status().is_client_error());
     // The server notices the broken body asynchronously; give it a moment to clean up.
     for _ in 0..50 {
