@@ -84,6 +84,10 @@ pub struct QuantizeOptions {
     pub exclude: Vec<String>,
     #[serde(default)]
     pub calibration: Calibration,
+    /// Keep the int8 model even when ONNX Runtime runs it slower than the input (for its size).
+    /// By default a slower int8 model is not kept: the stage returns its input and says why.
+    #[serde(default)]
+    pub allow_slower: bool,
 }
 
 fn default_op_types() -> Vec<String> {
@@ -99,6 +103,7 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
         "op_types",
         "exclude",
         "calibration",
+        "allow_slower",
     ];
     for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
         p.add(
@@ -162,6 +167,12 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
                 "`op_types` must be a non-empty list of operator types",
             ),
         }
+    }
+    if obj.get("allow_slower").is_some_and(|v| !v.is_boolean()) {
+        p.add(
+            format!("{base}/allow_slower"),
+            "`allow_slower` must be true or false",
+        );
     }
     if let Some(v) = obj.get("exclude") {
         if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {

@@ -187,10 +187,31 @@ pub fn run(
                     reason: l.reason,
                 })
                 .collect();
+            // The latency gate: a default must never make the model slower in ONNX Runtime.
+            let batch = opts.batch_size.max(1) as usize;
+            let (before_ms, after_ms) =
+                quantize::compare_latency(rt, &current, &out.model, &eval_data, batch, 10)?;
+            let keep = quantize::keep_quantized(before_ms, after_ms, q.allow_slower);
+            notes.push(format!(
+                "ONNX Runtime p50 at batch {batch}: input {before_ms:.3} ms, int8 {after_ms:.3} ms ({:.2}x)",
+                before_ms / after_ms.max(1e-9)
+            ));
             let name = format!("stage-{i}-quantize.onnx");
-            stage_models.push((name.clone(), out.model.bytes.clone()));
-            artifact = Some(name);
-            current = out.model;
+            if keep {
+                stage_models.push((name.clone(), out.model.bytes.clone()));
+                artifact = Some(name);
+                current = out.model;
+            } else {
+                notes.push(
+                    "the int8 model is slower than its input here, so the stage keeps the input model; \
+                     set `allow_slower: true` to keep the int8 model for its size"
+                        .into(),
+                );
+                for l in layers.iter_mut().filter(|l| l.precision == "int8") {
+                    l.precision = "float".into();
+                    l.reason = "int8 would have made the model slower in ONNX Runtime".into();
+                }
+            }
         }
         let (metrics, eval_notes) =
             evaluate_stage(rt, &current, &eval_data, spec, stage, &baseline, progress)?;

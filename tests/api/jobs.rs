@@ -624,7 +624,7 @@ async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_
     let c = app.dataset("digits_train.npz").await;
     let spec = json!({
         "model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
-        "pipeline": [{"stage": "quantize", "mode": "static", "calibration": {"samples": 200}}],
+        "pipeline": [{"stage": "quantize", "mode": "static", "calibration": {"samples": 200}, "allow_slower": true}],
         "constraints": {"max_accuracy_drop": 0.01},
     });
     let r = app.post_job(&spec).await;
@@ -682,7 +682,7 @@ async fn without_a_calibration_dataset_a_seeded_split_calibrates_and_is_not_eval
     let m = app.model("digits_mlp.onnx").await;
     let d = app.dataset("digits_val.npz").await;
     let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "seed": 7,
-        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor", "calibration": {"samples": 100}},
+        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor", "calibration": {"samples": 100}, "allow_slower": true},
                      {"stage": "evaluate", "latency_runs": 3}]});
     let first: Value = app.post_job(&spec).await.json().await.unwrap();
     let second: Value = app.post_job(&spec).await.json().await.unwrap();
@@ -769,4 +769,57 @@ async fn quantize_options_are_validated_with_pointers() {
             "{stage}: {e}"
         );
     }
+}
+
+#[tokio::test]
+async fn the_latency_gate_keeps_the_int8_model_only_when_it_is_not_slower() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp_big.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let c = app.dataset("digits_train.npz").await;
+    let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
+        "pipeline": [{"stage": "quantize", "mode": "static", "calibration": {"samples": 64}}]});
+    let job: Value = app.post_job(&spec).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    app.drain().await;
+    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
+    let stage = &report["stages"][0];
+    let note = stage["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .find(|n| n.contains("ONNX Runtime p50 at batch 32"))
+        .unwrap_or_else(|| panic!("{stage}"));
+    // "ONNX Runtime p50 at batch 32: input X ms, int8 Y ms (Zx)"
+    let number_after = |key: &str| -> f64 {
+        note.split(key)
+            .nth(1)
+            .unwrap()
+            .trim()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (input_ms, int8_ms) = (number_after("input"), number_after("int8"));
+    let kept = stage["artifact"].is_string();
+    assert_eq!(
+        kept,
+        shrink::engine::quantize::keep_quantized(input_ms, int8_ms, false),
+        "{note}"
+    );
+    let int8_layers = stage["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["precision"] == "int8")
+        .count();
+    assert_eq!(int8_layers, if kept { 3 } else { 0 }, "{}", stage["layers"]);
+    let same_as_input = report["final"]["size"]["bytes"] == report["baseline"]["size"]["bytes"];
+    assert_eq!(
+        same_as_input, !kept,
+        "a rejected int8 model leaves the input model in place"
+    );
 }

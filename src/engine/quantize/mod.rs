@@ -102,3 +102,61 @@ pub fn quantize_static(
         calibration_samples,
     })
 }
+
+/// Timing noise tolerated before a quantized model counts as slower than its input.
+pub const SLOWER_TOLERANCE: f64 = 1.10;
+
+/// The latency gate: keep the quantized model unless it is slower than the input beyond the
+/// tolerance (p50 at the same batch size), or the user accepts a slower model.
+pub fn keep_quantized(input_p50_ms: f64, quantized_p50_ms: f64, allow_slower: bool) -> bool {
+    allow_slower || quantized_p50_ms <= input_p50_ms * SLOWER_TOLERANCE
+}
+
+/// p50 latency of two models at `batch` rows of `data`, measured alternately so both see the
+/// same machine conditions.
+pub fn compare_latency(
+    rt: &Runtime,
+    a: &LoadedModel,
+    b: &LoadedModel,
+    data: &Dataset,
+    batch: usize,
+    runs: usize,
+) -> Result<(f64, f64)> {
+    let binding =
+        crate::engine::dataset::bind(&crate::engine::onnx::summarize(&a.proto), &data.summary)?;
+    let mut sa = rt.session(&a.bytes, 1)?;
+    let mut sb = rt.session(&b.bytes, 1)?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for round in 0..runs + 2 {
+        for (session, times) in [(&mut sa, &mut ta), (&mut sb, &mut tb)] {
+            let inputs = crate::engine::runtime::feeds(data, &binding.inputs, 0..batch)?;
+            let t0 = std::time::Instant::now();
+            drop(session.run(inputs)?);
+            if round >= 2 {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let p50 = |t: &mut Vec<f64>| crate::engine::latency::stats(batch, 2, t).p50_ms;
+    Ok((p50(&mut ta), p50(&mut tb)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_quantized;
+
+    #[test]
+    fn a_faster_or_equal_int8_model_is_kept() {
+        assert!(keep_quantized(2.0, 1.0, false));
+        assert!(
+            keep_quantized(2.0, 2.1, false),
+            "within the noise tolerance"
+        );
+    }
+
+    #[test]
+    fn a_slower_int8_model_is_not_kept_unless_allowed() {
+        assert!(!keep_quantized(1.0, 1.5, false));
+        assert!(keep_quantized(1.0, 1.5, true));
+    }
+}
