@@ -101,7 +101,11 @@ pub async fn create_job(
 
     let request_sha256 = request_hash(&raw_spec, &parts);
     if let Some(key) = &idempotency_key {
-        if let Some(existing) = find_idempotent(&state, key).await? {
+        if let Some(existing) = state
+            .db
+            .find_job_by_idempotency_key(DEFAULT_PROJECT, key)
+            .await?
+        {
             if existing.request_sha256.as_deref() == Some(request_sha256.as_str()) {
                 return respond(existing);
             }
@@ -154,19 +158,6 @@ fn respond(row: JobRow) -> ApiResult<Response> {
         Json(job),
     )
         .into_response())
-}
-
-async fn find_idempotent(state: &AppState, key: &str) -> ApiResult<Option<JobRow>> {
-    let rows: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {} FROM jobs WHERE project = $1 AND idempotency_key = $2",
-        crate::store::jobs::JOB_COLUMNS
-    )))
-    .bind(DEFAULT_PROJECT)
-    .bind(key)
-    .fetch_optional(&state.db.pool)
-    .await
-    .map_err(StoreError::from)?;
-    Ok(rows)
 }
 
 async fn read_json(req: Request) -> ApiResult<serde_json::Value> {

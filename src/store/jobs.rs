@@ -114,20 +114,40 @@ pub struct RunRow {
     pub outcome: Option<String>,
 }
 
+/// The job created earlier in `project` with this idempotency key, on a pool or inside a transaction.
+async fn select_by_idempotency_key<'c, E>(
+    exec: E,
+    project: &str,
+    key: &str,
+) -> Result<Option<JobRow>>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE project = $1 AND idempotency_key = $2"
+    )))
+    .bind(project)
+    .bind(key)
+    .fetch_optional(exec)
+    .await?)
+}
+
 impl Db {
+    pub async fn find_job_by_idempotency_key(
+        &self,
+        project: &str,
+        key: &str,
+    ) -> Result<Option<JobRow>> {
+        select_by_idempotency_key(&self.pool, project, key).await
+    }
+
     /// Inserts a queued job and its input references in one transaction, honouring the idempotency key.
     pub async fn insert_job(&self, j: NewJob<'_>) -> Result<Inserted> {
         let spec_json =
             serde_json::to_string(j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut tx = self.pool.begin().await?;
         if let Some(key) = j.idempotency_key {
-            let existing: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE project = $1 AND idempotency_key = $2"
-            )))
-            .bind(j.project)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing = select_by_idempotency_key(&mut *tx, j.project, key).await?;
             if let Some(row) = existing {
                 return if row.request_sha256.as_deref() == Some(j.request_sha256) {
                     Ok(Inserted::Existing(row))

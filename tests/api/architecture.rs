@@ -46,3 +46,26 @@ fn the_engine_and_domain_import_no_web_database_or_storage_crate() {
         }
     }
 }
+
+#[test]
+fn only_the_store_knows_sqlx_and_only_the_blob_module_knows_the_aws_sdk() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for (dir, krate) in [
+        ("http", "sqlx"),
+        ("worker", "sqlx"),
+        ("http", "aws_sdk_s3"),
+        ("worker", "aws_sdk_s3"),
+        ("store", "aws_sdk_s3"),
+    ] {
+        let mut files = Vec::new();
+        rust_files(&root.join(dir), &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                !text.contains(&format!("{krate}::")),
+                "{} uses {krate} directly",
+                f.display()
+            );
+        }
+    }
+}
