@@ -58,6 +58,9 @@ pub struct QuantizeArgs {
     /// Node names to keep in float.
     #[arg(long, value_delimiter = ',')]
     pub exclude: Vec<String>,
+    /// Calibrate with this percentile of the values (e.g. 99.99) instead of min/max.
+    #[arg(long)]
+    pub percentile: Option<f64>,
     #[arg(long, env = "SHRINK_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
 }
@@ -163,6 +166,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
             .map(|s| s.to_string())
             .collect(),
         exclude: args.exclude,
+        percentile: args.percentile,
     };
     let q = quantize_static(&rt, &model, &data, args.samples, &opts, &engine::NoProgress)?;
     std::fs::write(&args.output, &q.model.bytes)

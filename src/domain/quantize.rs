@@ -40,8 +40,11 @@ pub enum ActivationType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CalibrationMethod {
+    /// The full observed range.
     #[default]
     Minmax,
+    /// The range holding `percentile` % of the values (the most extreme tails clipped).
+    Percentile,
 }
 
 /// How activations are calibrated.
@@ -53,6 +56,13 @@ pub struct Calibration {
     /// that is then left out of every evaluation.
     #[serde(default = "default_samples")]
     pub samples: u32,
+    /// With `method: percentile`: the share of values the range keeps (90..=100).
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+}
+
+fn default_percentile() -> f64 {
+    99.999
 }
 
 fn default_samples() -> u32 {
@@ -64,6 +74,7 @@ impl Default for Calibration {
         Self {
             method: CalibrationMethod::Minmax,
             samples: default_samples(),
+            percentile: default_percentile(),
         }
     }
 }
@@ -192,25 +203,28 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
         };
         for key in c
             .keys()
-            .filter(|k| !["method", "samples"].contains(&k.as_str()))
+            .filter(|k| !["method", "samples", "percentile"].contains(&k.as_str()))
         {
             p.add(
                 format!("{base}/calibration/{}", pointer_key(key)),
-                format!("unknown option `{key}`; expected method, samples"),
+                format!("unknown option `{key}`; expected method, samples, percentile"),
             );
         }
         match c.get("method").map(|m| m.as_str()) {
-            None | Some(Some("minmax")) => {}
-            Some(Some(m @ ("percentile" | "entropy" | "mse"))) => p.add(
+            None | Some(Some("minmax" | "percentile")) => {}
+            Some(Some(m @ ("entropy" | "mse"))) => p.add(
                 format!("{base}/calibration/method"),
-                format!(
-                    "calibration method `{m}` is not available in this version; available: minmax"
-                ),
+                format!("calibration method `{m}` is not available in this version; available: minmax, percentile"),
             ),
-            _ => p.add(
-                format!("{base}/calibration/method"),
-                "`method` must be one of: minmax",
-            ),
+            _ => p.add(format!("{base}/calibration/method"), "`method` must be one of: minmax, percentile"),
+        }
+        if let Some(v) = c.get("percentile") {
+            if !v.as_f64().is_some_and(|x| (90.0..=100.0).contains(&x)) {
+                p.add(
+                    format!("{base}/calibration/percentile"),
+                    "`percentile` must be a number from 90 to 100",
+                );
+            }
         }
         if let Some(s) = c.get("samples") {
             if !s.as_u64().is_some_and(|n| (1..=100_000).contains(&n)) {

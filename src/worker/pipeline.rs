@@ -1,6 +1,6 @@
 //! Runs a job's stages in order on the engine (blocking code, no database or network):
 //! baseline evaluation, each stage on the previous stage's output, evaluation after each, report.
-use crate::domain::quantize::{ActivationType, Granularity, QuantizeOptions};
+use crate::domain::quantize::{ActivationType, CalibrationMethod, Granularity, QuantizeOptions};
 use crate::domain::report::{
     self, CalibrationInfo, Deltas, Environment, LayerReport, Metrics, Report, StageReport,
 };
@@ -101,6 +101,8 @@ fn static_options(q: &QuantizeOptions) -> StaticOptions {
         },
         op_types: q.op_types.clone(),
         exclude: q.exclude.clone(),
+        percentile: (q.calibration.method == CalibrationMethod::Percentile)
+            .then_some(q.calibration.percentile),
     }
 }
 
@@ -173,8 +175,14 @@ pub fn run(
                 &sub,
             )?;
             notes.extend(out.notes);
+            let method = match q.calibration.method {
+                CalibrationMethod::Minmax => "min/max".to_string(),
+                CalibrationMethod::Percentile => {
+                    format!("the {} percentile", q.calibration.percentile)
+                }
+            };
             notes.push(format!(
-                "static int8 QDQ, calibrated with min/max over {} samples",
+                "static int8 QDQ, calibrated with {method} over {} samples",
                 out.calibration_samples
             ));
             layers = out

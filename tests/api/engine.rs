@@ -350,6 +350,7 @@ fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions 
         activation: shrink::engine::quantize::params::ActivationType::Uint8,
         op_types: vec!["Conv".into(), "MatMul".into(), "Gemm".into()],
         exclude: vec![],
+        percentile: None,
     }
 }
 
@@ -502,4 +503,56 @@ fn folding_batch_norm_into_conv_keeps_a_real_cnns_outputs() {
     .unwrap();
     let f = &b.metrics.fidelity[0];
     assert!(f.max_abs_error < 1e-4 && f.top1_agreement == 1.0, "{f:?}");
+}
+
+#[test]
+fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let calib = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let val = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let (targets, _) = shrink::engine::quantize::qdq::plan(&m.proto, &static_options(true));
+    let (names, _) = shrink::engine::quantize::qdq::activations(&m.proto, &targets);
+    let calibrate = shrink::engine::quantize::calibrate::min_max;
+    let full = calibrate(&rt(), &m, &calib, &names, 256, &NoProgress).unwrap();
+    let clipped = shrink::engine::quantize::calibrate::percentile(
+        &rt(),
+        &m,
+        &calib,
+        &names,
+        256,
+        99.0,
+        &NoProgress,
+    )
+    .unwrap();
+    let mut narrower = 0;
+    for name in &names {
+        let ((lo, hi), (plo, phi)) = (full[name], clipped[name]);
+        assert!(
+            lo <= plo && phi <= hi,
+            "{name}: min/max {lo}..{hi}, 99th percentile {plo}..{phi}"
+        );
+        narrower += ((phi - plo) < (hi - lo) * 0.99) as usize;
+    }
+    assert!(
+        narrower > 0,
+        "the 99th percentile clips the tails of at least one activation"
+    );
+    let base = evaluate(&rt(), &m, &val, &quick(), None, &NoProgress).unwrap();
+    let opts = shrink::engine::quantize::StaticOptions {
+        percentile: Some(99.999),
+        ..static_options(true)
+    };
+    let q = shrink::engine::quantize::quantize_static(&rt(), &m, &calib, 128, &opts, &NoProgress)
+        .unwrap();
+    let e = evaluate(
+        &rt(),
+        &q.model,
+        &val,
+        &quick(),
+        Some(&base.as_baseline()),
+        &NoProgress,
+    )
+    .unwrap();
+    let drop = base.metrics.task.unwrap().top1_accuracy - e.metrics.task.unwrap().top1_accuracy;
+    assert!(drop <= 0.01, "accuracy dropped by {drop}");
 }

@@ -682,7 +682,7 @@ async fn without_a_calibration_dataset_a_seeded_split_calibrates_and_is_not_eval
     let m = app.model("digits_mlp.onnx").await;
     let d = app.dataset("digits_val.npz").await;
     let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "seed": 7,
-        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor", "calibration": {"samples": 100}, "allow_slower": true},
+        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor", "calibration": {"samples": 100, "method": "percentile", "percentile": 99.99}, "allow_slower": true},
                      {"stage": "evaluate", "latency_runs": 3}]});
     let first: Value = app.post_job(&spec).await.json().await.unwrap();
     let second: Value = app.post_job(&spec).await.json().await.unwrap();
@@ -713,6 +713,11 @@ async fn without_a_calibration_dataset_a_seeded_split_calibrates_and_is_not_eval
         "same spec and seed, same accuracy"
     );
     assert_eq!(a["stages"].as_array().unwrap().len(), 2);
+    let notes = a["stages"][0]["notes"].to_string();
+    assert!(
+        notes.contains("the 99.99 percentile over 100 samples"),
+        "{notes}"
+    );
 }
 
 #[tokio::test]
@@ -751,6 +756,16 @@ async fn quantize_options_are_validated_with_pointers() {
             json!({"stage": "quantize", "mode": "static", "bits": 4}),
             "/pipeline/0/bits",
             "unknown option",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "allow_slower": "yes"}),
+            "/pipeline/0/allow_slower",
+            "true or false",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "calibration": {"method": "percentile", "percentile": 20}}),
+            "/pipeline/0/calibration/percentile",
+            "90 to 100",
         ),
     ] {
         let r = app

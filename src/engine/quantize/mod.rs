@@ -75,18 +75,30 @@ pub fn quantize_static(
         });
     }
     let (names, constants) = qdq::activations(&model.proto, &targets);
-    let mut ranges = calibrate::min_max(
-        rt,
-        model,
-        calibration,
-        &names,
-        samples,
-        &SubProgress {
-            parent: progress,
-            start: 0.0,
-            span: 0.9,
-        },
-    )?;
+    let calibration_progress = SubProgress {
+        parent: progress,
+        start: 0.0,
+        span: 0.9,
+    };
+    let mut ranges = match opts.percentile {
+        Some(p) => calibrate::percentile(
+            rt,
+            model,
+            calibration,
+            &names,
+            samples,
+            p,
+            &calibration_progress,
+        )?,
+        None => calibrate::min_max(
+            rt,
+            model,
+            calibration,
+            &names,
+            samples,
+            &calibration_progress,
+        )?,
+    };
     qdq::fold_activation_ranges(&model.proto, &mut ranges);
     let proto = qdq::rewrite(&model.proto, &targets, &constants, &ranges, &opts)?;
     let bytes = proto.encode_to_vec();

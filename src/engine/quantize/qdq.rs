@@ -23,6 +23,8 @@ pub struct StaticOptions {
     pub op_types: Vec<String>,
     /// Node names to leave in float.
     pub exclude: Vec<String>,
+    /// Calibrate with this percentile of the observed values instead of min/max.
+    pub percentile: Option<f64>,
 }
 
 /// A node that will be quantized, and where its tensors are.
