@@ -512,18 +512,11 @@ fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
     let val = dataset::load(&fixture("digits_val.npz")).unwrap();
     let (targets, _) = shrink::engine::quantize::qdq::plan(&m.proto, &static_options(true));
     let (names, _) = shrink::engine::quantize::qdq::activations(&m.proto, &targets);
-    let calibrate = shrink::engine::quantize::calibrate::min_max;
-    let full = calibrate(&rt(), &m, &calib, &names, 256, &NoProgress).unwrap();
-    let clipped = shrink::engine::quantize::calibrate::percentile(
-        &rt(),
-        &m,
-        &calib,
-        &names,
-        256,
-        99.0,
-        &NoProgress,
-    )
-    .unwrap();
+    let mut calibrator =
+        shrink::engine::quantize::calibrate::Calibrator::new(&rt(), &m, &calib, &names, 256)
+            .unwrap();
+    let full = calibrator.min_max(&NoProgress).unwrap();
+    let clipped = calibrator.percentile(99.0, &NoProgress).unwrap();
     let mut narrower = 0;
     for name in &names {
         let ((lo, hi), (plo, phi)) = (full[name], clipped[name]);

@@ -1,10 +1,11 @@
 //! Calibration: run the float model on calibration samples with the activations to quantize
 //! exposed as extra graph outputs, and record each one's range.
-use crate::engine::dataset::{bind, Dataset};
+use crate::engine::dataset::{bind, Binding, Dataset};
 use crate::engine::onnx::proto::{type_proto, TypeProto, ValueInfoProto};
 use crate::engine::onnx::{summarize, LoadedModel};
 use crate::engine::runtime::{self, Runtime};
 use crate::engine::{EngineError, Progress, Result, SubProgress};
+use ort::session::Session;
 use prost::Message;
 use std::collections::BTreeMap;
 
@@ -14,85 +15,138 @@ pub type Ranges = BTreeMap<String, (f32, f32)>;
 /// Bins of the histograms the percentile method builds over each tensor's min/max range.
 const BINS: usize = 2048;
 
-/// Runs `samples` rows of `data` through the model and returns the min/max of every tensor in `names`.
-pub fn min_max(
-    rt: &Runtime,
-    model: &LoadedModel,
-    data: &Dataset,
-    names: &[String],
-    samples: usize,
-    progress: &dyn Progress,
-) -> Result<Ranges> {
-    let mut ranges = Ranges::new();
-    observe(rt, model, data, names, samples, progress, |name, values| {
-        let entry = ranges
-            .entry(name.to_string())
-            .or_insert((f32::INFINITY, f32::NEG_INFINITY));
-        for v in values.iter().filter(|v| v.is_finite()) {
-            entry.0 = entry.0.min(*v);
-            entry.1 = entry.1.max(*v);
-        }
-    })?;
-    for (lo, hi) in ranges.values_mut() {
-        if lo > hi {
-            (*lo, *hi) = (0.0, 0.0);
-        }
-    }
-    Ok(ranges)
+/// One ONNX Runtime session of the model with `names` exposed as outputs, built once and run
+/// over the calibration rows as often as a method needs.
+pub struct Calibrator<'a> {
+    session: Session,
+    binding: Binding,
+    data: &'a Dataset,
+    names: &'a [String],
+    rows: usize,
 }
 
-/// Ranges that drop the most extreme values: the `(100 - percentile) / 2` % tail on each side is
-/// clipped, so a rare outlier does not stretch the scale every other value is quantized with.
-/// Two passes: min/max, then histograms over those ranges.
-pub fn percentile(
-    rt: &Runtime,
-    model: &LoadedModel,
-    data: &Dataset,
-    names: &[String],
-    samples: usize,
-    percentile: f64,
-    progress: &dyn Progress,
-) -> Result<Ranges> {
-    let full = min_max(
-        rt,
-        model,
-        data,
-        names,
-        samples,
-        &SubProgress {
+impl<'a> Calibrator<'a> {
+    /// Prepares calibration of `names` over the first `samples` rows of `data`.
+    pub fn new(
+        rt: &Runtime,
+        model: &LoadedModel,
+        data: &'a Dataset,
+        names: &'a [String],
+        samples: usize,
+    ) -> Result<Self> {
+        let mut augmented = model.proto.clone();
+        let graph = augmented
+            .graph
+            .as_mut()
+            .ok_or_else(|| EngineError::InvalidModel("no graph".into()))?;
+        let existing: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
+        for name in names.iter().filter(|n| !existing.contains(n)) {
+            graph.output.push(ValueInfoProto {
+                name: Some(name.clone()),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: Some(1),
+                        shape: None,
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        let session = rt.session(&augmented.encode_to_vec(), 1)?;
+        let binding = bind(&summarize(&model.proto), &data.summary)?;
+        let rows = samples.min(binding.samples as usize).max(1);
+        Ok(Self {
+            session,
+            binding,
+            data,
+            names,
+            rows,
+        })
+    }
+
+    /// The min/max of every calibrated tensor.
+    pub fn min_max(&mut self, progress: &dyn Progress) -> Result<Ranges> {
+        let mut ranges = Ranges::new();
+        self.observe(progress, |name, values| {
+            let entry = ranges
+                .entry(name.to_string())
+                .or_insert((f32::INFINITY, f32::NEG_INFINITY));
+            for v in values.iter().filter(|v| v.is_finite()) {
+                entry.0 = entry.0.min(*v);
+                entry.1 = entry.1.max(*v);
+            }
+        })?;
+        for (lo, hi) in ranges.values_mut() {
+            if lo > hi {
+                (*lo, *hi) = (0.0, 0.0);
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Ranges that drop the most extreme values: the `(100 - percentile) / 2` % tail on each side
+    /// is clipped, so a rare outlier does not stretch the scale every other value is quantized
+    /// with. Two passes: min/max, then histograms over those ranges.
+    pub fn percentile(&mut self, percentile: f64, progress: &dyn Progress) -> Result<Ranges> {
+        let full = self.min_max(&SubProgress {
             parent: progress,
             start: 0.0,
             span: 0.5,
-        },
-    )?;
-    let mut hist: BTreeMap<String, Vec<u64>> =
-        full.keys().map(|k| (k.clone(), vec![0; BINS])).collect();
-    observe(
-        rt,
-        model,
-        data,
-        names,
-        samples,
-        &SubProgress {
-            parent: progress,
-            start: 0.5,
-            span: 0.5,
-        },
-        |name, values| {
-            let (Some(&(lo, hi)), Some(h)) = (full.get(name), hist.get_mut(name)) else {
-                return;
-            };
-            let width = (hi - lo).max(f32::MIN_POSITIVE);
-            for v in values.iter().filter(|v| v.is_finite()) {
-                h[bin_of(*v, lo, width)] += 1;
+        })?;
+        let mut hist: BTreeMap<String, Vec<u64>> =
+            full.keys().map(|k| (k.clone(), vec![0; BINS])).collect();
+        self.observe(
+            &SubProgress {
+                parent: progress,
+                start: 0.5,
+                span: 0.5,
+            },
+            |name, values| {
+                let (Some(&(lo, hi)), Some(h)) = (full.get(name), hist.get_mut(name)) else {
+                    return;
+                };
+                let width = (hi - lo).max(f32::MIN_POSITIVE);
+                for v in values.iter().filter(|v| v.is_finite()) {
+                    h[bin_of(*v, lo, width)] += 1;
+                }
+            },
+        )?;
+        let tail = (100.0 - percentile.clamp(50.0, 100.0)) / 200.0;
+        Ok(full
+            .iter()
+            .map(|(name, &(lo, hi))| (name.clone(), clip_tails(&hist[name], lo, hi, tail)))
+            .collect())
+    }
+
+    /// Runs the calibration rows in batches and hands each exposed tensor's values to `visit`.
+    fn observe(
+        &mut self,
+        progress: &dyn Progress,
+        mut visit: impl FnMut(&str, &[f32]),
+    ) -> Result<()> {
+        let batch = 16;
+        let mut start = 0;
+        while start < self.rows {
+            let end = (start + batch).min(self.rows);
+            // Read each exposed activation in place: copying 70+ activation maps per batch dominated the time.
+            let outputs =
+                self.session
+                    .run(runtime::feeds(self.data, &self.binding.inputs, start..end)?)?;
+            for name in self.names {
+                let Some(value) = outputs.get(name.as_str()) else {
+                    continue;
+                };
+                let Ok((_, values)) = value.try_extract_tensor::<f32>() else {
+                    continue;
+                };
+                visit(name, values);
             }
-        },
-    )?;
-    let tail = (100.0 - percentile.clamp(50.0, 100.0)) / 200.0;
-    Ok(full
-        .iter()
-        .map(|(name, &(lo, hi))| (name.clone(), clip_tails(&hist[name], lo, hi, tail)))
-        .collect())
+            start = end;
+            progress.update(start as f64 / self.rows as f64)?;
+        }
+        Ok(())
+    }
 }
 
 fn bin_of(v: f32, lo: f32, width: f32) -> usize {
@@ -119,60 +173,6 @@ fn clip_tails(h: &[u64], lo: f32, hi: f32, tail: f64) -> (f32, f32) {
     let high = first_past(&mut (0..h.len()).rev()).unwrap_or(h.len() - 1);
     let at = |bin: usize| lo + (hi - lo) * bin as f32 / (h.len() as f32 - 1.0);
     (at(low.min(high)), at(high.max(low)))
-}
-
-/// Runs the model with `names` exposed as outputs and hands each batch's values to `visit`.
-fn observe(
-    rt: &Runtime,
-    model: &LoadedModel,
-    data: &Dataset,
-    names: &[String],
-    samples: usize,
-    progress: &dyn Progress,
-    mut visit: impl FnMut(&str, &[f32]),
-) -> Result<()> {
-    let mut augmented = model.proto.clone();
-    let graph = augmented
-        .graph
-        .as_mut()
-        .ok_or_else(|| EngineError::InvalidModel("no graph".into()))?;
-    let existing: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
-    for name in names.iter().filter(|n| !existing.contains(n)) {
-        graph.output.push(ValueInfoProto {
-            name: Some(name.clone()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    let bytes = augmented.encode_to_vec();
-    let binding = bind(&summarize(&model.proto), &data.summary)?;
-    let mut session = rt.session(&bytes, 1)?;
-    let rows = samples.min(binding.samples as usize).max(1);
-    let batch = 16;
-    let mut start = 0;
-    while start < rows {
-        let end = (start + batch).min(rows);
-        // Read each exposed activation in place: copying 70+ activation maps per batch dominated the time.
-        let outputs = session.run(runtime::feeds(data, &binding.inputs, start..end)?)?;
-        for name in names {
-            let Some(value) = outputs.get(name.as_str()) else {
-                continue;
-            };
-            let Ok((_, values)) = value.try_extract_tensor::<f32>() else {
-                continue;
-            };
-            visit(name, values);
-        }
-        start = end;
-        progress.update(start as f64 / rows as f64)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -75,29 +75,15 @@ pub fn quantize_static(
         });
     }
     let (names, constants) = qdq::activations(&model.proto, &targets);
-    let calibration_progress = SubProgress {
+    let mut calibrator = calibrate::Calibrator::new(rt, model, calibration, &names, samples)?;
+    let progress_so_far = SubProgress {
         parent: progress,
         start: 0.0,
         span: 0.9,
     };
     let mut ranges = match opts.percentile {
-        Some(p) => calibrate::percentile(
-            rt,
-            model,
-            calibration,
-            &names,
-            samples,
-            p,
-            &calibration_progress,
-        )?,
-        None => calibrate::min_max(
-            rt,
-            model,
-            calibration,
-            &names,
-            samples,
-            &calibration_progress,
-        )?,
+        Some(p) => calibrator.percentile(p, &progress_so_far)?,
+        None => calibrator.min_max(&progress_so_far)?,
     };
     qdq::fold_activation_ranges(&model.proto, &mut ranges);
     let proto = qdq::rewrite(&model.proto, &targets, &constants, &ranges, &opts)?;
