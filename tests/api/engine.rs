@@ -20,6 +20,15 @@ fn quick() -> EvaluateOptions {
     }
 }
 
+/// Evaluates with few latency runs, optionally against a baseline.
+fn eval(
+    model: &shrink::engine::onnx::LoadedModel,
+    data: &dataset::Dataset,
+    baseline: Option<&shrink::engine::evaluate::Baseline>,
+) -> shrink::engine::evaluate::Evaluation {
+    evaluate(&rt(), model, data, &quick(), baseline, &NoProgress).unwrap()
+}
+
 fn expected(name: &str) -> dataset::Dataset {
     dataset::load(&fixture(name)).unwrap()
 }
@@ -34,7 +43,7 @@ fn f32s(t: &dataset::Tensor) -> Vec<f32> {
 fn assert_outputs_match(model: &str, data: &str, expected_file: &str) {
     let m = load_model_file(&fixture(model)).unwrap();
     let d = dataset::load(&fixture(data)).unwrap();
-    let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    let e = eval(&m, &d, None);
     let want = expected(expected_file);
     for t in &want.tensors {
         let got = e
@@ -103,17 +112,9 @@ fn accuracy_top5_and_macro_f1_equal_onnxruntime_python_and_scikit_learn() {
 fn a_model_compared_with_itself_is_perfectly_faithful_and_unlabelled_data_still_gets_fidelity() {
     let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
     let d = dataset::load(&fixture("digits_unlabelled.npz")).unwrap();
-    let first = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    let first = eval(&m, &d, None);
     assert!(first.metrics.task.is_none());
-    let again = evaluate(
-        &rt(),
-        &m,
-        &d,
-        &quick(),
-        Some(&first.as_baseline()),
-        &NoProgress,
-    )
-    .unwrap();
+    let again = eval(&m, &d, Some(&first.as_baseline()));
     assert_eq!(again.metrics.fidelity.len(), 2);
     for f in &again.metrics.fidelity {
         assert_eq!(
@@ -161,7 +162,7 @@ fn peak_memory_counts_the_session_each_time_not_only_the_first() {
     let m = load_model_file(&fixture("digits_mlp_big.onnx")).unwrap();
     let d = dataset::load(&fixture("digits_val.npz")).unwrap();
     for round in 0..2 {
-        let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+        let e = eval(&m, &d, None);
         let peak = e.metrics.memory.peak_rss_growth_bytes;
         assert!(
             peak >= 4_000_000,
@@ -175,7 +176,7 @@ fn peak_memory_counts_the_session_each_time_not_only_the_first() {
 fn the_single_input_aliases_x_and_y_are_accepted() {
     let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
     let d = dataset::load(&fixture("digits_val_alias.npz")).unwrap();
-    let e = evaluate(&rt(), &m, &d, &quick(), None, &NoProgress).unwrap();
+    let e = eval(&m, &d, None);
     assert_eq!(
         e.metrics.task.unwrap().top1_accuracy,
         reference()["digits_mlp"]["top1"].as_f64().unwrap()
@@ -359,7 +360,7 @@ fn static_int8_qdq_runs_in_onnx_runtime_and_keeps_the_digits_accuracy() {
     let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
     let calib = dataset::load(&fixture("digits_train.npz")).unwrap();
     let val = dataset::load(&fixture("digits_val.npz")).unwrap();
-    let base = evaluate(&rt(), &m, &val, &quick(), None, &NoProgress).unwrap();
+    let base = eval(&m, &val, None);
     for per_channel in [true, false] {
         let q = shrink::engine::quantize::quantize_static(
             &rt(),
@@ -376,15 +377,7 @@ fn static_int8_qdq_runs_in_onnx_runtime_and_keeps_the_digits_accuracy() {
             "{:?}",
             q.layers
         );
-        let e = evaluate(
-            &rt(),
-            &q.model,
-            &val,
-            &quick(),
-            Some(&base.as_baseline()),
-            &NoProgress,
-        )
-        .unwrap();
+        let e = eval(&q.model, &val, Some(&base.as_baseline()));
         let drop = base.metrics.task.as_ref().unwrap().top1_accuracy
             - e.metrics.task.as_ref().unwrap().top1_accuracy;
         assert!(
@@ -409,7 +402,7 @@ fn static_int8_qdq_runs_in_onnx_runtime_and_keeps_the_digits_accuracy() {
 fn static_int8_qdq_quantizes_convolutions_with_int32_biases() {
     let m = load_model_file(&fixture("digits_cnn.onnx")).unwrap();
     let data = dataset::load(&fixture("digits_images.npz")).unwrap();
-    let base = evaluate(&rt(), &m, &data, &quick(), None, &NoProgress).unwrap();
+    let base = eval(&m, &data, None);
     let q = shrink::engine::quantize::quantize_static(
         &rt(),
         &m,
@@ -434,15 +427,7 @@ fn static_int8_qdq_quantizes_convolutions_with_int32_biases() {
         3 * 2,
         "two Convs and one Gemm each carry an int32 bias and zero point"
     );
-    let e = evaluate(
-        &rt(),
-        &q.model,
-        &data,
-        &quick(),
-        Some(&base.as_baseline()),
-        &NoProgress,
-    )
-    .unwrap();
+    let e = eval(&q.model, &data, Some(&base.as_baseline()));
     let f = &e.metrics.fidelity[0];
     assert!(f.top1_agreement >= 0.95 && f.cosine_mean >= 0.99, "{f:?}");
 }
@@ -491,16 +476,8 @@ fn folding_batch_norm_into_conv_keeps_a_real_cnns_outputs() {
     assert!(!ops.contains_key("BatchNormalization"), "{ops:?}");
     let folded = load_model_bytes(folded.encode_to_vec().into()).unwrap();
     let data = random_images(4);
-    let a = evaluate(&rt(), &m, &data, &quick(), None, &NoProgress).unwrap();
-    let b = evaluate(
-        &rt(),
-        &folded,
-        &data,
-        &quick(),
-        Some(&a.as_baseline()),
-        &NoProgress,
-    )
-    .unwrap();
+    let a = eval(&m, &data, None);
+    let b = eval(&folded, &data, Some(&a.as_baseline()));
     let f = &b.metrics.fidelity[0];
     assert!(f.max_abs_error < 1e-4 && f.top1_agreement == 1.0, "{f:?}");
 }
@@ -530,22 +507,14 @@ fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
         narrower > 0,
         "the 99th percentile clips the tails of at least one activation"
     );
-    let base = evaluate(&rt(), &m, &val, &quick(), None, &NoProgress).unwrap();
+    let base = eval(&m, &val, None);
     let opts = shrink::engine::quantize::StaticOptions {
         percentile: Some(99.999),
         ..static_options(true)
     };
     let q = shrink::engine::quantize::quantize_static(&rt(), &m, &calib, 128, &opts, &NoProgress)
         .unwrap();
-    let e = evaluate(
-        &rt(),
-        &q.model,
-        &val,
-        &quick(),
-        Some(&base.as_baseline()),
-        &NoProgress,
-    )
-    .unwrap();
+    let e = eval(&q.model, &val, Some(&base.as_baseline()));
     let drop = base.metrics.task.unwrap().top1_accuracy - e.metrics.task.unwrap().top1_accuracy;
     assert!(drop <= 0.01, "accuracy dropped by {drop}");
 }
