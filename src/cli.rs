@@ -42,13 +42,32 @@ pub enum Command {
 pub struct QuantizeArgs {
     /// The float ONNX model.
     pub model: PathBuf,
-    /// Calibration samples (.npz or .safetensors).
+    /// Samples (.npz or .safetensors): calibration for static mode, and the data the latency
+    /// gate and the accuracy budget measure on unless `--eval` is given.
     pub calibration: PathBuf,
     /// Where to write the quantized model.
     pub output: PathBuf,
+    /// auto | static | dynamic | weight-only | fp16.
+    #[arg(long, default_value = "auto")]
+    pub mode: String,
+    /// Weight bits for weight-only mode (8 or 4).
+    #[arg(long, default_value_t = 8)]
+    pub bits: u32,
+    /// int4 block size (weight-only, 4 bits).
+    #[arg(long, default_value_t = 32)]
+    pub block_size: u32,
+    /// Symmetric activation ranges (static) / int4 blocks without zero points.
+    #[arg(long)]
+    pub symmetric: bool,
     /// Calibration samples to use.
     #[arg(long, default_value_t = 128)]
-    pub samples: usize,
+    pub samples: u32,
+    /// minmax | percentile | entropy | mse.
+    #[arg(long, default_value = "minmax")]
+    pub calibrate: String,
+    /// With `--calibrate percentile`: the share of values kept (e.g. 99.99).
+    #[arg(long, default_value_t = 99.999)]
+    pub percentile: f64,
     /// One weight scale per tensor instead of per output channel.
     #[arg(long)]
     pub per_tensor: bool,
@@ -58,9 +77,18 @@ pub struct QuantizeArgs {
     /// Node names to keep in float.
     #[arg(long, value_delimiter = ',')]
     pub exclude: Vec<String>,
-    /// Calibrate with this percentile of the values (e.g. 99.99) instead of min/max.
+    /// The accuracy budget (0.005 = half a point of top-1).
     #[arg(long)]
-    pub percentile: Option<f64>,
+    pub max_accuracy_drop: Option<f64>,
+    /// Quantize every layer even when that is slower (skips the speed search).
+    #[arg(long)]
+    pub all_layers: bool,
+    /// fp16: change the graph's inputs and outputs to float16 too.
+    #[arg(long)]
+    pub fp16_io: bool,
+    /// Data for the latency gate and the accuracy budget (default: the calibration samples).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
     #[arg(long, env = "SHRINK_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
 }
@@ -148,32 +176,81 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
-    use crate::engine::quantize::{params::ActivationType, quantize_static, StaticOptions};
+    use crate::domain::quantize::QuantizeOptions;
     let rt = Runtime::global(args.ort_library.as_deref())?;
     let model = engine::onnx::load_model_file(&args.model)
         .with_context(|| format!("while reading {}", args.model.display()))?;
     let data = engine::dataset::load(&args.calibration)
         .with_context(|| format!("while reading {}", args.calibration.display()))?;
-    let opts = StaticOptions {
-        per_channel: !args.per_tensor,
-        activation: if args.int8_activations {
-            ActivationType::Int8
-        } else {
-            ActivationType::Uint8
-        },
-        op_types: crate::domain::quantize::DEFAULT_OP_TYPES
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        exclude: args.exclude,
-        percentile: args.percentile,
+    let eval = match &args.eval {
+        Some(p) => Some(
+            engine::dataset::load(p).with_context(|| format!("while reading {}", p.display()))?,
+        ),
+        None => None,
     };
-    let q = quantize_static(&rt, &model, &data, args.samples, &opts, &engine::NoProgress)?;
+    let options = serde_json::json!({
+        "stage": "quantize",
+        "mode": args.mode.replace('-', "_"),
+        "granularity": if args.per_tensor { "per_tensor" } else { "per_channel" },
+        "activation_type": if args.int8_activations { "int8" } else { "uint8" },
+        "symmetric": args.symmetric,
+        "exclude": args.exclude,
+        "bits": args.bits,
+        "block_size": args.block_size,
+        "keep_io_types": !args.fp16_io,
+        "allow_slower": args.all_layers,
+        "calibration": {"method": args.calibrate, "samples": args.samples, "percentile": args.percentile},
+    });
+    let mut options = options.as_object().cloned().unwrap_or_default();
+    if let Some(d) = args.max_accuracy_drop {
+        options.insert("max_accuracy_drop".into(), d.into());
+    }
+    let spec = crate::domain::spec::JobSpec::parse(
+        &serde_json::json!({"pipeline": [options]}),
+        &["model_id", "dataset_id"],
+    )
+    .map_err(|problems| {
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.pointer, p.detail))
+            .collect();
+        anyhow::anyhow!("invalid options: {}", text.join("; "))
+    })?;
+    let crate::domain::spec::Stage::Quantize(q) = &spec.pipeline[0] else {
+        unreachable!("the pipeline holds the quantize stage built above")
+    };
+    let q: &QuantizeOptions = q;
+    let eval_opts = spec.evaluate_options();
+    let out = crate::worker::quantize_stage::run(
+        &rt,
+        q,
+        crate::worker::quantize_stage::StageInputs {
+            current: &model,
+            calibration: Some(&data),
+            eval_data: eval.as_ref().unwrap_or(&data),
+            spec: &spec,
+            eval_opts: &eval_opts,
+        },
+        &engine::NoProgress,
+    )?;
+    let q = crate::engine::quantize::Quantized {
+        model: out.model.unwrap_or_else(|| engine::onnx::LoadedModel {
+            proto: model.proto.clone(),
+            bytes: model.bytes.clone(),
+        }),
+        layers: vec![],
+        notes: out.notes,
+        calibration_samples: 0,
+    };
+    for l in &out.layers {
+        let s = l.sensitivity.map_or(String::new(), |s| format!("{s:+.4} "));
+        println!(
+            "{:<40} {:<8} {:<8} {s}{}",
+            l.node, l.op, l.precision, l.reason
+        );
+    }
     std::fs::write(&args.output, &q.model.bytes)
         .with_context(|| format!("while writing {}", args.output.display()))?;
-    for l in &q.layers {
-        println!("{:<40} {:<8} {:<6} {}", l.node, l.op, l.precision, l.reason);
-    }
     for n in &q.notes {
         println!("note: {n}");
     }

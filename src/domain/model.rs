@@ -47,3 +47,13 @@ pub struct ModelSummary {
     /// Elements in initializers and weight-carrying `Constant` nodes.
     pub parameters: u64,
 }
+
+impl ModelSummary {
+    /// The batch size pinned by a fixed leading input dimension (common in exported vision models).
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.inputs.iter().find_map(|i| match i.shape.first() {
+            Some(Dim::Fixed(n)) if *n > 0 => Some(*n as usize),
+            _ => None,
+        })
+    }
+}

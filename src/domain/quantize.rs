@@ -5,23 +5,37 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 /// Quantization modes this version can run.
-pub const AVAILABLE_MODES: &[&str] = &["static"];
-/// Modes the spec language names that are not built yet.
-pub const PLANNED_MODES: &[&str] = &["dynamic", "weight_only", "fp16", "qat"];
+pub const AVAILABLE_MODES: &[&str] = &["auto", "static", "dynamic", "weight_only", "fp16"];
+/// Modes the spec language names that are not built yet (quantization-aware training needs the
+/// training engine).
+pub const PLANNED_MODES: &[&str] = &["qat"];
 /// Operators quantized by default: the ones with integer kernels that make models faster.
 pub const DEFAULT_OP_TYPES: &[&str] = &["Conv", "MatMul", "Gemm"];
+/// Operators that can be named in `op_types` (Gather: embedding tables, int8 rows).
+pub const QUANTIZABLE_OP_TYPES: &[&str] = &["Conv", "MatMul", "Gemm", "Gather"];
+const CALIBRATION_METHODS: &[&str] = &["minmax", "percentile", "entropy", "mse"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QuantizeMode {
+    /// `static` for graphs with convolutions (ONNX Runtime runs dynamic int8 convolutions several
+    /// times slower), `dynamic` otherwise.
+    #[default]
+    Auto,
     /// int8 weights and activations in QDQ form, activations calibrated beforehand.
     Static,
+    /// int8 weights; activations quantized at run time (DynamicQuantizeLinear + MatMulInteger).
+    Dynamic,
+    /// Only weights are quantized (int8 behind DequantizeLinear, or int4 blocks in MatMulNBits).
+    WeightOnly,
+    /// Half-precision weights and activations.
+    Fp16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Granularity {
-    /// One weight scale per output channel (more accurate; needs opset 13).
+    /// One weight scale per output channel (more accurate; needs opset 13, upgraded when older).
     #[default]
     PerChannel,
     PerTensor,
@@ -45,6 +59,11 @@ pub enum CalibrationMethod {
     Minmax,
     /// The range holding `percentile` % of the values (the most extreme tails clipped).
     Percentile,
+    /// The clipping threshold that minimises the KL divergence between the float and the
+    /// quantized distribution (TensorRT's method).
+    Entropy,
+    /// The range that minimises the mean squared quantization error.
+    Mse,
 }
 
 /// How activations are calibrated.
@@ -69,6 +88,18 @@ fn default_samples() -> u32 {
     128
 }
 
+fn default_bits() -> u32 {
+    8
+}
+
+fn default_block_size() -> u32 {
+    32
+}
+
+fn default_true() -> bool {
+    true
+}
+
 impl Default for Calibration {
     fn default() -> Self {
         Self {
@@ -82,11 +113,16 @@ impl Default for Calibration {
 /// Options of the `quantize` stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct QuantizeOptions {
+    #[serde(default)]
     pub mode: QuantizeMode,
     #[serde(default)]
     pub granularity: Granularity,
     #[serde(default)]
     pub activation_type: ActivationType,
+    /// Symmetric ranges: activations centred on zero (static), int4 blocks without zero points
+    /// (weight_only). Weights are always symmetric int8.
+    #[serde(default)]
+    pub symmetric: bool,
     /// Operator types to quantize.
     #[serde(default = "default_op_types")]
     pub op_types: Vec<String>,
@@ -95,8 +131,23 @@ pub struct QuantizeOptions {
     pub exclude: Vec<String>,
     #[serde(default)]
     pub calibration: Calibration,
+    /// weight_only: 8 (int8 behind DequantizeLinear) or 4 (int4 blocks, MatMulNBits).
+    #[serde(default = "default_bits")]
+    pub bits: u32,
+    /// weight_only with 4 bits: weights per block sharing one scale (16..=256, a power of two).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// fp16: keep float32 graph inputs and outputs (casts at the boundary).
+    #[serde(default = "default_true")]
+    pub keep_io_types: bool,
+    /// The accuracy budget (a fraction: 0.005 = half a point of top-1 accuracy, or of agreement
+    /// with the float model when the data has no labels). The most sensitive layers stay float
+    /// until it holds. Falls back to the job's `constraints.max_accuracy_drop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
     /// Keep the int8 model even when ONNX Runtime runs it slower than the input (for its size).
-    /// By default a slower int8 model is not kept: the stage returns its input and says why.
+    /// By default a slower int8 model is not kept: layers that slow the model stay float, and
+    /// the stage returns its input when nothing helps.
     #[serde(default)]
     pub allow_slower: bool,
 }
@@ -105,47 +156,48 @@ fn default_op_types() -> Vec<String> {
     DEFAULT_OP_TYPES.iter().map(|s| s.to_string()).collect()
 }
 
+const KNOWN: &[&str] = &[
+    "stage",
+    "mode",
+    "granularity",
+    "activation_type",
+    "symmetric",
+    "op_types",
+    "exclude",
+    "calibration",
+    "bits",
+    "block_size",
+    "keep_io_types",
+    "max_accuracy_drop",
+    "allow_slower",
+];
+
 pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
-    let known = [
-        "stage",
-        "mode",
-        "granularity",
-        "activation_type",
-        "op_types",
-        "exclude",
-        "calibration",
-        "allow_slower",
-    ];
-    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+    for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
         p.add(
             format!("{base}/{}", pointer_key(key)),
             format!(
                 "unknown option `{key}` for quantize; expected one of: {}",
-                known[1..].join(", ")
+                KNOWN[1..].join(", ")
             ),
         );
     }
-    match obj.get("mode").and_then(Value::as_str) {
-        Some(m) if AVAILABLE_MODES.contains(&m) => {}
-        Some(m) if PLANNED_MODES.contains(&m) => p.add(
+    let mode = obj.get("mode").map(|m| m.as_str());
+    match mode {
+        None | Some(Some("auto" | "static" | "dynamic" | "weight_only" | "fp16")) => {}
+        Some(Some(m)) if PLANNED_MODES.contains(&m) => p.add(
             format!("{base}/mode"),
             format!(
                 "quantization mode `{m}` is not available in this version; available: {}",
                 AVAILABLE_MODES.join(", ")
             ),
         ),
-        Some(m) => p.add(
+        _ => p.add(
             format!("{base}/mode"),
-            format!(
-                "unknown mode `{m}`; expected one of: {}",
-                AVAILABLE_MODES.join(", ")
-            ),
-        ),
-        None => p.add(
-            format!("{base}/mode"),
-            "`mode` is required (e.g. \"static\")",
+            format!("`mode` must be one of: {}", AVAILABLE_MODES.join(", ")),
         ),
     }
+    let mode = mode.flatten().unwrap_or("auto");
     let one_of = |key: &str, allowed: &[&str], p: &mut Problems| {
         if let Some(v) = obj.get(key) {
             if !v.as_str().is_some_and(|s| allowed.contains(&s)) {
@@ -162,12 +214,15 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
         match v.as_array() {
             Some(ops) if !ops.is_empty() => {
                 for (i, op) in ops.iter().enumerate() {
-                    if !op.as_str().is_some_and(|s| DEFAULT_OP_TYPES.contains(&s)) {
+                    if !op
+                        .as_str()
+                        .is_some_and(|s| QUANTIZABLE_OP_TYPES.contains(&s))
+                    {
                         p.add(
                             format!("{base}/op_types/{i}"),
                             format!(
                                 "operator types that can be quantized: {}",
-                                DEFAULT_OP_TYPES.join(", ")
+                                QUANTIZABLE_OP_TYPES.join(", ")
                             ),
                         );
                     }
@@ -179,11 +234,48 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
             ),
         }
     }
-    if obj.get("allow_slower").is_some_and(|v| !v.is_boolean()) {
-        p.add(
-            format!("{base}/allow_slower"),
-            "`allow_slower` must be true or false",
-        );
+    for key in ["allow_slower", "symmetric", "keep_io_types"] {
+        if obj.get(key).is_some_and(|v| !v.is_boolean()) {
+            p.add(
+                format!("{base}/{key}"),
+                format!("`{key}` must be true or false"),
+            );
+        }
+    }
+    if let Some(v) = obj.get("bits") {
+        match v.as_u64() {
+            Some(8) => {}
+            Some(4) if mode == "weight_only" => {}
+            Some(4) => p.add(
+                format!("{base}/bits"),
+                "4-bit weights need `mode: weight_only` (int4 blocks in MatMulNBits)",
+            ),
+            _ => p.add(format!("{base}/bits"), "`bits` must be 8 or 4"),
+        }
+    }
+    if let Some(v) = obj.get("block_size") {
+        if !v
+            .as_u64()
+            .is_some_and(|b| (16..=256).contains(&b) && b.is_power_of_two())
+        {
+            p.add(
+                format!("{base}/block_size"),
+                "`block_size` must be a power of two from 16 to 256",
+            );
+        }
+    }
+    if let Some(v) = obj.get("max_accuracy_drop") {
+        if !v.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) {
+            p.add(
+                format!("{base}/max_accuracy_drop"),
+                "`max_accuracy_drop` must be a fraction from 0 to 1 (0.005 = half a point)",
+            );
+        } else if mode == "fp16" || mode == "weight_only" {
+            p.add(
+                format!("{base}/max_accuracy_drop"),
+                "the accuracy budget chooses int8 layers: use it with mode auto, static or dynamic",
+            );
+        }
     }
     if let Some(v) = obj.get("exclude") {
         if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
@@ -194,45 +286,52 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
         }
     }
     if let Some(c) = obj.get("calibration") {
-        let Some(c) = c.as_object() else {
+        validate_calibration(c, base, p);
+    }
+}
+
+fn validate_calibration(c: &Value, base: &str, p: &mut Problems) {
+    let Some(c) = c.as_object() else {
+        p.add(
+            format!("{base}/calibration"),
+            "`calibration` must be an object",
+        );
+        return;
+    };
+    for key in c
+        .keys()
+        .filter(|k| !["method", "samples", "percentile"].contains(&k.as_str()))
+    {
+        p.add(
+            format!("{base}/calibration/{}", pointer_key(key)),
+            format!("unknown option `{key}`; expected method, samples, percentile"),
+        );
+    }
+    if let Some(m) = c.get("method") {
+        if !m.as_str().is_some_and(|m| CALIBRATION_METHODS.contains(&m)) {
             p.add(
-                format!("{base}/calibration"),
-                "`calibration` must be an object",
-            );
-            return;
-        };
-        for key in c
-            .keys()
-            .filter(|k| !["method", "samples", "percentile"].contains(&k.as_str()))
-        {
-            p.add(
-                format!("{base}/calibration/{}", pointer_key(key)),
-                format!("unknown option `{key}`; expected method, samples, percentile"),
-            );
-        }
-        match c.get("method").map(|m| m.as_str()) {
-            None | Some(Some("minmax" | "percentile")) => {}
-            Some(Some(m @ ("entropy" | "mse"))) => p.add(
                 format!("{base}/calibration/method"),
-                format!("calibration method `{m}` is not available in this version; available: minmax, percentile"),
-            ),
-            _ => p.add(format!("{base}/calibration/method"), "`method` must be one of: minmax, percentile"),
+                format!(
+                    "`method` must be one of: {}",
+                    CALIBRATION_METHODS.join(", ")
+                ),
+            );
         }
-        if let Some(v) = c.get("percentile") {
-            if !v.as_f64().is_some_and(|x| (90.0..=100.0).contains(&x)) {
-                p.add(
-                    format!("{base}/calibration/percentile"),
-                    "`percentile` must be a number from 90 to 100",
-                );
-            }
+    }
+    if let Some(v) = c.get("percentile") {
+        if !v.as_f64().is_some_and(|x| (90.0..=100.0).contains(&x)) {
+            p.add(
+                format!("{base}/calibration/percentile"),
+                "`percentile` must be a number from 90 to 100",
+            );
         }
-        if let Some(s) = c.get("samples") {
-            if !s.as_u64().is_some_and(|n| (1..=100_000).contains(&n)) {
-                p.add(
-                    format!("{base}/calibration/samples"),
-                    "`samples` must be an integer from 1 to 100000",
-                );
-            }
+    }
+    if let Some(s) = c.get("samples") {
+        if !s.as_u64().is_some_and(|n| (1..=100_000).contains(&n)) {
+            p.add(
+                format!("{base}/calibration/samples"),
+                "`samples` must be an integer from 1 to 100000",
+            );
         }
     }
 }

@@ -113,9 +113,12 @@ pub struct StageReport {
 pub struct LayerReport {
     pub node: String,
     pub op: String,
-    /// `int8`, `float`...
+    /// `int8`, `int4`, `float16`, `float`.
     pub precision: String,
     pub reason: String,
+    /// Accuracy lost when this layer alone is quantized (measured under an accuracy budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<f64>,
 }
 
 /// Which samples calibrated quantization; they are never among the evaluated samples.
@@ -206,6 +209,33 @@ pub fn primary_fidelity(m: &Metrics) -> Option<&OutputFidelity> {
 }
 
 /// Judges the final model against the spec's constraints.
+/// The verdict on a quantize stage's own accuracy budget, measured after the stage.
+pub fn stage_budget_verdict(
+    stage: usize,
+    limit: f64,
+    baseline: &Metrics,
+    after: &Metrics,
+) -> Verdict {
+    let d = Deltas::between(baseline, after);
+    let (actual, what) = match d.accuracy_drop {
+        Some(a) => (Some(a), "top-1 accuracy drop"),
+        None => (
+            d.top1_agreement.map(|a| 1.0 - a),
+            "top-1 disagreement with the baseline",
+        ),
+    };
+    Verdict {
+        constraint: format!("stages/{stage}/max_accuracy_drop"),
+        limit,
+        actual,
+        passed: actual.is_some_and(|a| a <= limit + 1e-12),
+        detail: match actual {
+            Some(a) => format!("{what} after stage {stage} is {a:.6}; must be at most {limit}"),
+            None => format!("{what} after stage {stage} could not be measured"),
+        },
+    }
+}
+
 pub fn verdicts(
     c: &crate::domain::spec::Constraints,
     baseline: &Metrics,

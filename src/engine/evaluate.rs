@@ -1,6 +1,5 @@
 //! The `evaluate` measurement: task metrics, fidelity to a baseline, size, latency and memory of one
 //! model on one dataset, all in ONNX Runtime on CPU.
-use crate::domain::model::Dim;
 use crate::domain::report::{LatencyMetrics, MemoryMetrics, Metrics, SizeMetrics, TaskMetrics};
 use crate::domain::spec::EvaluateOptions;
 use crate::engine::dataset::{bind, Dataset};
@@ -55,10 +54,7 @@ pub fn evaluate(
         .map_or(binding.samples, |m| m.min(binding.samples)) as usize;
 
     // A fixed leading dimension pins the batch size (common in exported vision models).
-    let fixed_batch = summary.inputs.iter().find_map(|i| match i.shape.first() {
-        Some(Dim::Fixed(n)) if *n > 0 => Some(*n as usize),
-        _ => None,
-    });
+    let fixed_batch = summary.fixed_batch();
     let batch = fixed_batch.unwrap_or(opts.batch_size as usize).max(1);
     if let Some(n) = fixed_batch {
         notes.push(format!(

@@ -68,6 +68,22 @@ pub fn render(report: &Report) -> String {
             .as_ref()
             .map_or("-".into(), |s| s.batch_size.to_string())
     );
+    for s in report.stages.iter().filter(|s| !s.layers.is_empty()) {
+        let _ = writeln!(out, "stage {} ({}) layers:", s.index, s.stage);
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<8} {:<8} {:>11}  why",
+            "layer", "op", "precision", "sensitivity"
+        );
+        for l in &s.layers {
+            let sens = l.sensitivity.map_or("-".into(), |v| format!("{v:+.4}"));
+            let _ = writeln!(
+                out,
+                "  {:<40} {:<8} {:<8} {sens:>11}  {}",
+                l.node, l.op, l.precision, l.reason
+            );
+        }
+    }
     for v in &report.verdicts {
         let _ = writeln!(
             out,

@@ -5,6 +5,7 @@
 //! worker died. On shutdown, slots stop claiming and hand running jobs back to the queue.
 mod heartbeat;
 pub mod pipeline;
+pub mod quantize_stage;
 mod runner;
 
 use crate::blob::BlobStore;

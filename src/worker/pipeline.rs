@@ -1,14 +1,12 @@
 //! Runs a job's stages in order on the engine (blocking code, no database or network):
 //! baseline evaluation, each stage on the previous stage's output, evaluation after each, report.
-use crate::domain::quantize::{ActivationType, CalibrationMethod, Granularity, QuantizeOptions};
 use crate::domain::report::{
-    self, CalibrationInfo, Deltas, Environment, LayerReport, Metrics, Report, StageReport,
+    self, CalibrationInfo, Deltas, Environment, Metrics, Report, StageReport,
 };
 use crate::domain::spec::{JobSpec, Stage};
 use crate::engine::dataset::Dataset;
 use crate::engine::evaluate::{evaluate, Baseline};
 use crate::engine::onnx::LoadedModel;
-use crate::engine::quantize::{self, params, StaticOptions};
 use crate::engine::runtime::Runtime;
 use crate::engine::{table, EngineError, Progress, Result};
 use rand::seq::SliceRandom;
@@ -46,6 +44,7 @@ pub struct PipelineOutput {
 /// a seeded random sample, removed from the evaluation set so no number is measured on them.
 fn calibration_split(
     spec: &JobSpec,
+    model: &LoadedModel,
     data: &Dataset,
     given: Option<Dataset>,
 ) -> Result<(Dataset, Option<Dataset>, Option<CalibrationInfo>)> {
@@ -53,7 +52,9 @@ fn calibration_split(
         .pipeline
         .iter()
         .filter_map(|s| match s {
-            Stage::Quantize(q) => Some(q.calibration.samples as usize),
+            Stage::Quantize(q) if super::quantize_stage::needs_calibration(q, model) => {
+                Some(q.calibration.samples as usize)
+            }
             _ => None,
         })
         .max();
@@ -92,20 +93,6 @@ fn calibration_split(
     Ok((data.select(&rest), Some(data.select(&calib)), Some(info)))
 }
 
-fn static_options(q: &QuantizeOptions) -> StaticOptions {
-    StaticOptions {
-        per_channel: q.granularity == Granularity::PerChannel,
-        activation: match q.activation_type {
-            ActivationType::Uint8 => params::ActivationType::Uint8,
-            ActivationType::Int8 => params::ActivationType::Int8,
-        },
-        op_types: q.op_types.clone(),
-        exclude: q.exclude.clone(),
-        percentile: (q.calibration.method == CalibrationMethod::Percentile)
-            .then_some(q.calibration.percentile),
-    }
-}
-
 fn evaluate_stage(
     rt: &Runtime,
     model: &LoadedModel,
@@ -140,7 +127,8 @@ pub fn run(
     let steps = (spec.pipeline.len() + 1) as f64;
     let opts = spec.evaluate_options();
     let mut log = String::new();
-    let (eval_data, calibration, calibration_info) = calibration_split(spec, data, calibration)?;
+    let (eval_data, calibration, calibration_info) =
+        calibration_split(spec, &model, data, calibration)?;
 
     progress.enter("baseline", 0.0, 1.0 / steps);
     let base = evaluate(rt, &model, &eval_data, &opts, None, progress)?;
@@ -152,73 +140,40 @@ pub fn run(
     let mut stages = Vec::new();
     let mut stage_models = Vec::new();
     let mut last_metrics = base.metrics.clone();
+    let mut budget_verdicts = Vec::new();
 
     for (i, stage) in spec.pipeline.iter().enumerate() {
         progress.enter(stage.name(), (i + 1) as f64 / steps, 1.0 / steps);
         let started = Instant::now();
         let (mut notes, mut layers, mut artifact) = (Vec::new(), Vec::new(), None);
+        let mut stage_budget = None;
         if let Stage::Quantize(q) = stage {
-            let calib = calibration
-                .as_ref()
-                .expect("a quantize stage always has calibration data");
             let sub = crate::engine::SubProgress {
                 parent: progress,
                 start: (i + 1) as f64 / steps,
-                span: 0.5 / steps,
+                span: 0.7 / steps,
             };
-            let out = quantize::quantize_static(
+            let needs = super::quantize_stage::needs_calibration(q, &current);
+            let out = super::quantize_stage::run(
                 rt,
-                &current,
-                calib,
-                q.calibration.samples as usize,
-                &static_options(q),
+                q,
+                super::quantize_stage::StageInputs {
+                    current: &current,
+                    calibration: calibration.as_ref().filter(|_| needs),
+                    eval_data: &eval_data,
+                    spec,
+                    eval_opts: &opts,
+                },
                 &sub,
             )?;
             notes.extend(out.notes);
-            let method = match q.calibration.method {
-                CalibrationMethod::Minmax => "min/max".to_string(),
-                CalibrationMethod::Percentile => {
-                    format!("the {} percentile", q.calibration.percentile)
-                }
-            };
-            notes.push(format!(
-                "static int8 QDQ, calibrated with {method} over {} samples",
-                out.calibration_samples
-            ));
-            layers = out
-                .layers
-                .into_iter()
-                .map(|l| LayerReport {
-                    node: l.node,
-                    op: l.op,
-                    precision: l.precision,
-                    reason: l.reason,
-                })
-                .collect();
-            // The latency gate: a default must never make the model slower in ONNX Runtime.
-            let batch = opts.batch_size.max(1) as usize;
-            let (before_ms, after_ms) =
-                quantize::compare_latency(rt, &current, &out.model, &eval_data, batch, 10)?;
-            let keep = quantize::keep_quantized(before_ms, after_ms, q.allow_slower);
-            notes.push(format!(
-                "ONNX Runtime p50 at batch {batch}: input {before_ms:.3} ms, int8 {after_ms:.3} ms ({:.2}x)",
-                before_ms / after_ms.max(1e-9)
-            ));
-            let name = format!("stage-{i}-quantize.onnx");
-            if keep {
-                stage_models.push((name.clone(), out.model.bytes.clone()));
+            layers = out.layers;
+            stage_budget = out.budget;
+            if let Some(model) = out.model {
+                let name = format!("stage-{i}-quantize.onnx");
+                stage_models.push((name.clone(), model.bytes.clone()));
                 artifact = Some(name);
-                current = out.model;
-            } else {
-                notes.push(
-                    "the int8 model is slower than its input here, so the stage keeps the input model; \
-                     set `allow_slower: true` to keep the int8 model for its size"
-                        .into(),
-                );
-                for l in layers.iter_mut().filter(|l| l.precision == "int8") {
-                    l.precision = "float".into();
-                    l.reason = "int8 would have made the model slower in ONNX Runtime".into();
-                }
+                current = model;
             }
         }
         let (metrics, eval_notes) =
@@ -226,6 +181,14 @@ pub fn run(
         notes.extend(eval_notes);
         for n in &notes {
             log.push_str(&format!("{i}:{}: {n}\n", stage.name()));
+        }
+        if let Some((limit, _)) = stage_budget {
+            budget_verdicts.push(report::stage_budget_verdict(
+                i,
+                limit,
+                &base.metrics,
+                &metrics,
+            ));
         }
         last_metrics = metrics.clone();
         stages.push(StageReport {
@@ -240,7 +203,8 @@ pub fn run(
         });
     }
 
-    let verdicts = report::verdicts(&spec.constraints, &base.metrics, &last_metrics);
+    let mut verdicts = report::verdicts(&spec.constraints, &base.metrics, &last_metrics);
+    verdicts.extend(budget_verdicts);
     let report = Report {
         job_id: job_id.to_string(),
         deltas: Deltas::between(&base.metrics, &last_metrics),

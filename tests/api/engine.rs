@@ -4,6 +4,7 @@ use shrink::domain::spec::EvaluateOptions;
 use shrink::engine::dataset::{self, TensorData};
 use shrink::engine::evaluate::evaluate;
 use shrink::engine::onnx::{load_model_bytes, load_model_file, proto::ModelProto};
+use shrink::engine::quantize::calibrate::RangeMethod;
 use shrink::engine::runtime::Runtime;
 use shrink::engine::{EngineError, NoProgress};
 use std::sync::Arc;
@@ -351,7 +352,8 @@ fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions 
         activation: shrink::engine::quantize::params::ActivationType::Uint8,
         op_types: vec!["Conv".into(), "MatMul".into(), "Gemm".into()],
         exclude: vec![],
-        percentile: None,
+        symmetric: false,
+        calibration: None,
     }
 }
 
@@ -493,7 +495,9 @@ fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
         shrink::engine::quantize::calibrate::Calibrator::new(&rt(), &m, &calib, &names, 256)
             .unwrap();
     let full = calibrator.min_max(&NoProgress).unwrap();
-    let clipped = calibrator.percentile(99.0, &NoProgress).unwrap();
+    let clipped = calibrator
+        .histogram_ranges(RangeMethod::Percentile(99.0), &NoProgress)
+        .unwrap();
     let mut narrower = 0;
     for name in &names {
         let ((lo, hi), (plo, phi)) = (full[name], clipped[name]);
@@ -509,7 +513,7 @@ fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
     );
     let base = eval(&m, &val, None);
     let opts = shrink::engine::quantize::StaticOptions {
-        percentile: Some(99.999),
+        calibration: Some(RangeMethod::Percentile(99.999)),
         ..static_options(true)
     };
     let q = shrink::engine::quantize::quantize_static(&rt(), &m, &calib, 128, &opts, &NoProgress)

@@ -298,3 +298,24 @@ pub fn sha256_file(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+/// Runs a model file in the onnxruntime Python package (scripts/check_onnx.py) on an .npz file:
+/// outputs, op types before and after ONNX Runtime's optimizations, input types, top-1 on labels.
+pub fn onnxruntime_python(model: &Path, data: &Path, output: &str) -> Value {
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/check_onnx.py"
+        ))
+        .arg(model)
+        .arg(data)
+        .arg(output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

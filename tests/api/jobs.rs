@@ -1,5 +1,7 @@
 //! Creating jobs, validation, idempotency, cancellation, events, reports and artifacts.
-use crate::helpers::{fixture, reference, spawn_app, spawn_with, test_settings, Setup, TestApp};
+use crate::helpers::{
+    fixture, onnxruntime_python, reference, spawn_app, spawn_with, test_settings, Setup, TestApp,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -595,26 +597,6 @@ async fn the_dashboard_origin_may_call_the_api_from_a_browser() {
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
 
-/// Runs a model file in the onnxruntime Python package (scripts/check_onnx.py).
-fn onnxruntime_python(model: &std::path::Path, data: &str, output: &str) -> Value {
-    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/check_onnx.py"
-        ))
-        .arg(model)
-        .arg(fixture(data))
-        .arg(output)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_the_reported_accuracy(
 ) {
@@ -656,7 +638,7 @@ async fn a_quantize_job_returns_an_int8_model_that_onnxruntime_python_runs_with_
         .get_bytes(&format!("/jobs/{id}/artifacts/stage-0-quantize.onnx"))
         .await;
     std::fs::write(&file, &bytes).unwrap();
-    let py = onnxruntime_python(&file, "digits_val.npz", "probabilities");
+    let py = onnxruntime_python(&file, &fixture("digits_val.npz"), "probabilities");
     assert_eq!(
         py["top1"].as_f64(),
         report["final"]["task"]["top1_accuracy"].as_f64(),
@@ -726,11 +708,40 @@ async fn quantize_options_are_validated_with_pointers() {
     let m = app.model("digits_mlp.onnx").await;
     let d = app.dataset("digits_val.npz").await;
     for (stage, pointer, needle) in [
-        (json!({"stage": "quantize"}), "/pipeline/0/mode", "required"),
         (
-            json!({"stage": "quantize", "mode": "dynamic"}),
+            json!({"stage": "quantize", "mode": "qat"}),
             "/pipeline/0/mode",
             "not available",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "int2"}),
+            "/pipeline/0/mode",
+            "weight_only",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "weight_only", "block_size": 48}),
+            "/pipeline/0/block_size",
+            "power of two",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "weight_only", "bits": 3}),
+            "/pipeline/0/bits",
+            "8 or 4",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "fp16", "max_accuracy_drop": 0.01}),
+            "/pipeline/0/max_accuracy_drop",
+            "auto, static or dynamic",
+        ),
+        (
+            json!({"stage": "quantize", "max_accuracy_drop": 2}),
+            "/pipeline/0/max_accuracy_drop",
+            "from 0 to 1",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "fp16", "keep_io_types": "no"}),
+            "/pipeline/0/keep_io_types",
+            "true or false",
         ),
         (
             json!({"stage": "quantize", "mode": "static", "granularity": "per_row"}),
@@ -743,9 +754,9 @@ async fn quantize_options_are_validated_with_pointers() {
             "Conv",
         ),
         (
-            json!({"stage": "quantize", "mode": "static", "calibration": {"method": "entropy"}}),
+            json!({"stage": "quantize", "mode": "static", "calibration": {"method": "kl"}}),
             "/pipeline/0/calibration/method",
-            "not available",
+            "entropy, mse",
         ),
         (
             json!({"stage": "quantize", "mode": "static", "calibration": {"samples": 0}}),
@@ -755,6 +766,11 @@ async fn quantize_options_are_validated_with_pointers() {
         (
             json!({"stage": "quantize", "mode": "static", "bits": 4}),
             "/pipeline/0/bits",
+            "weight_only",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "bitz": 4}),
+            "/pipeline/0/bitz",
             "unknown option",
         ),
         (
@@ -799,14 +815,23 @@ async fn the_latency_gate_keeps_the_int8_model_only_when_it_is_not_slower() {
     app.drain().await;
     let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
     let stage = &report["stages"][0];
-    let note = stage["notes"]
+    // "ONNX Runtime p50 at batch 32: input X ms, int8 Y ms (Zx)", and when that was slower,
+    // "after the speed search: input X ms, int8 Y ms (Zx)" decides.
+    let notes: Vec<&str> = stage["notes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|n| n.as_str().unwrap())
-        .find(|n| n.contains("ONNX Runtime p50 at batch 32"))
+        .collect();
+    let note = notes
+        .iter()
+        .find(|n| n.starts_with("after the speed search"))
+        .or_else(|| {
+            notes
+                .iter()
+                .find(|n| n.contains("ONNX Runtime p50 at batch 32"))
+        })
         .unwrap_or_else(|| panic!("{stage}"));
-    // "ONNX Runtime p50 at batch 32: input X ms, int8 Y ms (Zx)"
     let number_after = |key: &str| -> f64 {
         note.split(key)
             .nth(1)
@@ -831,7 +856,7 @@ async fn the_latency_gate_keeps_the_int8_model_only_when_it_is_not_slower() {
         .iter()
         .filter(|l| l["precision"] == "int8")
         .count();
-    assert_eq!(int8_layers, if kept { 3 } else { 0 }, "{}", stage["layers"]);
+    assert_eq!(int8_layers > 0, kept, "{}", stage["layers"]);
     let same_as_input = report["final"]["size"]["bytes"] == report["baseline"]["size"]["bytes"];
     assert_eq!(
         same_as_input, !kept,

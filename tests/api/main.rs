@@ -5,6 +5,8 @@ mod engine;
 mod helpers;
 mod jobs;
 mod openapi;
+mod quantize;
+mod quantize_jobs;
 mod queue;
 mod runtime;
 mod storage;

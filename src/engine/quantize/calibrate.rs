@@ -12,8 +12,20 @@ use std::collections::BTreeMap;
 /// Observed (min, max) of each calibrated tensor.
 pub type Ranges = BTreeMap<String, (f32, f32)>;
 
-/// Bins of the histograms the percentile method builds over each tensor's min/max range.
+/// Bins of the histograms built over each tensor's min/max range.
 const BINS: usize = 2048;
+
+/// How a range is chosen from a tensor's histogram.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RangeMethod {
+    /// Keep this percentage of the values, clipping both tails equally.
+    Percentile(f64),
+    /// The symmetric threshold whose 128-level quantization loses least information (KL
+    /// divergence), as TensorRT calibrates.
+    Entropy,
+    /// The range scaling with the least mean squared error (rounding inside, clipping outside).
+    Mse,
+}
 
 /// One ONNX Runtime session of the model with `names` exposed as outputs, built once and run
 /// over the calibration rows as often as a method needs.
@@ -85,10 +97,13 @@ impl<'a> Calibrator<'a> {
         Ok(ranges)
     }
 
-    /// Ranges that drop the most extreme values: the `(100 - percentile) / 2` % tail on each side
-    /// is clipped, so a rare outlier does not stretch the scale every other value is quantized
-    /// with. Two passes: min/max, then histograms over those ranges.
-    pub fn percentile(&mut self, percentile: f64, progress: &dyn Progress) -> Result<Ranges> {
+    /// Ranges chosen from histograms: a first pass finds min/max, a second builds histograms
+    /// over those ranges, and `method` picks each tensor's range from its histogram.
+    pub fn histogram_ranges(
+        &mut self,
+        method: RangeMethod,
+        progress: &dyn Progress,
+    ) -> Result<Ranges> {
         let full = self.min_max(&SubProgress {
             parent: progress,
             start: 0.0,
@@ -112,10 +127,19 @@ impl<'a> Calibrator<'a> {
                 }
             },
         )?;
-        let tail = (100.0 - percentile.clamp(50.0, 100.0)) / 200.0;
         Ok(full
             .iter()
-            .map(|(name, &(lo, hi))| (name.clone(), clip_tails(&hist[name], lo, hi, tail)))
+            .map(|(name, &(lo, hi))| {
+                let h = &hist[name];
+                let range = match method {
+                    RangeMethod::Percentile(p) => {
+                        clip_tails(h, lo, hi, (100.0 - p.clamp(50.0, 100.0)) / 200.0)
+                    }
+                    RangeMethod::Entropy => entropy_range(h, lo, hi),
+                    RangeMethod::Mse => mse_range(h, lo, hi),
+                };
+                (name.clone(), range)
+            })
             .collect())
     }
 
@@ -171,8 +195,96 @@ fn clip_tails(h: &[u64], lo: f32, hi: f32, tail: f64) -> (f32, f32) {
     };
     let low = first_past(&mut (0..h.len())).unwrap_or(0);
     let high = first_past(&mut (0..h.len()).rev()).unwrap_or(h.len() - 1);
-    let at = |bin: usize| lo + (hi - lo) * bin as f32 / (h.len() as f32 - 1.0);
-    (at(low.min(high)), at(high.max(low)))
+    (center(low.min(high), lo, hi), center(high.max(low), lo, hi))
+}
+
+/// Center of bin `i` of a histogram over [lo, hi].
+fn center(i: usize, lo: f32, hi: f32) -> f32 {
+    lo + (hi - lo) * i as f32 / (BINS as f32 - 1.0)
+}
+
+fn entropy_range(h: &[u64], lo: f32, hi: f32) -> (f32, f32) {
+    const LEVELS: usize = 128;
+    let m = lo.abs().max(hi.abs());
+    if m == 0.0 {
+        return (lo, hi);
+    }
+    // Fold the signed histogram into one of |x|.
+    let mut abs = vec![0f64; BINS];
+    for (i, &c) in h.iter().enumerate().filter(|(_, c)| **c > 0) {
+        let b = ((center(i, lo, hi).abs() / m) * BINS as f32) as usize;
+        abs[b.min(BINS - 1)] += c as f64;
+    }
+    let mut best = (f64::INFINITY, BINS);
+    for t in (LEVELS..=BINS).step_by(16) {
+        // Reference: the first t bins, with everything beyond folded into the last one.
+        let mut p: Vec<f64> = abs[..t].to_vec();
+        p[t - 1] += abs[t..].iter().sum::<f64>();
+        // Candidate: the first t bins merged into LEVELS groups, each spread over its nonempty bins.
+        let mut q = vec![0f64; t];
+        for g in 0..LEVELS {
+            let (a, b) = (
+                g * t / LEVELS,
+                ((g + 1) * t / LEVELS).max(g * t / LEVELS + 1),
+            );
+            let sum: f64 = abs[a..b].iter().sum();
+            let nonzero = p[a..b].iter().filter(|v| **v > 0.0).count();
+            if nonzero > 0 {
+                for i in a..b {
+                    if p[i] > 0.0 {
+                        q[i] = sum / nonzero as f64;
+                    }
+                }
+            }
+        }
+        let (ps, qs): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        if ps == 0.0 || qs == 0.0 {
+            continue;
+        }
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(p, _)| **p > 0.0)
+            .map(|(p, q)| {
+                let (p, q) = (p / ps, (q / qs).max(1e-12));
+                p * (p / q).ln()
+            })
+            .sum();
+        if kl < best.0 {
+            best = (kl, t);
+        }
+    }
+    let threshold = m * best.1 as f32 / BINS as f32;
+    (lo.max(-threshold), hi.min(threshold))
+}
+
+fn mse_range(h: &[u64], lo: f32, hi: f32) -> (f32, f32) {
+    let mut best = (f64::INFINITY, (lo, hi));
+    for step in 1..=40 {
+        let s = step as f32 / 40.0;
+        let (a, b) = (lo * s, hi * s);
+        let q = ((b - a) / 255.0) as f64;
+        let err: f64 = h
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, &c)| {
+                let x = center(i, lo, hi);
+                let e = if x < a {
+                    ((a - x) as f64).powi(2)
+                } else if x > b {
+                    ((x - b) as f64).powi(2)
+                } else {
+                    q * q / 12.0
+                };
+                c as f64 * e
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, (a, b));
+        }
+    }
+    best.1
 }
 
 #[cfg(test)]
@@ -192,5 +304,33 @@ mod tests {
         assert!(top < 2.0, "the outlier still stretches the range to {top}");
         let (_, all) = clip_tails(&h, lo, hi, 0.0);
         assert_eq!(all, 100.0, "with no tail removed the range is min/max");
+    }
+
+    fn heavy_tailed() -> (Vec<u64>, f32, f32) {
+        // A Laplace-shaped bulk of a million values (scale 0.3) and four outliers out to ±20.
+        let (lo, hi) = (-20.0f32, 20.0f32);
+        let mut h = vec![0u64; BINS];
+        for i in 0..10_000 {
+            let u = (i as f32 + 0.5) / 10_000.0;
+            let v = -0.3 * u.ln() * if i % 2 == 0 { 1.0 } else { -1.0 };
+            h[bin_of(v, lo, hi - lo)] += 100;
+        }
+        for v in [-20.0f32, -15.0, 12.0, 20.0] {
+            h[bin_of(v, lo, hi - lo)] += 1;
+        }
+        (h, lo, hi)
+    }
+
+    #[test]
+    fn entropy_and_mse_clip_a_thin_tail_but_keep_the_bulk() {
+        let (h, lo, hi) = heavy_tailed();
+        for (name, (a, b)) in [
+            ("entropy", entropy_range(&h, lo, hi)),
+            ("mse", mse_range(&h, lo, hi)),
+        ] {
+            assert!(b < 10.0 && a > -10.0, "{name} kept the tail: [{a}, {b}]");
+            assert!(b >= 0.9 && a <= -0.9, "{name} clipped the bulk: [{a}, {b}]");
+            assert!(b <= 10.0, "{name}: [{a}, {b}]");
+        }
     }
 }

@@ -1,16 +1,85 @@
-//! Quantization schemes, one file each. Every output is checked by loading it in ONNX Runtime
-//! before it is returned.
+//! Quantization schemes, one file each, behind [`quantize`]. Every output is checked by loading
+//! it in ONNX Runtime before it is returned.
+pub mod budget;
 pub mod calibrate;
+pub mod dynamic;
+mod embedding;
+pub mod fp16;
+pub mod latency_gate;
+pub mod layers;
+pub mod opset;
 pub mod params;
 pub mod prepare;
 pub mod qdq;
+pub mod rewrite;
+pub mod weight_only;
 
 use crate::engine::dataset::Dataset;
+use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::{load_model_bytes, LoadedModel};
 use crate::engine::runtime::Runtime;
 use crate::engine::{EngineError, Progress, Result, SubProgress};
+pub use dynamic::DynamicOptions;
+pub use latency_gate::{compare_latency, keep_quantized, SLOWER_TOLERANCE};
 use prost::Message;
-pub use qdq::{LayerDecision, StaticOptions};
+pub use qdq::StaticOptions;
+use std::collections::HashSet;
+pub use weight_only::WeightOnlyOptions;
+
+/// What happened to one candidate layer, for the report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDecision {
+    pub node: String,
+    pub op: String,
+    pub precision: String,
+    pub reason: String,
+    /// Accuracy lost when this layer alone is quantized (measured by the accuracy budget).
+    pub sensitivity: Option<f64>,
+}
+
+impl LayerDecision {
+    pub fn new(node: &str, op: &str, precision: &str, reason: String) -> Self {
+        Self {
+            node: node.into(),
+            op: op.into(),
+            precision: precision.into(),
+            reason,
+            sensitivity: None,
+        }
+    }
+}
+
+/// A quantization scheme and its options.
+#[derive(Debug, Clone)]
+pub enum Scheme {
+    Static(StaticOptions),
+    Dynamic(DynamicOptions),
+    WeightOnly(WeightOnlyOptions),
+    Fp16 { keep_io_types: bool },
+}
+
+impl Scheme {
+    /// What the scheme writes, for notes.
+    pub fn describe(&self) -> String {
+        match self {
+            Scheme::Static(_) => "static int8 QDQ".into(),
+            Scheme::Dynamic(_) => "dynamic int8 (DynamicQuantizeLinear + MatMulInteger)".into(),
+            Scheme::WeightOnly(o) if o.bits == 4 => {
+                format!("weight-only int4 (MatMulNBits, blocks of {})", o.block_size)
+            }
+            Scheme::WeightOnly(_) => "weight-only int8 (DequantizeLinear)".into(),
+            Scheme::Fp16 { .. } => "float16".into(),
+        }
+    }
+}
+
+/// True when the graph has convolutions: `mode: auto` then quantizes statically.
+pub fn prefers_static(model: &ModelProto) -> bool {
+    model
+        .graph
+        .as_ref()
+        .is_some_and(|g| g.node.iter().any(|n| n.op_type.as_deref() == Some("Conv")))
+}
 
 /// A quantized model and how it was made.
 pub struct Quantized {
@@ -20,19 +89,226 @@ pub struct Quantized {
     pub calibration_samples: usize,
 }
 
-fn default_opset(model: &LoadedModel) -> i64 {
-    model
-        .proto
-        .opset_import
-        .iter()
-        .find(|o| {
-            o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx")
-        })
-        .and_then(|o| o.version)
-        .unwrap_or(0)
+/// Calibration rows for static quantization.
+pub struct CalibrationData<'a> {
+    pub data: &'a Dataset,
+    pub samples: usize,
 }
 
-/// Static int8 quantization in QDQ form, calibrated with min/max over `samples` rows of `calibration`.
+/// A model prepared for one scheme: graph preparation done and, for static quantization,
+/// activations calibrated once, so that any subset of layers can be built without recalibrating
+/// (the accuracy budget and the speed search build many).
+pub struct Prepared {
+    pub scheme: Scheme,
+    pub model: ModelProto,
+    pub notes: Vec<String>,
+    ranges: Option<calibrate::Ranges>,
+    pub calibration_samples: usize,
+}
+
+impl Prepared {
+    pub fn new(
+        rt: &Runtime,
+        model: &LoadedModel,
+        scheme: &Scheme,
+        calibration: Option<CalibrationData<'_>>,
+        progress: &dyn Progress,
+    ) -> Result<Self> {
+        let mut proto = model.proto.clone();
+        let mut notes = Vec::new();
+        let moved = prepare::constants_to_initializers(&mut proto);
+        if moved > 0 {
+            notes.push(format!(
+                "moved {moved} Constant node tensor(s) into initializers"
+            ));
+        }
+        let mut scheme = scheme.clone();
+        if !matches!(scheme, Scheme::Fp16 { .. }) {
+            let folded = prepare::fold_batch_norms(&mut proto);
+            if folded > 0 {
+                notes.push(format!(
+                    "folded {folded} BatchNormalization node(s) into the preceding Conv"
+                ));
+            }
+        }
+        let wants_13 = match &scheme {
+            Scheme::Static(o) => o.per_channel,
+            Scheme::WeightOnly(o) => o.bits == 8,
+            _ => false,
+        };
+        let before = rewrite::default_opset(&proto);
+        if wants_13 && (11..13).contains(&before) && opset::upgrade_to_13(&mut proto)? {
+            notes.push(format!(
+                "upgraded the model from opset {before} to 13 for per-channel DequantizeLinear"
+            ));
+        }
+        let opset = rewrite::default_opset(&proto);
+        let needs = match &scheme {
+            Scheme::Static(_) => 10,
+            Scheme::Dynamic(_) => 11,
+            Scheme::WeightOnly(o) if o.bits == 8 => 13,
+            _ => 1,
+        };
+        if opset < needs {
+            return Err(EngineError::InvalidModel(format!(
+                "opset {opset} is too old for {} (needs {needs} or later)",
+                scheme.describe()
+            )));
+        }
+        if let Scheme::Static(o) = &mut scheme {
+            if o.per_channel && opset < 13 {
+                o.per_channel = false;
+                notes.push(format!("the model's opset {opset} predates per-channel DequantizeLinear (13): weights were quantized per tensor"));
+            }
+        }
+        let mut ranges = None;
+        let mut calibration_samples = 0;
+        if let Scheme::Static(o) = &scheme {
+            let c = calibration.ok_or_else(|| EngineError::InvalidOption {
+                option: "calibration".into(),
+                problem: "static quantization needs calibration data".into(),
+            })?;
+            let (targets, _) = qdq::plan(&proto, o);
+            let (names, _) = qdq::activations(&proto, &targets);
+            if !names.is_empty() {
+                let loaded = LoadedModel {
+                    bytes: proto.encode_to_vec().into(),
+                    proto: proto.clone(),
+                };
+                let mut calibrator =
+                    calibrate::Calibrator::new(rt, &loaded, c.data, &names, c.samples)?;
+                let sub = SubProgress {
+                    parent: progress,
+                    start: 0.0,
+                    span: 1.0,
+                };
+                let mut r = match o.calibration {
+                    Some(m) => calibrator.histogram_ranges(m, &sub)?,
+                    None => calibrator.min_max(&sub)?,
+                };
+                qdq::fold_activation_ranges(&proto, &mut r);
+                ranges = Some(r);
+                calibration_samples = c.samples.min(c.data.summary.samples as usize);
+            }
+        }
+        Ok(Self {
+            scheme,
+            model: proto,
+            notes,
+            ranges,
+            calibration_samples,
+        })
+    }
+
+    /// Builds the model with every candidate layer quantized except those in `float`.
+    pub fn build(&self, float: &HashSet<String>) -> Result<(ModelProto, Vec<LayerDecision>)> {
+        let exclude = |base: &[String]| -> Vec<String> {
+            base.iter().cloned().chain(float.iter().cloned()).collect()
+        };
+        Ok(match &self.scheme {
+            Scheme::Static(o) => {
+                let o = StaticOptions {
+                    exclude: exclude(&o.exclude),
+                    ..o.clone()
+                };
+                let (targets, layers) = qdq::plan(&self.model, &o);
+                let with_tables = |proto: ModelProto, mut layers: Vec<LayerDecision>| {
+                    if !o.op_types.iter().any(|t| t == "Gather") {
+                        return (proto, layers);
+                    }
+                    let (proto, lookups) = embedding::quantize_tables(&proto, &o.exclude);
+                    layers.extend(lookups);
+                    (proto, layers)
+                };
+                if targets.is_empty() {
+                    return Ok(with_tables(self.model.clone(), layers));
+                }
+                let (names, constants) = qdq::activations(&self.model, &targets);
+                let all = self.ranges.as_ref().expect("static schemes are calibrated");
+                let ranges = names
+                    .iter()
+                    .filter_map(|n| all.get(n).map(|r| (n.clone(), *r)))
+                    .collect();
+                let proto = qdq::rewrite(&self.model, &targets, &constants, &ranges, &o)?;
+                with_tables(proto, layers)
+            }
+            Scheme::Dynamic(o) => dynamic::quantize_dynamic(
+                &self.model,
+                &DynamicOptions {
+                    exclude: exclude(&o.exclude),
+                    ..o.clone()
+                },
+            ),
+            Scheme::WeightOnly(o) => weight_only::quantize_weight_only(
+                &self.model,
+                &WeightOnlyOptions {
+                    exclude: exclude(&o.exclude),
+                    ..o.clone()
+                },
+            )?,
+            Scheme::Fp16 { keep_io_types } => {
+                let (proto, n) = fp16::convert_fp16(&self.model, *keep_io_types)?;
+                let layer = LayerDecision::new(
+                    "(all)",
+                    "*",
+                    "float16",
+                    format!("{n} float32 tensors converted"),
+                );
+                (proto, vec![layer])
+            }
+        })
+    }
+
+    /// Layers the scheme quantizes when nothing is kept float.
+    pub fn candidates(&self) -> Result<Vec<String>> {
+        let (_, layers) = self.build(&HashSet::new())?;
+        Ok(layers
+            .into_iter()
+            .filter(|l| l.precision.starts_with("int"))
+            .map(|l| l.node)
+            .collect())
+    }
+}
+
+/// Serializes `proto` and checks that ONNX Runtime loads it.
+pub fn finish(rt: &Runtime, proto: &ModelProto) -> Result<LoadedModel> {
+    let bytes = proto.encode_to_vec();
+    // ONNX Runtime must accept what we wrote before anyone sees it.
+    rt.session(&bytes, 1)
+        .map_err(|e| EngineError::Runtime(format!("the quantized model does not load: {e}")))?;
+    load_model_bytes(bytes.into())
+}
+
+/// Quantizes every candidate layer with `scheme`.
+pub fn quantize(
+    rt: &Runtime,
+    model: &LoadedModel,
+    scheme: &Scheme,
+    calibration: Option<CalibrationData<'_>>,
+    progress: &dyn Progress,
+) -> Result<Quantized> {
+    let sub = SubProgress {
+        parent: progress,
+        start: 0.0,
+        span: 0.9,
+    };
+    let prepared = Prepared::new(rt, model, scheme, calibration, &sub)?;
+    let (proto, layers) = prepared.build(&HashSet::new())?;
+    let mut notes = prepared.notes.clone();
+    if !layers.iter().any(|l| l.precision != "float") {
+        notes.push("no layer could be quantized; the model is unchanged".into());
+    }
+    let model = finish(rt, &proto)?;
+    progress.update(1.0)?;
+    Ok(Quantized {
+        model,
+        layers,
+        notes,
+        calibration_samples: prepared.calibration_samples,
+    })
+}
+
+/// Static int8 quantization in QDQ form, calibrated over `samples` rows of `calibration`.
 pub fn quantize_static(
     rt: &Runtime,
     model: &LoadedModel,
@@ -41,120 +317,14 @@ pub fn quantize_static(
     opts: &StaticOptions,
     progress: &dyn Progress,
 ) -> Result<Quantized> {
-    let opset = default_opset(model);
-    if opset < 10 {
-        return Err(EngineError::InvalidModel(format!(
-            "opset {opset} has no QuantizeLinear/DequantizeLinear (needs 10 or later)"
-        )));
-    }
-    let mut opts = opts.clone();
-    let mut notes = Vec::new();
-    if opts.per_channel && opset < 13 {
-        opts.per_channel = false;
-        notes.push(format!("the model's opset {opset} predates per-channel DequantizeLinear (13): weights were quantized per tensor"));
-    }
-    let mut prepared = model.proto.clone();
-    let folded = prepare::fold_batch_norms(&mut prepared);
-    if folded > 0 {
-        notes.push(format!(
-            "folded {folded} BatchNormalization node(s) into the preceding Conv"
-        ));
-    }
-    let model = &LoadedModel {
-        bytes: prepared.encode_to_vec().into(),
-        proto: prepared,
-    };
-    let (targets, layers) = qdq::plan(&model.proto, &opts);
-    if targets.is_empty() {
-        notes.push("no layer could be quantized; the model is unchanged".into());
-        return Ok(Quantized {
-            model: load_model_bytes(model.bytes.clone())?,
-            layers,
-            notes,
-            calibration_samples: 0,
-        });
-    }
-    let (names, constants) = qdq::activations(&model.proto, &targets);
-    let mut calibrator = calibrate::Calibrator::new(rt, model, calibration, &names, samples)?;
-    let progress_so_far = SubProgress {
-        parent: progress,
-        start: 0.0,
-        span: 0.9,
-    };
-    let mut ranges = match opts.percentile {
-        Some(p) => calibrator.percentile(p, &progress_so_far)?,
-        None => calibrator.min_max(&progress_so_far)?,
-    };
-    qdq::fold_activation_ranges(&model.proto, &mut ranges);
-    let proto = qdq::rewrite(&model.proto, &targets, &constants, &ranges, &opts)?;
-    let bytes = proto.encode_to_vec();
-    // ONNX Runtime must accept what we wrote before anyone sees it.
-    rt.session(&bytes, 1)
-        .map_err(|e| EngineError::Runtime(format!("the quantized model does not load: {e}")))?;
-    progress.update(1.0)?;
-    let calibration_samples = samples.min(calibration.summary.samples as usize);
-    Ok(Quantized {
-        model: load_model_bytes(bytes.into())?,
-        layers,
-        notes,
-        calibration_samples,
-    })
-}
-
-/// Timing noise tolerated before a quantized model counts as slower than its input.
-pub const SLOWER_TOLERANCE: f64 = 1.10;
-
-/// The latency gate: keep the quantized model unless it is slower than the input beyond the
-/// tolerance (p50 at the same batch size), or the user accepts a slower model.
-pub fn keep_quantized(input_p50_ms: f64, quantized_p50_ms: f64, allow_slower: bool) -> bool {
-    allow_slower || quantized_p50_ms <= input_p50_ms * SLOWER_TOLERANCE
-}
-
-/// p50 latency of two models at `batch` rows of `data`, measured alternately so both see the
-/// same machine conditions.
-pub fn compare_latency(
-    rt: &Runtime,
-    a: &LoadedModel,
-    b: &LoadedModel,
-    data: &Dataset,
-    batch: usize,
-    runs: usize,
-) -> Result<(f64, f64)> {
-    let binding =
-        crate::engine::dataset::bind(&crate::engine::onnx::summarize(&a.proto), &data.summary)?;
-    let mut sa = rt.session(&a.bytes, 1)?;
-    let mut sb = rt.session(&b.bytes, 1)?;
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for round in 0..runs + 2 {
-        for (session, times) in [(&mut sa, &mut ta), (&mut sb, &mut tb)] {
-            let inputs = crate::engine::runtime::feeds(data, &binding.inputs, 0..batch)?;
-            let t0 = std::time::Instant::now();
-            drop(session.run(inputs)?);
-            if round >= 2 {
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-    }
-    let p50 = |t: &mut Vec<f64>| crate::engine::latency::stats(batch, 2, t).p50_ms;
-    Ok((p50(&mut ta), p50(&mut tb)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::keep_quantized;
-
-    #[test]
-    fn a_faster_or_equal_int8_model_is_kept() {
-        assert!(keep_quantized(2.0, 1.0, false));
-        assert!(
-            keep_quantized(2.0, 2.1, false),
-            "within the noise tolerance"
-        );
-    }
-
-    #[test]
-    fn a_slower_int8_model_is_not_kept_unless_allowed() {
-        assert!(!keep_quantized(1.0, 1.5, false));
-        assert!(keep_quantized(1.0, 1.5, true));
-    }
+    quantize(
+        rt,
+        model,
+        &Scheme::Static(opts.clone()),
+        Some(CalibrationData {
+            data: calibration,
+            samples,
+        }),
+        progress,
+    )
 }

@@ -18,10 +18,17 @@ pub struct QParams {
 }
 
 /// Parameters for activations observed in `[min, max]`; the range always includes 0 so that
-/// zero (padding, ReLU outputs) is represented exactly.
-pub fn activation_params(min: f32, max: f32, ty: ActivationType) -> QParams {
+/// zero (padding, ReLU outputs) is represented exactly. `symmetric` centres uint8 on 128.
+pub fn activation_params(min: f32, max: f32, ty: ActivationType, symmetric: bool) -> QParams {
     let (lo, hi) = (min.min(0.0), max.max(0.0));
     match ty {
+        ActivationType::Uint8 if symmetric => {
+            let m = lo.abs().max(hi.abs());
+            QParams {
+                scale: if m > 0.0 { m / 127.0 } else { 1.0 },
+                zero_point: 128,
+            }
+        }
         ActivationType::Uint8 => {
             let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
             let zero_point = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as i32;
@@ -131,7 +138,7 @@ mod tests {
     #[test]
     fn zero_is_exactly_representable_for_activations() {
         for (lo, hi) in [(-1.3f32, 4.7f32), (0.2, 3.0), (-5.0, -0.5)] {
-            let p = activation_params(lo, hi, ActivationType::Uint8);
+            let p = activation_params(lo, hi, ActivationType::Uint8, false);
             let q = quantize(0.0, p, 0, 255);
             assert_eq!((q - p.zero_point) as f32 * p.scale, 0.0);
         }

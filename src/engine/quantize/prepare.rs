@@ -124,3 +124,32 @@ pub fn fold_batch_norms(model: &mut ModelProto) -> usize {
         .retain(|t| t.name.as_ref().is_none_or(|n| read.contains(n)));
     folded
 }
+
+/// Moves the tensors of `Constant` nodes that hold weights into initializers, so every scheme
+/// finds weights in one place. Returns how many were moved.
+pub fn constants_to_initializers(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let mut moved = Vec::new();
+    graph.node.retain(|n| {
+        if n.op_type.as_deref() != Some("Constant") || n.output.len() != 1 {
+            return true;
+        }
+        let Some(t) = n
+            .attribute
+            .iter()
+            .find(|a| a.name.as_deref() == Some("value"))
+            .and_then(|a| a.t.as_ref())
+        else {
+            return true;
+        };
+        let mut t = t.clone();
+        t.name = Some(n.output[0].clone());
+        moved.push(t);
+        false
+    });
+    let count = moved.len();
+    graph.initializer.extend(moved);
+    count
+}

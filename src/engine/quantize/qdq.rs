@@ -2,14 +2,14 @@
 //! activations of Conv, MatMul and Gemm, int8 weights behind DequantizeLinear, and int32 biases
 //! with scale = input scale x weight scale. ONNX Runtime fuses DQ -> op -> Q into integer kernels
 //! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
-use super::calibrate::Ranges;
+use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
     activation_params, quantize, quantize_weights_per_channel, quantize_weights_per_tensor,
     ActivationType, QParams,
 };
-use crate::engine::onnx::proto::{
-    attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
-};
+use super::rewrite::{attr_i, int_attr, layer_name, node};
+use super::LayerDecision;
+use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, i32_tensor, i8_tensor, u8_tensor};
 use crate::engine::{EngineError, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,8 +23,10 @@ pub struct StaticOptions {
     pub op_types: Vec<String>,
     /// Node names to leave in float.
     pub exclude: Vec<String>,
-    /// Calibrate with this percentile of the observed values instead of min/max.
-    pub percentile: Option<f64>,
+    /// Symmetric activation ranges (uint8 centred on 128, int8 on 0).
+    pub symmetric: bool,
+    /// How activation ranges are chosen from histograms; min/max when None.
+    pub calibration: Option<RangeMethod>,
 }
 
 /// A node that will be quantized, and where its tensors are.
@@ -41,22 +43,6 @@ pub struct Target {
     pub axis: usize,
 }
 
-/// What happened to each candidate layer, for the report.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerDecision {
-    pub node: String,
-    pub op: String,
-    pub precision: String,
-    pub reason: String,
-}
-
-fn attr_i(node: &NodeProto, name: &str) -> Option<i64> {
-    node.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some(name))
-        .and_then(|a| a.i)
-}
-
 /// Finds the nodes to quantize: a listed op type whose weight is a float initializer of the right rank.
 pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<LayerDecision>) {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
@@ -71,18 +57,9 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
         if !matches!(op.as_str(), "Conv" | "MatMul" | "Gemm") {
             continue;
         }
-        let name = node
-            .name
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("{op}_{i}"));
+        let name = layer_name(node, i);
         let mut decide = |precision: &str, reason: String| {
-            decisions.push(LayerDecision {
-                node: name.clone(),
-                op: op.clone(),
-                precision: precision.into(),
-                reason,
-            })
+            decisions.push(LayerDecision::new(&name, &op, precision, reason))
         };
         if !opts.op_types.contains(&op) {
             decide("float", format!("{op} is not in op_types"));
@@ -249,32 +226,6 @@ pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
     }
 }
 
-fn axis_attr(axis: usize) -> AttributeProto {
-    AttributeProto {
-        name: Some("axis".into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(axis as i64),
-        ..Default::default()
-    }
-}
-
-fn node(
-    op: &str,
-    name: String,
-    inputs: Vec<String>,
-    output: String,
-    attrs: Vec<AttributeProto>,
-) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        name: Some(name),
-        input: inputs,
-        output: vec![output],
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
 /// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of DequantizeLinear).
 pub fn rewrite(
     model: &ModelProto,
@@ -300,7 +251,7 @@ pub fn rewrite(
         let (lo, hi) = ranges.get(&name).copied().ok_or_else(|| {
             EngineError::InvalidModel(format!("no calibration range for `{name}`"))
         })?;
-        let p = activation_params(lo, hi, opts.activation);
+        let p = activation_params(lo, hi, opts.activation, opts.symmetric);
         new_inits.push(f32_tensor(&format!("{name}_scale"), &[], &[p.scale]));
         new_inits.push(match opts.activation {
             ActivationType::Uint8 => {
@@ -351,7 +302,7 @@ pub fn rewrite(
             new_inits.push(f32_tensor(&sname, &sdims, &scales));
             new_inits.push(i8_tensor(&zname, &sdims, &vec![0; scales.len()]));
             let attrs = if opts.per_channel {
-                vec![axis_attr(t.axis)]
+                vec![int_attr("axis", t.axis as i64)]
             } else {
                 vec![]
             };
@@ -402,7 +353,7 @@ pub fn rewrite(
                 format!("{b}_{}_DequantizeLinear", t.name),
                 vec![qname, sname, zname],
                 dqname.clone(),
-                vec![axis_attr(0)],
+                vec![int_attr("axis", 0)],
             ));
             replaced.insert(b.clone());
             rename.push((t.node, 2, dqname));
@@ -414,7 +365,7 @@ pub fn rewrite(
         let (lo, hi) = values
             .iter()
             .fold((0.0f32, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
-        let p = activation_params(lo, hi, ActivationType::Uint8);
+        let p = activation_params(lo, hi, ActivationType::Uint8, false);
         let q: Vec<u8> = values
             .iter()
             .map(|v| quantize(*v, p, 0, 255) as u8)

@@ -1,0 +1,222 @@
+//! The accuracy budget (`max_accuracy_drop`): measure how much each layer costs in int8, keep the
+//! most harmful ones float until the drop fits, then return to int8 every float layer the budget
+//! does not need. Scores are top-1 accuracy when the data has labels, else top-1 agreement with
+//! the float model, measured in ONNX Runtime on the evaluation data.
+use super::{LayerDecision, Prepared};
+use crate::domain::spec::EvaluateOptions;
+use crate::engine::dataset::Dataset;
+use crate::engine::evaluate::{evaluate, Baseline};
+use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::LoadedModel;
+use crate::engine::runtime::Runtime;
+use crate::engine::{NoProgress, Progress, Result};
+use prost::Message;
+use std::collections::HashSet;
+
+/// Scores candidate models on the evaluation data.
+pub struct Scorer<'a> {
+    rt: &'a Runtime,
+    data: &'a Dataset,
+    opts: EvaluateOptions,
+    reference: Baseline,
+    /// The float model's score.
+    pub float_score: f64,
+    /// "top-1 accuracy" or "top-1 agreement with the float model".
+    pub metric: &'static str,
+}
+
+impl<'a> Scorer<'a> {
+    pub fn new(
+        rt: &'a Runtime,
+        float: &LoadedModel,
+        data: &'a Dataset,
+        opts: &EvaluateOptions,
+    ) -> Result<Self> {
+        // Only the accuracy pass matters here; one timed run keeps each trial cheap.
+        let opts = EvaluateOptions {
+            latency_runs: 1,
+            warmup_runs: 0,
+            ..opts.clone()
+        };
+        let e = evaluate(rt, float, data, &opts, None, &NoProgress)?;
+        let labelled =
+            e.metrics.task.as_ref().is_some_and(|t| t.samples > 0) && e.metrics.samples > 0;
+        let mut s = Self {
+            rt,
+            data,
+            opts,
+            reference: e.as_baseline(),
+            float_score: 0.0,
+            metric: if labelled {
+                "top-1 accuracy"
+            } else {
+                "top-1 agreement with the float model"
+            },
+        };
+        s.float_score = s.score_of(&e.metrics);
+        Ok(s)
+    }
+
+    fn score_of(&self, m: &crate::domain::report::Metrics) -> f64 {
+        if self.metric == "top-1 accuracy" {
+            m.task.as_ref().map_or(0.0, |t| t.top1_accuracy)
+        } else {
+            m.fidelity.first().map_or(0.0, |f| f.top1_agreement)
+        }
+    }
+
+    pub fn score(&self, proto: &ModelProto) -> Result<f64> {
+        let model = LoadedModel {
+            bytes: proto.encode_to_vec().into(),
+            proto: proto.clone(),
+        };
+        let e = evaluate(
+            self.rt,
+            &model,
+            self.data,
+            &self.opts,
+            Some(&self.reference),
+            &NoProgress,
+        )?;
+        Ok(self.score_of(&e.metrics))
+    }
+}
+
+/// The outcome of the budget search.
+pub struct BudgetChoice {
+    pub model: ModelProto,
+    pub layers: Vec<LayerDecision>,
+    pub float: HashSet<String>,
+    /// Whether the drop fits the budget.
+    pub holds: bool,
+    pub drop: f64,
+    pub trials: usize,
+    pub notes: Vec<String>,
+}
+
+/// Most trial models the search builds by default before it returns the best one found.
+pub const MAX_TRIALS: usize = 200;
+
+pub fn search(
+    prepared: &Prepared,
+    scorer: &Scorer<'_>,
+    max_drop: f64,
+    max_trials: usize,
+    progress: &dyn Progress,
+) -> Result<BudgetChoice> {
+    let candidates = prepared.candidates()?;
+    let f = scorer.float_score;
+    let count = std::cell::Cell::new(0usize);
+    let trial = |float: &HashSet<String>| -> Result<f64> {
+        count.set(count.get() + 1);
+        scorer.score(&prepared.build(float)?.0)
+    };
+    let none: HashSet<String> = HashSet::new();
+    let all_int8 = trial(&none)?;
+    let mut notes = vec![format!(
+        "accuracy budget {max_drop}: {} float {f:.4}, every layer int8 {all_int8:.4}",
+        scorer.metric
+    )];
+    let within = |s: f64| f - s <= max_drop + 1e-9;
+    if within(all_int8) {
+        notes.push("every layer fits the budget in int8".into());
+        let (model, layers) = prepared.build(&none)?;
+        return Ok(BudgetChoice {
+            model,
+            layers,
+            float: none,
+            holds: true,
+            drop: f - all_int8,
+            trials: count.get(),
+            notes,
+        });
+    }
+    // Sensitivity: what each layer loses alone in int8, and what leaving it float recovers.
+    let mut alone = Vec::new();
+    let mut recovers = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        let only: HashSet<String> = candidates.iter().filter(|o| *o != c).cloned().collect();
+        alone.push(f - trial(&only)?);
+        recovers.push(trial(&HashSet::from([c.clone()]))? - all_int8);
+        progress.update(0.6 * (i + 1) as f64 / candidates.len() as f64)?;
+    }
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| {
+        recovers[b]
+            .total_cmp(&recovers[a])
+            .then(alone[b].total_cmp(&alone[a]))
+    });
+    let mut float = HashSet::new();
+    let mut added = Vec::new();
+    let mut best = (all_int8, float.clone());
+    for &i in &order {
+        if count.get() >= max_trials {
+            break;
+        }
+        float.insert(candidates[i].clone());
+        added.push(i);
+        let s = trial(&float)?;
+        if s > best.0 {
+            best = (s, float.clone());
+        }
+        if within(s) {
+            best = (s, float.clone());
+            break;
+        }
+    }
+    progress.update(0.8)?;
+    // Give back to int8 every float layer the budget does not need, least sensitive first.
+    if within(best.0) {
+        for &i in added.iter().rev() {
+            if count.get() >= max_trials {
+                break;
+            }
+            let mut fewer = best.1.clone();
+            if !fewer.remove(&candidates[i]) {
+                continue;
+            }
+            let s = trial(&fewer)?;
+            if within(s) {
+                best = (s, fewer);
+            }
+        }
+    }
+    let (score, float) = best;
+    let trials = count.get();
+    let holds = within(score);
+    let (model, mut layers) = prepared.build(&float)?;
+    for l in layers.iter_mut() {
+        if let Some(i) = candidates.iter().position(|c| *c == l.node) {
+            l.sensitivity = Some(alone[i]);
+            l.reason = if float.contains(&l.node) {
+                format!(
+                    "kept float for the accuracy budget: alone in int8 it loses {:.4}, kept float it recovers {:.4} of {}",
+                    alone[i], recovers[i], scorer.metric
+                )
+            } else {
+                format!("int8 within the budget (alone it loses {:.4})", alone[i])
+            };
+        }
+    }
+    notes.push(format!(
+        "{} layer(s) kept float; {} {score:.4} (drop {:.4}) after {trials} trial models",
+        float.len(),
+        scorer.metric,
+        f - score
+    ));
+    if !holds {
+        notes.push(format!(
+            "no configuration found within the budget of {max_drop}: returning the best model found"
+        ));
+    }
+    progress.update(1.0)?;
+    Ok(BudgetChoice {
+        model,
+        layers,
+        float,
+        holds,
+        drop: f - score,
+        trials,
+        notes,
+    })
+}

@@ -1,0 +1,186 @@
+//! Dynamic int8: weights int8 ahead of time, activations quantized at run time. Each MatMul (and
+//! Gemm) becomes DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(scales), the pattern ONNX
+//! Runtime fuses into its DynamicQuantizeMatMul kernel. Convolutions stay float: ONNX Runtime runs
+//! dynamic int8 convolutions several times slower than float ones.
+use super::embedding::{quantize_lookup, Tables};
+use super::layers::{embedding, linear, Linear};
+use super::params::{quantize_weights_per_channel, quantize_weights_per_tensor};
+use super::rewrite::{initializers, int_attr, node, Rewrite};
+use super::LayerDecision;
+use crate::engine::onnx::proto::{ModelProto, TensorProto};
+use crate::engine::onnx::tensor::{f32_tensor, i8_tensor};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone)]
+pub struct DynamicOptions {
+    pub per_channel: bool,
+    /// Operator types to quantize (MatMul, Gemm, Gather).
+    pub op_types: Vec<String>,
+    /// Node names to leave in float.
+    pub exclude: Vec<String>,
+}
+
+/// Rewrites `model` for dynamic int8; returns the model and what happened to each candidate layer.
+pub fn quantize_dynamic(
+    model: &ModelProto,
+    opts: &DynamicOptions,
+) -> (ModelProto, Vec<LayerDecision>) {
+    let graph = model.graph.as_ref().expect("loaded models have a graph");
+    let inits = initializers(graph);
+    let mut rw = Rewrite::default();
+    let mut decisions = Vec::new();
+    let mut tables = Tables::new();
+    // One DynamicQuantizeLinear per activation, shared by every layer that reads it (Q, K, V).
+    let mut quantized_inputs: HashMap<String, [String; 3]> = HashMap::new();
+    let mut weights: HashMap<(String, bool), (String, String)> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        let op = n.op_type.as_deref().unwrap_or("");
+        if !matches!(op, "MatMul" | "Gemm" | "Gather" | "Conv") {
+            continue;
+        }
+        let name = super::rewrite::layer_name(n, i);
+        let mut decide = |precision: &str, reason: String| {
+            decisions.push(LayerDecision::new(&name, op, precision, reason));
+        };
+        if !opts.op_types.iter().any(|o| o == op) {
+            if op != "Gather" {
+                decide("float", format!("{op} is not in op_types"));
+            }
+            continue;
+        }
+        if opts.exclude.contains(&name) {
+            decide("float", "excluded".into());
+            continue;
+        }
+        match op {
+            "Conv" => decide(
+                "float",
+                "dynamic int8 convolutions run slower than float ones in ONNX Runtime; use mode static".into(),
+            ),
+            "Gather" => match embedding(n, i, &inits) {
+                Ok(e) => {
+                    quantize_lookup(&mut rw, &mut tables, &e, inits[e.table.as_str()]);
+                    decide("int8", "embedding rows in int8, dequantized after the lookup".into());
+                }
+                Err(_) => continue, // index arithmetic, not an embedding: not a layer
+            },
+            _ => match linear(n, i, &inits) {
+                Ok(l) => {
+                    let w = inits[l.weight.as_str()];
+                    let (q, s) = weights
+                        .entry((l.weight.clone(), l.transposed))
+                        .or_insert_with(|| store_weight(&mut rw, &l, w, opts.per_channel))
+                        .clone();
+                    let x = quantized_inputs
+                        .entry(l.input.clone())
+                        .or_insert_with(|| {
+                            let outs = ["quantized", "scale", "zero_point"]
+                                .map(|s| format!("{}_dynamic_{s}", l.input));
+                            let mut dql = node(
+                                "DynamicQuantizeLinear",
+                                format!("{}_DynamicQuantizeLinear", l.input),
+                                vec![l.input.clone()],
+                                outs[0].clone(),
+                                vec![],
+                            );
+                            dql.output = outs.to_vec();
+                            rw.before(i, dql);
+                            outs
+                        })
+                        .clone();
+                    emit_matmul_integer(&mut rw, &l, &x, &q, &s);
+                    decide("int8", "int8 weights, activations quantized at run time".into());
+                }
+                Err(reason) => decide("float", reason),
+            },
+        }
+    }
+    let mut out = model.clone();
+    rw.apply(&mut out);
+    (out, decisions)
+}
+
+/// Stores W as int8 [K, N] with its scales (one per column, or one) and zero points.
+fn store_weight(
+    rw: &mut Rewrite,
+    l: &Linear,
+    w: &TensorProto,
+    per_channel: bool,
+) -> (String, String) {
+    let kn = l.weight_kn(w);
+    let (scales, q) = if per_channel {
+        quantize_weights_per_channel(&kn, &[l.k, l.n], 1)
+    } else {
+        let (s, q) = quantize_weights_per_tensor(&kn);
+        (vec![s], q)
+    };
+    let suffix = if l.transposed { "_t" } else { "" };
+    let (qname, sname) = (
+        format!("{}{suffix}_quantized", l.weight),
+        format!("{}{suffix}_scale", l.weight),
+    );
+    let sdims: Vec<usize> = if per_channel { vec![l.n] } else { vec![] };
+    rw.init(i8_tensor(&qname, &[l.k, l.n], &q));
+    rw.init(f32_tensor(&sname, &sdims, &scales));
+    rw.init(i8_tensor(
+        &format!("{qname}_zero_point"),
+        &sdims,
+        &vec![0; scales.len()],
+    ));
+    rw.replaced(&l.weight);
+    (qname, sname)
+}
+
+fn emit_matmul_integer(rw: &mut Rewrite, l: &Linear, x: &[String; 3], q: &str, s: &str) {
+    let y = &l.output;
+    let product = if l.bias.is_some() {
+        format!("{y}_unbiased")
+    } else {
+        y.clone()
+    };
+    let mut nodes = vec![
+        node(
+            "MatMulInteger",
+            format!("{}_MatMulInteger", l.name),
+            vec![
+                x[0].clone(),
+                q.into(),
+                x[2].clone(),
+                format!("{q}_zero_point"),
+            ],
+            format!("{y}_int32"),
+            vec![],
+        ),
+        node(
+            "Cast",
+            format!("{}_cast", l.name),
+            vec![format!("{y}_int32")],
+            format!("{y}_int32_float"),
+            vec![int_attr("to", 1)],
+        ),
+        node(
+            "Mul",
+            format!("{}_scales", l.name),
+            vec![x[1].clone(), s.into()],
+            format!("{y}_scales"),
+            vec![],
+        ),
+        node(
+            "Mul",
+            format!("{}_rescale", l.name),
+            vec![format!("{y}_int32_float"), format!("{y}_scales")],
+            product.clone(),
+            vec![],
+        ),
+    ];
+    if let Some(b) = &l.bias {
+        nodes.push(node(
+            "Add",
+            format!("{}_bias", l.name),
+            vec![product, b.clone()],
+            y.clone(),
+            vec![],
+        ));
+    }
+    rw.instead(l.node, nodes);
+}

@@ -1,0 +1,250 @@
+//! The `quantize` stage: options -> engine scheme, the accuracy budget, the speed search and the
+//! latency gate, and the notes and per-layer table the report carries.
+use crate::domain::quantize::{
+    ActivationType, CalibrationMethod, Granularity, QuantizeMode, QuantizeOptions,
+};
+use crate::domain::report::LayerReport;
+use crate::domain::spec::{EvaluateOptions, JobSpec};
+use crate::engine::dataset::Dataset;
+use crate::engine::onnx::{summarize, LoadedModel};
+use crate::engine::quantize::calibrate::RangeMethod;
+use crate::engine::quantize::{
+    self, budget, latency_gate, params, CalibrationData, DynamicOptions, LayerDecision, Prepared,
+    Scheme, StaticOptions, WeightOnlyOptions,
+};
+use crate::engine::runtime::Runtime;
+use crate::engine::{Progress, Result, SubProgress};
+use std::collections::HashSet;
+
+/// Whether the stage needs calibration rows for this model.
+pub fn needs_calibration(q: &QuantizeOptions, model: &LoadedModel) -> bool {
+    match q.mode {
+        QuantizeMode::Static => true,
+        QuantizeMode::Auto => quantize::prefers_static(&model.proto),
+        _ => false,
+    }
+}
+
+pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
+    let per_channel = q.granularity == Granularity::PerChannel;
+    let mode = match q.mode {
+        QuantizeMode::Auto if quantize::prefers_static(&model.proto) => QuantizeMode::Static,
+        QuantizeMode::Auto => QuantizeMode::Dynamic,
+        m => m,
+    };
+    match mode {
+        QuantizeMode::Static | QuantizeMode::Auto => Scheme::Static(StaticOptions {
+            per_channel,
+            activation: match q.activation_type {
+                ActivationType::Uint8 => params::ActivationType::Uint8,
+                ActivationType::Int8 => params::ActivationType::Int8,
+            },
+            symmetric: q.symmetric,
+            op_types: with_gather(&q.op_types),
+            exclude: q.exclude.clone(),
+            calibration: match q.calibration.method {
+                CalibrationMethod::Minmax => None,
+                CalibrationMethod::Percentile => {
+                    Some(RangeMethod::Percentile(q.calibration.percentile))
+                }
+                CalibrationMethod::Entropy => Some(RangeMethod::Entropy),
+                CalibrationMethod::Mse => Some(RangeMethod::Mse),
+            },
+        }),
+        QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
+            per_channel,
+            op_types: with_gather(&q.op_types),
+            exclude: q.exclude.clone(),
+        }),
+        QuantizeMode::WeightOnly => Scheme::WeightOnly(WeightOnlyOptions {
+            bits: q.bits,
+            block_size: q.block_size as usize,
+            symmetric: q.symmetric,
+            op_types: with_gather(&q.op_types),
+            exclude: q.exclude.clone(),
+        }),
+        QuantizeMode::Fp16 => Scheme::Fp16 {
+            keep_io_types: q.keep_io_types,
+        },
+    }
+}
+
+/// Embedding tables are quantized with the default op types (they hold most of a transformer's
+/// bytes); a user who lists op types decides for themselves.
+fn with_gather(ops: &[String]) -> Vec<String> {
+    let mut ops = ops.to_vec();
+    if ops == crate::domain::quantize::DEFAULT_OP_TYPES {
+        ops.push("Gather".into());
+    }
+    ops
+}
+
+fn calibration_note(q: &QuantizeOptions, samples: usize) -> String {
+    let method = match q.calibration.method {
+        CalibrationMethod::Minmax => "min/max".to_string(),
+        CalibrationMethod::Percentile => format!("the {} percentile", q.calibration.percentile),
+        CalibrationMethod::Entropy => "entropy (KL divergence)".into(),
+        CalibrationMethod::Mse => "least squared error".into(),
+    };
+    format!("calibrated with {method} over {samples} samples")
+}
+
+/// What the stage decided.
+pub struct Outcome {
+    /// The quantized model, or None when the stage keeps its input.
+    pub model: Option<LoadedModel>,
+    pub notes: Vec<String>,
+    pub layers: Vec<LayerReport>,
+    /// The budget that applied and whether the search met it.
+    pub budget: Option<(f64, bool)>,
+}
+
+pub struct StageInputs<'a> {
+    pub current: &'a LoadedModel,
+    pub calibration: Option<&'a Dataset>,
+    pub eval_data: &'a Dataset,
+    pub spec: &'a JobSpec,
+    pub eval_opts: &'a EvaluateOptions,
+}
+
+pub fn run(
+    rt: &Runtime,
+    q: &QuantizeOptions,
+    inputs: StageInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let StageInputs {
+        current,
+        calibration,
+        eval_data,
+        spec,
+        eval_opts,
+    } = inputs;
+    let scheme = scheme(q, current);
+    let part = |start: f64, span: f64| SubProgress {
+        parent: progress,
+        start,
+        span,
+    };
+    let calibration = calibration.map(|data| CalibrationData {
+        data,
+        samples: q.calibration.samples as usize,
+    });
+    let prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.3))?;
+    let mut notes = prepared.notes.clone();
+    notes.push(match &scheme {
+        Scheme::Static(_) => format!(
+            "{}, {}",
+            scheme.describe(),
+            calibration_note(q, prepared.calibration_samples)
+        ),
+        _ => scheme.describe(),
+    });
+    let int8 = matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_));
+    let budget = if int8 {
+        q.max_accuracy_drop.or(spec.constraints.max_accuracy_drop)
+    } else {
+        None
+    };
+    let (mut proto, mut layers, mut float) = match budget {
+        Some(max_drop) => {
+            let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
+            let choice = budget::search(
+                &prepared,
+                &scorer,
+                max_drop,
+                budget::MAX_TRIALS,
+                &part(0.3, 0.4),
+            )?;
+            notes.extend(choice.notes);
+            (choice.model, choice.layers, choice.float)
+        }
+        None => {
+            let (p, l) = prepared.build(&HashSet::new())?;
+            (p, l, HashSet::new())
+        }
+    };
+    let budget_held = budget.map(|b| (b, true));
+    let batch = summarize(&current.proto)
+        .fixed_batch()
+        .unwrap_or(eval_opts.batch_size.max(1) as usize);
+    let mut keep = true;
+    // The latency gate (skipped when the user accepts a slower model).
+    if int8 && !q.allow_slower && layers.iter().any(|l| l.precision == "int8") {
+        let candidate = quantize::finish(rt, &proto)?;
+        let (before, after) =
+            latency_gate::compare_latency(rt, current, &candidate, eval_data, batch, 10)?;
+        notes.push(format!(
+            "ONNX Runtime p50 at batch {batch}: input {before:.3} ms, int8 {after:.3} ms ({:.2}x)",
+            before / after.max(1e-9)
+        ));
+        if !latency_gate::keep_quantized(before, after, false) {
+            let choice = latency_gate::speed_search(
+                rt,
+                current,
+                &prepared,
+                &float,
+                eval_data,
+                batch,
+                &part(0.7, 0.3),
+            )?;
+            notes.extend(choice.notes);
+            keep = latency_gate::keep_quantized(choice.input_ms, choice.chosen_ms, false);
+            notes.push(format!(
+                "after the speed search: input {:.3} ms, int8 {:.3} ms ({:.2}x)",
+                choice.input_ms,
+                choice.chosen_ms,
+                choice.input_ms / choice.chosen_ms.max(1e-9)
+            ));
+            (proto, float) = (choice.model, choice.float);
+            merge_reasons(&mut layers, choice.layers);
+        }
+    }
+    let _ = float;
+    let model = if keep {
+        Some(quantize::finish(rt, &proto)?)
+    } else {
+        notes.push(
+            "no int8 configuration is faster than the input here, so the stage keeps the input model; \
+             set `allow_slower: true` to keep the int8 model for its size"
+                .into(),
+        );
+        for l in layers.iter_mut().filter(|l| l.precision == "int8") {
+            l.precision = "float".into();
+            l.reason = "int8 would have made the model slower in ONNX Runtime".into();
+        }
+        proto = current.proto.clone();
+        let _ = &proto;
+        None
+    };
+    progress.update(1.0)?;
+    Ok(Outcome {
+        model,
+        notes,
+        layers: layers.into_iter().map(report_row).collect(),
+        budget: budget_held,
+    })
+}
+
+/// The speed search's decisions, keeping the budget's sensitivity figures.
+fn merge_reasons(layers: &mut Vec<LayerDecision>, speed: Vec<LayerDecision>) {
+    let old = std::mem::replace(layers, speed);
+    for l in layers.iter_mut() {
+        if let Some(o) = old.iter().find(|o| o.node == l.node) {
+            l.sensitivity = o.sensitivity;
+            if l.precision == o.precision {
+                l.reason = o.reason.clone();
+            }
+        }
+    }
+}
+
+fn report_row(l: LayerDecision) -> LayerReport {
+    LayerReport {
+        node: l.node,
+        op: l.op,
+        precision: l.precision,
+        reason: l.reason,
+        sensitivity: l.sensitivity,
+    }
+}

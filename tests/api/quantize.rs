@@ -1,0 +1,463 @@
+//! Quantization schemes through the engine: every output runs in onnxruntime-Python, keeps the
+//! accuracy it should, and has the form ONNX Runtime turns into fast kernels.
+use crate::helpers::{fixture, onnxruntime_python};
+use serde_json::Value;
+use shrink::domain::spec::EvaluateOptions;
+use shrink::engine::dataset::{self, Dataset};
+use shrink::engine::evaluate::{evaluate, Evaluation};
+use shrink::engine::onnx::{load_model_file, summarize, LoadedModel};
+use shrink::engine::quantize::calibrate::RangeMethod;
+use shrink::engine::quantize::{
+    self, budget, params::ActivationType, CalibrationData, DynamicOptions, Prepared, Scheme,
+    StaticOptions, WeightOnlyOptions,
+};
+use shrink::engine::runtime::Runtime;
+use shrink::engine::NoProgress;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+fn rt() -> Arc<Runtime> {
+    Runtime::global(None).expect("ONNX Runtime from the project's .venv")
+}
+
+fn quick() -> EvaluateOptions {
+    EvaluateOptions {
+        latency_runs: 3,
+        warmup_runs: 1,
+        ..Default::default()
+    }
+}
+
+fn eval(m: &LoadedModel, d: &Dataset, base: Option<&Evaluation>) -> Evaluation {
+    evaluate(
+        &rt(),
+        m,
+        d,
+        &quick(),
+        base.map(|b| b.as_baseline()).as_ref(),
+        &NoProgress,
+    )
+    .unwrap()
+}
+
+fn top1(e: &Evaluation) -> f64 {
+    e.metrics.task.as_ref().unwrap().top1_accuracy
+}
+
+fn model(name: &str) -> LoadedModel {
+    load_model_file(&fixture(name)).unwrap()
+}
+
+fn data(name: &str) -> Dataset {
+    dataset::load(&fixture(name)).unwrap()
+}
+
+fn ops() -> Vec<String> {
+    ["Conv", "MatMul", "Gemm", "Gather"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn dynamic() -> Scheme {
+    Scheme::Dynamic(DynamicOptions {
+        per_channel: true,
+        op_types: ops(),
+        exclude: vec![],
+    })
+}
+
+fn weight_only(bits: u32, symmetric: bool) -> Scheme {
+    Scheme::WeightOnly(WeightOnlyOptions {
+        bits,
+        block_size: 32,
+        symmetric,
+        op_types: ops(),
+        exclude: vec![],
+    })
+}
+
+fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme {
+    Scheme::Static(StaticOptions {
+        per_channel,
+        activation: ActivationType::Uint8,
+        symmetric: false,
+        op_types: ops(),
+        exclude: vec![],
+        calibration,
+    })
+}
+
+fn run(m: &LoadedModel, scheme: &Scheme, calib: Option<&Dataset>) -> quantize::Quantized {
+    let c = calib.map(|data| CalibrationData { data, samples: 64 });
+    quantize::quantize(&rt(), m, scheme, c, &NoProgress).unwrap()
+}
+
+/// Writes the model and runs it in onnxruntime-Python.
+fn in_python(m: &LoadedModel, data: &str, output: &str) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, &m.bytes).unwrap();
+    onnxruntime_python(&path, &fixture(data), output)
+}
+
+fn has(list: &Value, op: &str) -> bool {
+    list.as_array().unwrap().iter().any(|o| o == op)
+}
+
+#[test]
+fn dynamic_int8_runs_as_dynamic_quantize_matmul_in_onnx_runtime_and_keeps_the_digits_accuracy() {
+    let (m, val) = (model("digits_mlp.onnx"), data("digits_val.npz"));
+    let base = eval(&m, &val, None);
+    let q = run(&m, &dynamic(), None);
+    let py = in_python(&q.model, "digits_val.npz", "probabilities");
+    assert!(has(&py["ops"], "MatMulInteger"), "{py}");
+    assert!(
+        has(&py["optimized_ops"], "DynamicQuantizeMatMul"),
+        "ONNX Runtime fuses the pattern into its integer kernel: {}",
+        py["optimized_ops"]
+    );
+    let e = eval(&q.model, &val, Some(&base));
+    assert_eq!(
+        py["top1"].as_f64().unwrap(),
+        top1(&e),
+        "both runtimes agree"
+    );
+    assert!(
+        top1(&base) - top1(&e) <= 0.005,
+        "{} -> {}",
+        top1(&base),
+        top1(&e)
+    );
+    assert!(e.metrics.size.bytes * 3 < base.metrics.size.bytes);
+}
+
+#[test]
+fn dynamic_mode_leaves_convolutions_float_and_says_why() {
+    let q = run(&model("digits_cnn.onnx"), &dynamic(), None);
+    let convs: Vec<_> = q.layers.iter().filter(|l| l.op == "Conv").collect();
+    assert_eq!(convs.len(), 2);
+    assert!(
+        convs
+            .iter()
+            .all(|l| l.precision == "float" && l.reason.contains("static")),
+        "{convs:?}"
+    );
+    let gemm = q.layers.iter().find(|l| l.op == "Gemm").unwrap();
+    assert_eq!(
+        gemm.precision, "int8",
+        "Gemm with transB becomes MatMulInteger over W^T"
+    );
+    let py = in_python(&q.model, "digits_images.npz", "logits");
+    assert!(has(&py["ops"], "MatMulInteger"), "{py}");
+}
+
+#[test]
+fn weight_only_int8_and_int4_run_in_onnx_runtime_with_a_small_accuracy_cost() {
+    let (m, val) = (model("digits_mlp.onnx"), data("digits_val.npz"));
+    let base = eval(&m, &val, None);
+    for (bits, symmetric, op) in [
+        (8, false, "DequantizeLinear"),
+        (4, false, "MatMulNBits"),
+        (4, true, "MatMulNBits"),
+    ] {
+        let q = run(&m, &weight_only(bits, symmetric), None);
+        let py = in_python(&q.model, "digits_val.npz", "probabilities");
+        assert!(has(&py["ops"], op), "{bits} bits: {py}");
+        let e = eval(&q.model, &val, Some(&base));
+        assert_eq!(
+            py["top1"].as_f64().unwrap(),
+            top1(&e),
+            "{bits} bits: both runtimes agree"
+        );
+        let lost = top1(&base) - top1(&e);
+        assert!(
+            lost <= if bits == 8 { 0.005 } else { 0.03 },
+            "{bits} bits, symmetric {symmetric}: lost {lost}"
+        );
+        let ratio = e.metrics.size.bytes as f64 / base.metrics.size.bytes as f64;
+        assert!(
+            ratio < if bits == 8 { 0.3 } else { 0.2 },
+            "{bits} bits: size ratio {ratio}"
+        );
+    }
+}
+
+#[test]
+fn fp16_keeps_float32_inputs_and_outputs_by_default_and_halves_the_size() {
+    let (m, val) = (model("digits_mlp.onnx"), data("digits_val.npz"));
+    let base = eval(&m, &val, None);
+    for keep_io_types in [true, false] {
+        let q = run(&m, &Scheme::Fp16 { keep_io_types }, None);
+        let ratio = q.model.bytes.len() as f64 / m.bytes.len() as f64;
+        assert!((0.45..0.56).contains(&ratio), "size ratio {ratio}");
+        let s = summarize(&q.model.proto);
+        let want = if keep_io_types { "float32" } else { "float16" };
+        assert_eq!(s.inputs[0].dtype, want);
+        if keep_io_types {
+            let py = in_python(&q.model, "digits_val.npz", "probabilities");
+            assert_eq!(py["input_types"][0], "tensor(float)", "{py}");
+            let e = eval(&q.model, &val, Some(&base));
+            assert_eq!(py["top1"].as_f64().unwrap(), top1(&e));
+            assert!(
+                e.metrics.fidelity[0].top1_agreement >= 0.99,
+                "{:?}",
+                e.metrics.fidelity
+            );
+        }
+    }
+}
+
+#[test]
+fn entropy_and_mse_calibration_keep_the_digits_accuracy() {
+    let (m, val, calib) = (
+        model("digits_mlp.onnx"),
+        data("digits_val.npz"),
+        data("digits_train.npz"),
+    );
+    let base = eval(&m, &val, None);
+    for method in [RangeMethod::Entropy, RangeMethod::Mse] {
+        let q = run(&m, &static_scheme(true, Some(method)), Some(&calib));
+        let e = eval(&q.model, &val, Some(&base));
+        assert!(
+            top1(&base) - top1(&e) <= 0.01,
+            "{method:?}: {} -> {}",
+            top1(&base),
+            top1(&e)
+        );
+        in_python(&q.model, "digits_val.npz", "probabilities");
+    }
+}
+
+#[test]
+fn weights_in_constant_nodes_are_quantized_and_outputs_stay_close() {
+    let m = model("two_input_constant.onnx");
+    let d = data("two_input.npz");
+    let base = eval(&m, &d, None);
+    for scheme in [dynamic(), weight_only(8, false), static_scheme(true, None)] {
+        let q = run(&m, &scheme, Some(&d));
+        assert!(
+            q.layers.iter().any(|l| l.precision == "int8"),
+            "{:?}",
+            q.layers
+        );
+        let e = eval(&q.model, &d, Some(&base));
+        assert!(
+            e.metrics.fidelity[0].cosine_mean > 0.999,
+            "{:?}",
+            e.metrics.fidelity
+        );
+    }
+}
+
+#[test]
+fn a_real_transformer_runs_in_every_mode_and_its_embedding_tables_become_int8() {
+    let dir = fixture("minilm1");
+    let m = load_model_file(&dir.join("minilm.onnx")).unwrap();
+    let train = dataset::load(&dir.join("polarity_train.npz")).unwrap();
+    let val = dataset::load(&dir.join("polarity_eval.npz")).unwrap();
+    let opts = EvaluateOptions {
+        output: Some("logits".into()),
+        ..quick()
+    };
+    let e = |m: &LoadedModel, b: Option<&Evaluation>| {
+        evaluate(
+            &rt(),
+            m,
+            &val,
+            &opts,
+            b.map(|b| b.as_baseline()).as_ref(),
+            &NoProgress,
+        )
+        .unwrap()
+    };
+    let base = e(&m, None);
+    let schemes = [
+        (dynamic(), 0.30, 0.99),
+        (static_scheme(true, None), 0.30, 0.9),
+        (weight_only(8, false), 0.30, 0.99),
+        (weight_only(4, false), 0.30, 0.97),
+        (
+            Scheme::Fp16 {
+                keep_io_types: true,
+            },
+            0.55,
+            0.999,
+        ),
+    ];
+    for (scheme, max_ratio, min_cosine) in schemes {
+        let q = run(&m, &scheme, Some(&train));
+        let ev = e(&q.model, Some(&base));
+        let ratio = ev.metrics.size.bytes as f64 / base.metrics.size.bytes as f64;
+        let embedding = ev
+            .metrics
+            .fidelity
+            .iter()
+            .find(|f| f.output == "sentence_embedding")
+            .unwrap();
+        let what = scheme.describe();
+        assert!(ratio < max_ratio, "{what}: size ratio {ratio}");
+        assert!(embedding.cosine_mean >= min_cosine, "{what}: {embedding:?}");
+        let tables = q
+            .layers
+            .iter()
+            .filter(|l| l.op == "Gather" && l.precision == "int8")
+            .count();
+        if !matches!(scheme, Scheme::Fp16 { .. }) {
+            assert_eq!(tables, 2, "{what}: word and position embeddings");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, &q.model.bytes).unwrap();
+        let py = onnxruntime_python(&path, &fixture("minilm1/polarity_eval.npz"), "logits");
+        assert_eq!(
+            py["top1"].as_f64().unwrap(),
+            ev.metrics.task.as_ref().unwrap().top1_accuracy,
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
+    let (m, val, calib) = (
+        model("digits_mlp_outlier.onnx"),
+        data("digits_val.npz"),
+        data("digits_train.npz"),
+    );
+    let per_tensor = static_scheme(false, None);
+    let plain = run(&m, &per_tensor, Some(&calib));
+    let base = eval(&m, &val, None);
+    let lost = top1(&base) - top1(&eval(&plain.model, &val, Some(&base)));
+    assert!(
+        lost > 0.05,
+        "plain int8 should suffer from the outlier unit; it lost {lost}"
+    );
+
+    let c = CalibrationData {
+        data: &calib,
+        samples: 64,
+    };
+    let prepared = Prepared::new(&rt(), &m, &per_tensor, Some(c), &NoProgress).unwrap();
+    let runtime = rt();
+    let scorer = budget::Scorer::new(&runtime, &m, &val, &quick()).unwrap();
+    let choice =
+        budget::search(&prepared, &scorer, 0.005, budget::MAX_TRIALS, &NoProgress).unwrap();
+    assert!(choice.holds, "{:?}", choice.notes);
+    let q = quantize::finish(&rt(), &choice.model).unwrap();
+    let got = top1(&eval(&q, &val, Some(&base)));
+    assert!(top1(&base) - got <= 0.005, "{} -> {got}", top1(&base));
+    let float: Vec<_> = choice
+        .layers
+        .iter()
+        .filter(|l| l.precision == "float")
+        .collect();
+    assert!(
+        !float.is_empty() && float.len() < choice.layers.len(),
+        "{:?}",
+        choice.layers
+    );
+    for l in &float {
+        assert!(
+            l.reason.contains("accuracy budget") && l.sensitivity.is_some(),
+            "{l:?}"
+        );
+    }
+    assert!(
+        choice.layers.iter().any(|l| l.precision == "int8"),
+        "the rest stays int8"
+    );
+}
+
+#[test]
+fn a_budget_the_search_cannot_meet_returns_the_best_model_found_and_says_so() {
+    let (m, val, calib) = (
+        model("digits_mlp_outlier.onnx"),
+        data("digits_val.npz"),
+        data("digits_train.npz"),
+    );
+    let c = CalibrationData {
+        data: &calib,
+        samples: 64,
+    };
+    let prepared =
+        Prepared::new(&rt(), &m, &static_scheme(false, None), Some(c), &NoProgress).unwrap();
+    let runtime = rt();
+    let scorer = budget::Scorer::new(&runtime, &m, &val, &quick()).unwrap();
+    // Two trials: every layer int8, then one sensitivity measurement; nothing fits.
+    let choice = budget::search(&prepared, &scorer, 0.0, 2, &NoProgress).unwrap();
+    assert!(!choice.holds);
+    assert!(
+        choice.notes.iter().any(|n| n.contains("best model found")),
+        "{:?}",
+        choice.notes
+    );
+    quantize::finish(&rt(), &choice.model).unwrap();
+}
+
+#[test]
+fn the_speed_search_keeps_the_choice_it_measured_fastest() {
+    let (m, val, calib) = (
+        model("digits_mlp_big.onnx"),
+        data("digits_val.npz"),
+        data("digits_train.npz"),
+    );
+    let c = CalibrationData {
+        data: &calib,
+        samples: 32,
+    };
+    let prepared =
+        Prepared::new(&rt(), &m, &static_scheme(true, None), Some(c), &NoProgress).unwrap();
+    let choice = quantize::latency_gate::speed_search(
+        &rt(),
+        &m,
+        &prepared,
+        &HashSet::new(),
+        &val,
+        32,
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        choice.notes[0].contains("speed search"),
+        "{:?}",
+        choice.notes
+    );
+    assert!(choice.chosen_ms > 0.0 && choice.input_ms > 0.0);
+    for l in choice
+        .layers
+        .iter()
+        .filter(|l| choice.float.contains(&l.node))
+    {
+        assert!(l.reason.contains("for speed"), "{l:?}");
+    }
+    quantize::finish(&rt(), &choice.model).unwrap();
+}
+
+#[test]
+fn upgrading_an_opset_11_model_to_13_keeps_its_outputs_and_enables_per_channel() {
+    use prost::Message;
+    let m = model("opset11.onnx");
+    let d = data("opset11.npz");
+    let mut up = m.proto.clone();
+    assert!(quantize::opset::upgrade_to_13(&mut up).unwrap());
+    let up = shrink::engine::onnx::load_model_bytes(up.encode_to_vec().into()).unwrap();
+    assert_eq!(summarize(&up.proto).opset, 13);
+    let a = eval(&m, &d, None);
+    let b = eval(&up, &d, Some(&a));
+    for f in &b.metrics.fidelity {
+        assert!(f.max_abs_error < 1e-6, "{f:?}");
+    }
+    let q = run(&m, &static_scheme(true, None), Some(&d));
+    assert!(
+        q.notes
+            .iter()
+            .any(|n| n.contains("upgraded the model from opset 11 to 13")),
+        "{:?}",
+        q.notes
+    );
+    assert!(
+        !q.notes.iter().any(|n| n.contains("per tensor")),
+        "{:?}",
+        q.notes
+    );
+}

@@ -1,0 +1,161 @@
+//! Quantize jobs through the API: every mode, the accuracy budget and `mode: auto`.
+use crate::helpers::{fixture, onnxruntime_python, spawn_app, Setup, TestApp};
+use serde_json::{json, Value};
+
+async fn run_job(app: &TestApp, spec: Value) -> Value {
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202);
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let (_, report) = app
+        .get_json(&format!("/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await;
+    assert!(report["stages"].is_array(), "{report}");
+    let mut report = report;
+    report["job_id_for_test"] = job["id"].clone();
+    report
+}
+
+async fn artifact_in_python(app: &TestApp, report: &Value, data: &str, output: &str) -> Value {
+    let id = report["job_id_for_test"].as_str().unwrap();
+    let name = report["stages"][0]["artifact"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no artifact: {}", report["stages"][0]));
+    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
+    let file = app.data_dir.path().join(name);
+    std::fs::write(&file, &bytes).unwrap();
+    onnxruntime_python(&file, &fixture(data), output)
+}
+
+#[tokio::test]
+async fn jobs_in_every_mode_return_models_that_onnxruntime_python_runs_with_the_reported_accuracy()
+{
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    for (stage, op, precision) in [
+        (
+            json!({"stage": "quantize", "mode": "dynamic", "allow_slower": true}),
+            "MatMulInteger",
+            "int8",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "weight_only", "bits": 4, "block_size": 16}),
+            "MatMulNBits",
+            "int4",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "weight_only"}),
+            "DequantizeLinear",
+            "int8",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "fp16"}),
+            "Cast",
+            "float16",
+        ),
+    ] {
+        let report = run_job(
+            &app,
+            json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage.clone()]}),
+        )
+        .await;
+        assert!(
+            report["calibration"].is_null(),
+            "{stage}: no calibration split without static mode"
+        );
+        assert_eq!(report["evaluated_samples"], 450, "{stage}");
+        let layers = report["stages"][0]["layers"].as_array().unwrap();
+        assert!(
+            layers.iter().any(|l| l["precision"] == precision),
+            "{stage}: {layers:?}"
+        );
+        let py = artifact_in_python(&app, &report, "digits_val.npz", "probabilities").await;
+        assert!(
+            py["ops"].as_array().unwrap().iter().any(|o| o == op),
+            "{stage}: {py}"
+        );
+        assert_eq!(
+            py["top1"].as_f64(),
+            report["final"]["task"]["top1_accuracy"].as_f64(),
+            "{stage}"
+        );
+        assert!(
+            report["final"]["size"]["bytes"].as_u64()
+                < report["baseline"]["size"]["bytes"].as_u64(),
+            "{stage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_budget_job_keeps_the_outlier_layers_float_explains_them_and_passes_its_verdict() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp_outlier.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let c = app.dataset("digits_train.npz").await;
+    let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
+        "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor",
+                      "max_accuracy_drop": 0.005, "allow_slower": true, "calibration": {"samples": 64}}]});
+    let report = run_job(&app, spec).await;
+    let verdict = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["constraint"] == "stages/0/max_accuracy_drop")
+        .unwrap_or_else(|| panic!("{}", report["verdicts"]))
+        .clone();
+    assert_eq!(verdict["passed"], true, "{verdict}");
+    assert!(verdict["actual"].as_f64().unwrap() <= 0.005);
+    let layers = report["stages"][0]["layers"].as_array().unwrap();
+    let float: Vec<&Value> = layers
+        .iter()
+        .filter(|l| l["precision"] == "float")
+        .collect();
+    assert!(!float.is_empty(), "{layers:?}");
+    for l in &float {
+        assert!(
+            l["reason"].as_str().unwrap().contains("accuracy budget"),
+            "{l}"
+        );
+        assert!(l["sensitivity"].is_number(), "{l}");
+    }
+    assert!(
+        layers.iter().any(|l| l["precision"] == "int8"),
+        "{layers:?}"
+    );
+    let id = report["job_id_for_test"].as_str().unwrap();
+    let log = String::from_utf8(
+        app.get_bytes(&format!("/jobs/{id}/artifacts/job.log"))
+            .await
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(log.contains("kept float for the accuracy budget"), "{log}");
+}
+
+#[tokio::test]
+async fn mode_auto_quantizes_an_mlp_dynamically_and_a_cnn_statically() {
+    let app = spawn_app(Setup::Embedded).await;
+    let mlp = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let report = run_job(
+        &app,
+        json!({"model_id": mlp["id"], "dataset_id": d["id"],
+        "pipeline": [{"stage": "quantize", "allow_slower": true}]}),
+    )
+    .await;
+    let notes = report["stages"][0]["notes"].to_string();
+    assert!(notes.contains("dynamic int8"), "{notes}");
+    let cnn = app.model("digits_cnn.onnx").await;
+    let images = app.dataset("digits_images.npz").await;
+    let report = run_job(
+        &app,
+        json!({"model_id": cnn["id"], "dataset_id": images["id"],
+        "pipeline": [{"stage": "quantize", "allow_slower": true, "calibration": {"samples": 32}}]}),
+    )
+    .await;
+    let notes = report["stages"][0]["notes"].to_string();
+    assert!(notes.contains("static int8 QDQ"), "{notes}");
+    assert_eq!(report["calibration"]["source"], "split_of_dataset");
+}
