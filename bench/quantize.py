@@ -40,10 +40,14 @@ def run(*args):
     return r.stdout
 
 
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def timed(fn, repeats=3):
+    """Median wall time of `repeats` calls (this shared VM's timings move between runs)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
 def latency(model, data, output):
@@ -78,7 +82,9 @@ def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=Tru
     rows = [("fp32", model, None)]
     out = os.path.join(tmp, f"{label}-shrink.onnx")
     shrink = [SHRINK, "quantize", "--samples", str(CALIB_SAMPLES), "--eval", eval_npz, model, calib_npz]
-    secs = timed(lambda: run(*shrink, out))
+    if output:
+        shrink[2:2] = ["--output", output]
+    secs = timed(lambda: run(*shrink, out), repeats=1)
     rows.append(("shrink default (auto)", out, secs))
     if extra_modes:
         for mode, flags in [("dynamic", ["--mode", "dynamic", "--all-layers"]),

@@ -68,9 +68,9 @@ pub struct QuantizeArgs {
     /// With `--calibrate percentile`: the share of values kept (e.g. 99.99).
     #[arg(long, default_value_t = 99.999)]
     pub percentile: f64,
-    /// One weight scale per tensor instead of per output channel.
-    #[arg(long)]
-    pub per_tensor: bool,
+    /// Weight scales: auto | per_channel | per_tensor.
+    #[arg(long, default_value = "auto")]
+    pub granularity: String,
     /// Symmetric int8 activations instead of asymmetric uint8.
     #[arg(long)]
     pub int8_activations: bool,
@@ -89,6 +89,9 @@ pub struct QuantizeArgs {
     /// Data for the latency gate and the accuracy budget (default: the calibration samples).
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// The classifier output the accuracy budget scores (inferred when unambiguous).
+    #[arg(long = "output")]
+    pub classifier: Option<String>,
     #[arg(long, env = "SHRINK_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
 }
@@ -191,7 +194,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let options = serde_json::json!({
         "stage": "quantize",
         "mode": args.mode.replace('-', "_"),
-        "granularity": if args.per_tensor { "per_tensor" } else { "per_channel" },
+        "granularity": args.granularity,
         "activation_type": if args.int8_activations { "int8" } else { "uint8" },
         "symmetric": args.symmetric,
         "exclude": args.exclude,
@@ -205,8 +208,12 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.max_accuracy_drop {
         options.insert("max_accuracy_drop".into(), d.into());
     }
+    let mut evaluate = serde_json::json!({"stage": "evaluate"});
+    if let Some(o) = &args.classifier {
+        evaluate["output"] = o.clone().into();
+    }
     let spec = crate::domain::spec::JobSpec::parse(
-        &serde_json::json!({"pipeline": [options]}),
+        &serde_json::json!({"pipeline": [options, evaluate]}),
         &["model_id", "dataset_id"],
     )
     .map_err(|problems| {

@@ -35,8 +35,11 @@ pub enum QuantizeMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Granularity {
-    /// One weight scale per output channel (more accurate; needs opset 13, upgraded when older).
+    /// Per channel, except layers whose channels have similar ranges, where one scale per tensor
+    /// adds little rounding noise and saves the per-channel scales.
     #[default]
+    Auto,
+    /// One weight scale per output channel (more accurate; needs opset 13, upgraded when older).
     PerChannel,
     PerTensor,
 }
@@ -140,9 +143,10 @@ pub struct QuantizeOptions {
     /// fp16: keep float32 graph inputs and outputs (casts at the boundary).
     #[serde(default = "default_true")]
     pub keep_io_types: bool,
-    /// The accuracy budget (a fraction: 0.005 = half a point of top-1 accuracy, or of agreement
-    /// with the float model when the data has no labels). The most sensitive layers stay float
-    /// until it holds. Falls back to the job's `constraints.max_accuracy_drop`.
+    /// The accuracy budget of int8 modes (a fraction: 0.005 = half a point of top-1 accuracy, or
+    /// of agreement with the float model when the data has no labels). The most sensitive layers
+    /// stay float until it holds. Falls back to the job's `constraints.max_accuracy_drop`, then
+    /// to 0.005; 1 turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_accuracy_drop: Option<f64>,
     /// Keep the int8 model even when ONNX Runtime runs it slower than the input (for its size).
@@ -208,7 +212,7 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
             }
         }
     };
-    one_of("granularity", &["per_channel", "per_tensor"], p);
+    one_of("granularity", &["auto", "per_channel", "per_tensor"], p);
     one_of("activation_type", &["uint8", "int8"], p);
     if let Some(v) = obj.get("op_types") {
         match v.as_array() {

@@ -16,6 +16,10 @@ use crate::engine::runtime::Runtime;
 use crate::engine::{Progress, Result, SubProgress};
 use std::collections::HashSet;
 
+/// The accuracy budget of int8 modes when neither the stage nor the job names one: half a point
+/// of top-1 (or of agreement with the float model). `max_accuracy_drop: 1` turns it off.
+pub const DEFAULT_ACCURACY_BUDGET: f64 = 0.005;
+
 /// Whether the stage needs calibration rows for this model.
 pub fn needs_calibration(q: &QuantizeOptions, model: &LoadedModel) -> bool {
     match q.mode {
@@ -26,7 +30,8 @@ pub fn needs_calibration(q: &QuantizeOptions, model: &LoadedModel) -> bool {
 }
 
 pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
-    let per_channel = q.granularity == Granularity::PerChannel;
+    let per_channel = q.granularity != Granularity::PerTensor;
+    let auto_granularity = q.granularity == Granularity::Auto;
     let mode = match q.mode {
         QuantizeMode::Auto if quantize::prefers_static(&model.proto) => QuantizeMode::Static,
         QuantizeMode::Auto => QuantizeMode::Dynamic,
@@ -35,6 +40,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
     match mode {
         QuantizeMode::Static | QuantizeMode::Auto => Scheme::Static(StaticOptions {
             per_channel,
+            auto_granularity,
             activation: match q.activation_type {
                 ActivationType::Uint8 => params::ActivationType::Uint8,
                 ActivationType::Int8 => params::ActivationType::Int8,
@@ -53,6 +59,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
         }),
         QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
             per_channel,
+            auto_granularity,
             op_types: with_gather(&q.op_types),
             exclude: q.exclude.clone(),
         }),
@@ -141,23 +148,32 @@ pub fn run(
         _ => scheme.describe(),
     });
     let int8 = matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_));
-    let budget = if int8 {
-        q.max_accuracy_drop.or(spec.constraints.max_accuracy_drop)
-    } else {
-        None
-    };
-    let (mut proto, mut layers, mut float) = match budget {
+    let budget = int8.then(|| {
+        q.max_accuracy_drop
+            .or(spec.constraints.max_accuracy_drop)
+            .unwrap_or(DEFAULT_ACCURACY_BUDGET)
+    });
+    let (proto, mut layers, mut float) = match budget {
         Some(max_drop) => {
-            let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
-            let choice = budget::search(
-                &prepared,
-                &scorer,
-                max_drop,
-                budget::MAX_TRIALS,
-                &part(0.3, 0.4),
-            )?;
-            notes.extend(choice.notes);
-            (choice.model, choice.layers, choice.float)
+            if max_drop >= 1.0 {
+                let (p, l) = prepared.build(&HashSet::new())?;
+                (p, l, HashSet::new())
+            } else {
+                let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
+                let choice = budget::search(
+                    &prepared,
+                    &scorer,
+                    max_drop,
+                    budget::MAX_TRIALS,
+                    &part(0.3, 0.4),
+                )?;
+                notes.extend(choice.notes);
+                notes.push(format!(
+                    "the budget was measured on the {} evaluation samples",
+                    eval_data.summary.samples
+                ));
+                (choice.model, choice.layers, choice.float)
+            }
         }
         None => {
             let (p, l) = prepared.build(&HashSet::new())?;
@@ -169,11 +185,13 @@ pub fn run(
         .fixed_batch()
         .unwrap_or(eval_opts.batch_size.max(1) as usize);
     let mut keep = true;
+    // Loaded in ONNX Runtime once; the speed search replaces it when it picks another model.
+    let mut checked = Some(quantize::finish(rt, &proto)?);
     // The latency gate (skipped when the user accepts a slower model).
     if int8 && !q.allow_slower && layers.iter().any(|l| l.precision == "int8") {
-        let candidate = quantize::finish(rt, &proto)?;
+        let candidate = checked.as_ref().expect("checked above");
         let (before, after) =
-            latency_gate::compare_latency(rt, current, &candidate, eval_data, batch, 10)?;
+            latency_gate::compare_latency(rt, current, candidate, eval_data, batch, 10)?;
         notes.push(format!(
             "ONNX Runtime p50 at batch {batch}: input {before:.3} ms, int8 {after:.3} ms ({:.2}x)",
             before / after.max(1e-9)
@@ -196,13 +214,14 @@ pub fn run(
                 choice.chosen_ms,
                 choice.input_ms / choice.chosen_ms.max(1e-9)
             ));
-            (proto, float) = (choice.model, choice.float);
+            checked = Some(quantize::finish(rt, &choice.model)?);
+            float = choice.float;
             merge_reasons(&mut layers, choice.layers);
         }
     }
     let _ = float;
     let model = if keep {
-        Some(quantize::finish(rt, &proto)?)
+        checked
     } else {
         notes.push(
             "no int8 configuration is faster than the input here, so the stage keeps the input model; \
@@ -213,8 +232,6 @@ pub fn run(
             l.precision = "float".into();
             l.reason = "int8 would have made the model slower in ONNX Runtime".into();
         }
-        proto = current.proto.clone();
-        let _ = &proto;
         None
     };
     progress.update(1.0)?;

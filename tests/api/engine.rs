@@ -349,6 +349,7 @@ fn a_missing_runtime_library_is_a_clear_error_from_the_eval_command() {
 fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions {
     shrink::engine::quantize::StaticOptions {
         per_channel,
+        auto_granularity: false,
         activation: shrink::engine::quantize::params::ActivationType::Uint8,
         op_types: vec!["Conv".into(), "MatMul".into(), "Gemm".into()],
         exclude: vec![],

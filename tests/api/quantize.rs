@@ -61,6 +61,7 @@ fn ops() -> Vec<String> {
 fn dynamic() -> Scheme {
     Scheme::Dynamic(DynamicOptions {
         per_channel: true,
+        auto_granularity: false,
         op_types: ops(),
         exclude: vec![],
     })
@@ -79,6 +80,7 @@ fn weight_only(bits: u32, symmetric: bool) -> Scheme {
 fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme {
     Scheme::Static(StaticOptions {
         per_channel,
+        auto_granularity: false,
         activation: ActivationType::Uint8,
         symmetric: false,
         op_types: ops(),
@@ -460,4 +462,18 @@ fn upgrading_an_opset_11_model_to_13_keeps_its_outputs_and_enables_per_channel()
         "{:?}",
         q.notes
     );
+}
+
+#[test]
+fn moving_constant_weights_into_initializers_keeps_outputs_identical() {
+    use prost::Message;
+    let m = model("two_input_constant.onnx");
+    let d = data("two_input.npz");
+    let mut moved = m.proto.clone();
+    assert_eq!(quantize::prepare::constants_to_initializers(&mut moved), 1);
+    let moved = shrink::engine::onnx::load_model_bytes(moved.encode_to_vec().into()).unwrap();
+    assert!(!summarize(&moved.proto).op_counts.contains_key("Constant"));
+    let a = eval(&m, &d, None);
+    let b = eval(&moved, &d, Some(&a));
+    assert_eq!(b.metrics.fidelity[0].max_abs_error, 0.0);
 }

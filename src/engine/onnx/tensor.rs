@@ -1,19 +1,42 @@
 //! Reading and building initializer tensors.
 use super::proto::{tensor_proto::DataType, TensorProto};
 use bytes::Bytes;
+use std::borrow::Cow;
+
+/// Whether the tensor holds float32 values.
+pub fn is_f32(t: &TensorProto) -> bool {
+    t.data_type == Some(DataType::Float as i32)
+}
 
 /// The float32 values of a tensor, from raw or typed storage; None for other element types.
 pub fn f32_values(t: &TensorProto) -> Option<Vec<f32>> {
+    f32_view(t).map(Cow::into_owned)
+}
+
+/// The float32 values of a tensor, borrowed in place when the raw bytes are aligned (weights of
+/// a memory-mapped model usually are), copied otherwise.
+pub fn f32_view(t: &TensorProto) -> Option<Cow<'_, [f32]>> {
     if t.data_type != Some(DataType::Float as i32) {
         return None;
     }
     match t.raw_data.as_ref().filter(|r| !r.is_empty()) {
-        Some(raw) => Some(
-            raw.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ),
-        None => Some(t.float_data.clone()),
+        Some(raw) => {
+            #[cfg(target_endian = "little")]
+            {
+                // SAFETY: every bit pattern is a valid f32, and align_to only hands out the
+                // correctly aligned middle part.
+                let (head, mid, tail) = unsafe { raw.align_to::<f32>() };
+                if head.is_empty() && tail.is_empty() {
+                    return Some(Cow::Borrowed(mid));
+                }
+            }
+            Some(Cow::Owned(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ))
+        }
+        None => Some(Cow::Borrowed(&t.float_data)),
     }
 }
 
@@ -47,6 +70,15 @@ pub fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
         DataType::Int8,
         values.iter().map(|&v| v as u8).collect(),
     )
+}
+
+/// An int8 tensor that takes over `values` without copying them.
+pub fn i8_tensor_owned(name: &str, dims: &[usize], values: Vec<i8>) -> TensorProto {
+    let mut values = std::mem::ManuallyDrop::new(values);
+    let (ptr, len, cap) = (values.as_mut_ptr(), values.len(), values.capacity());
+    // SAFETY: i8 and u8 have the same size, alignment and validity; the Vec is not used again.
+    let bytes = unsafe { Vec::from_raw_parts(ptr as *mut u8, len, cap) };
+    tensor(name, dims, DataType::Int8, bytes)
 }
 
 pub fn u8_tensor(name: &str, dims: &[usize], values: &[u8]) -> TensorProto {

@@ -4,16 +4,20 @@
 //! dynamic int8 convolutions several times slower than float ones.
 use super::embedding::{quantize_lookup, Tables};
 use super::layers::{embedding, linear, Linear};
-use super::params::{quantize_weights_per_channel, quantize_weights_per_tensor};
+use super::params::{
+    per_tensor_is_enough, quantize_weights_per_channel, quantize_weights_per_tensor,
+};
 use super::rewrite::{initializers, int_attr, node, Rewrite};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
-use crate::engine::onnx::tensor::{f32_tensor, i8_tensor};
+use crate::engine::onnx::tensor::{f32_tensor, i8_tensor_owned};
 use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
 pub struct DynamicOptions {
     pub per_channel: bool,
+    /// With `per_channel`: one scale per tensor for layers whose channels have similar ranges.
+    pub auto_granularity: bool,
     /// Operator types to quantize (MatMul, Gemm, Gather).
     pub op_types: Vec<String>,
     /// Node names to leave in float.
@@ -69,7 +73,7 @@ pub fn quantize_dynamic(
                     let w = inits[l.weight.as_str()];
                     let (q, s) = weights
                         .entry((l.weight.clone(), l.transposed))
-                        .or_insert_with(|| store_weight(&mut rw, &l, w, opts.per_channel))
+                        .or_insert_with(|| store_weight(&mut rw, &l, w, opts))
                         .clone();
                     let x = quantized_inputs
                         .entry(l.input.clone())
@@ -100,14 +104,16 @@ pub fn quantize_dynamic(
     (out, decisions)
 }
 
-/// Stores W as int8 [K, N] with its scales (one per column, or one) and zero points.
+/// Stores W as int8 [K, N] with its scales (one per column, or one).
 fn store_weight(
     rw: &mut Rewrite,
     l: &Linear,
     w: &TensorProto,
-    per_channel: bool,
+    opts: &DynamicOptions,
 ) -> (String, String) {
     let kn = l.weight_kn(w);
+    let per_channel =
+        opts.per_channel && !(opts.auto_granularity && per_tensor_is_enough(&kn, &[l.k, l.n], 1));
     let (scales, q) = if per_channel {
         quantize_weights_per_channel(&kn, &[l.k, l.n], 1)
     } else {
@@ -120,13 +126,8 @@ fn store_weight(
         format!("{}{suffix}_scale", l.weight),
     );
     let sdims: Vec<usize> = if per_channel { vec![l.n] } else { vec![] };
-    rw.init(i8_tensor(&qname, &[l.k, l.n], &q));
+    rw.init(i8_tensor_owned(&qname, &[l.k, l.n], q));
     rw.init(f32_tensor(&sname, &sdims, &scales));
-    rw.init(i8_tensor(
-        &format!("{qname}_zero_point"),
-        &sdims,
-        &vec![0; scales.len()],
-    ));
     rw.replaced(&l.weight);
     (qname, sname)
 }
@@ -142,12 +143,8 @@ fn emit_matmul_integer(rw: &mut Rewrite, l: &Linear, x: &[String; 3], q: &str, s
         node(
             "MatMulInteger",
             format!("{}_MatMulInteger", l.name),
-            vec![
-                x[0].clone(),
-                q.into(),
-                x[2].clone(),
-                format!("{q}_zero_point"),
-            ],
+            // Symmetric weights: B's zero point is 0, MatMulInteger's default, so none is stored.
+            vec![x[0].clone(), q.into(), x[2].clone()],
             format!("{y}_int32"),
             vec![],
         ),

@@ -4,7 +4,7 @@ use super::layers::Embedding;
 use super::params::quantize_weights_per_channel;
 use super::rewrite::{int_attr, node, Rewrite};
 use crate::engine::onnx::proto::{NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{f32_tensor, f32_values, i8_tensor};
+use crate::engine::onnx::tensor::{f32_tensor, f32_view, i8_tensor_owned};
 use std::collections::HashMap;
 
 /// Quantized tables already written, by table name (tables shared by several lookups stay shared).
@@ -15,13 +15,13 @@ pub fn quantize_lookup(rw: &mut Rewrite, tables: &mut Tables, e: &Embedding, tab
     let (qname, sname) = tables
         .entry(e.table.clone())
         .or_insert_with(|| {
-            let values = f32_values(table).expect("embedding tables are float");
+            let values = f32_view(table).expect("embedding tables are float");
             let (scales, q) = quantize_weights_per_channel(&values, &[e.rows, e.width], 0);
             let (qname, sname) = (
                 format!("{}_quantized", e.table),
                 format!("{}_row_scale", e.table),
             );
-            rw.init(i8_tensor(&qname, &[e.rows, e.width], &q));
+            rw.init(i8_tensor_owned(&qname, &[e.rows, e.width], q));
             rw.init(f32_tensor(&sname, &[e.rows, 1], &scales));
             rw.replaced(&e.table);
             (qname, sname)

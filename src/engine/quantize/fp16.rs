@@ -6,7 +6,7 @@ use crate::engine::onnx::proto::{
     tensor_proto::DataType, type_proto, GraphProto, ModelProto, NodeProto, TensorProto,
     ValueInfoProto,
 };
-use crate::engine::onnx::tensor::f32_values;
+use crate::engine::onnx::tensor::f32_view;
 use crate::engine::{EngineError, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -131,7 +131,7 @@ fn rename_reads(nodes: &mut [NodeProto], from: &str, to: &str) {
 
 /// Rewrites a float32 tensor in place as float16 (values beyond ±65504 saturate).
 fn to_fp16(t: &mut TensorProto) -> bool {
-    let Some(values) = f32_values(t) else {
+    let Some(values) = f32_view(t).map(|v| v.into_owned()) else {
         return false;
     };
     let raw: Vec<u8> = values

@@ -2,7 +2,8 @@
 //! and embedding lookups (Gather from a constant table).
 use super::rewrite::{attr_f, attr_i, layer_name};
 use crate::engine::onnx::proto::{NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_values};
+use crate::engine::onnx::tensor::{dims, f32_view, is_f32};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// y = x @ W (+ bias), with W a float initializer of K rows and N columns.
@@ -23,8 +24,8 @@ pub struct Linear {
 
 impl Linear {
     /// W as [K, N], row-major.
-    pub fn weight_kn(&self, w: &TensorProto) -> Vec<f32> {
-        let v = f32_values(w).expect("linear weights are float");
+    pub fn weight_kn<'w>(&self, w: &'w TensorProto) -> Cow<'w, [f32]> {
+        let v = f32_view(w).expect("linear weights are float");
         if !self.transposed {
             return v;
         }
@@ -34,7 +35,7 @@ impl Linear {
                 out[c * self.n + r] = v[r * self.k + c];
             }
         }
-        out
+        Cow::Owned(out)
     }
 }
 
@@ -46,10 +47,7 @@ pub fn linear(
 ) -> std::result::Result<Linear, String> {
     let op = node.op_type.clone().unwrap_or_default();
     let weight = node.input.get(1).cloned().unwrap_or_default();
-    let Some(w) = inits
-        .get(weight.as_str())
-        .filter(|w| f32_values(w).is_some())
-    else {
+    let Some(w) = inits.get(weight.as_str()).filter(|w| is_f32(w)) else {
         return Err("its weight is not a float32 initializer".into());
     };
     let shape = dims(w);
@@ -107,10 +105,7 @@ pub fn embedding(
     inits: &HashMap<&str, &TensorProto>,
 ) -> std::result::Result<Embedding, String> {
     let table = node.input.first().cloned().unwrap_or_default();
-    let Some(t) = inits
-        .get(table.as_str())
-        .filter(|t| f32_values(t).is_some())
-    else {
+    let Some(t) = inits.get(table.as_str()).filter(|t| is_f32(t)) else {
         return Err("it does not read a float32 table".into());
     };
     let shape = dims(t);

@@ -54,8 +54,40 @@ pub fn weight_scale(values: impl Iterator<Item = f32>) -> f32 {
     }
 }
 
+/// Rounds half to even without a libm call (x86-64 without SSE4.1 has no rounding instruction,
+/// and LLVM would call `rintf` for every weight): adding 1.5 * 2^52 in f64 leaves the nearest
+/// integer (ties to even, the default rounding mode) in the low mantissa bits. Exact for every
+/// f32 in i32 range; larger values saturate. Branch-free, so the weight loops vectorize.
+#[inline(always)]
+pub fn round_even(x: f32) -> i32 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    let x = (x as f64).clamp(i32::MIN as f64, i32::MAX as f64);
+    ((x + MAGIC).to_bits() as i64 - MAGIC.to_bits() as i64) as i32
+}
+
 pub fn quantize(x: f32, p: QParams, lo: i32, hi: i32) -> i32 {
-    ((x / p.scale).round_ties_even() as i32 + p.zero_point).clamp(lo, hi)
+    (round_even(x / p.scale) + p.zero_point).clamp(lo, hi)
+}
+
+/// Symmetric int8 of `x` with `scale`, clamped to [-127, 127].
+#[inline(always)]
+fn to_i8(x: f32, scale: f32) -> i8 {
+    round_even((x / scale).clamp(-127.0, 127.0)) as i8
+}
+
+/// The largest |value| of each channel along `axis`, walking the tensor as [outer, channels,
+/// inner] blocks so the loops stay linear (no division per element) and vectorize.
+pub fn channel_max_abs(values: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
+    let channels = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
+    let mut max_abs = vec![0.0f32; channels];
+    for chunk in values.chunks(channels * inner) {
+        for (c, row) in chunk.chunks(inner).enumerate() {
+            let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            max_abs[c] = max_abs[c].max(m);
+        }
+    }
+    max_abs
 }
 
 /// Per-channel symmetric int8 quantization along `axis` of a tensor with `shape`.
@@ -65,54 +97,41 @@ pub fn quantize_weights_per_channel(
     shape: &[usize],
     axis: usize,
 ) -> (Vec<f32>, Vec<i8>) {
-    let channels = shape[axis];
-    let inner: usize = shape[axis + 1..].iter().product();
-    let channel_of = |i: usize| (i / inner) % channels;
-    let mut max_abs = vec![0.0f32; channels];
-    for (i, v) in values.iter().enumerate() {
-        let c = channel_of(i);
-        max_abs[c] = max_abs[c].max(v.abs());
-    }
+    let max_abs = channel_max_abs(values, shape, axis);
+    let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
+    let block = max_abs.len() * inner;
     let scales: Vec<f32> = max_abs
         .iter()
         .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
         .collect();
-    let q = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            quantize(
-                v,
-                QParams {
-                    scale: scales[channel_of(i)],
-                    zero_point: 0,
-                },
-                -127,
-                127,
-            ) as i8
-        })
-        .collect();
+    let mut q = vec![0i8; values.len()];
+    for (chunk, out) in values.chunks(block).zip(q.chunks_mut(block)) {
+        for ((row, out), &s) in chunk.chunks(inner).zip(out.chunks_mut(inner)).zip(&scales) {
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = to_i8(v, s);
+            }
+        }
+    }
     (scales, q)
+}
+
+/// Extra rounding noise tolerated for one scale per tensor instead of one per channel.
+pub const PER_TENSOR_NOISE_RATIO: f32 = 1.25;
+
+/// Whether one scale for the whole tensor adds little rounding noise over one per channel along
+/// `axis` (the noise of a symmetric int8 step grows with the square of its scale), so the
+/// per-channel scales would only cost bytes.
+pub fn per_tensor_is_enough(values: &[f32], shape: &[usize], axis: usize) -> bool {
+    let max_abs = channel_max_abs(values, shape, axis);
+    let all = max_abs.iter().copied().fold(0.0f32, f32::max);
+    let mean_sq = max_abs.iter().map(|m| m * m).sum::<f32>() / max_abs.len().max(1) as f32;
+    mean_sq > 0.0 && all * all <= PER_TENSOR_NOISE_RATIO * mean_sq
 }
 
 /// Per-tensor symmetric int8 quantization.
 pub fn quantize_weights_per_tensor(values: &[f32]) -> (f32, Vec<i8>) {
     let scale = weight_scale(values.iter().copied());
-    let q = values
-        .iter()
-        .map(|&v| {
-            quantize(
-                v,
-                QParams {
-                    scale,
-                    zero_point: 0,
-                },
-                -127,
-                127,
-            ) as i8
-        })
-        .collect();
-    (scale, q)
+    (scale, values.iter().map(|&v| to_i8(v, scale)).collect())
 }
 
 #[cfg(test)]
@@ -133,6 +152,18 @@ mod tests {
             ),
             (0, 2, -2)
         );
+    }
+
+    #[test]
+    fn fast_rounding_equals_round_ties_even() {
+        for i in -40_000..40_000 {
+            let x = i as f32 / 8.0 + [0.0, 1e-3, -1e-3][(i as usize) % 3];
+            assert_eq!(round_even(x), x.round_ties_even() as i32, "{x}");
+        }
+        for x in [1e7f32, -3e8, 4_194_304.5, 8_388_607.0, 2_500_000.5, 3.5e9] {
+            assert_eq!(round_even(x), x.round_ties_even() as i32, "{x}");
+        }
+        assert_eq!(round_even(f32::NEG_INFINITY), i32::MIN);
     }
 
     #[test]
@@ -168,5 +199,16 @@ mod tests {
     fn an_all_zero_channel_gets_a_usable_scale() {
         let (scales, q) = quantize_weights_per_channel(&[0.0, 0.0, 1.0, -1.0], &[2, 2], 0);
         assert_eq!((scales[0], q[0], q[2], q[3]), (1.0, 0, 127, -127));
+    }
+
+    #[test]
+    fn per_tensor_is_enough_only_when_channels_have_similar_ranges() {
+        // Three channels of four weights whose largest magnitudes are 1.0, 0.95 and 0.9.
+        let even: Vec<f32> = (0..12)
+            .map(|i| [1.0, -0.9, 0.5, -0.2][i % 4] * [1.0, 0.95, 0.9][i / 4])
+            .collect();
+        assert!(per_tensor_is_enough(&even, &[3, 4], 0));
+        let outlier: Vec<f32> = (0..12).map(|i| if i < 4 { 50.0 } else { 0.5 }).collect();
+        assert!(!per_tensor_is_enough(&outlier, &[3, 4], 0));
     }
 }

@@ -4,13 +4,16 @@
 //! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
 use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
-    activation_params, quantize, quantize_weights_per_channel, quantize_weights_per_tensor,
-    ActivationType, QParams,
+    activation_params, per_tensor_is_enough, quantize, quantize_weights_per_channel,
+    quantize_weights_per_tensor, ActivationType, QParams,
 };
 use super::rewrite::{attr_i, int_attr, layer_name, node};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, i32_tensor, i8_tensor, u8_tensor};
+use crate::engine::onnx::tensor::{
+    dims, f32_tensor, f32_values, f32_view, i32_tensor, i8_tensor, i8_tensor_owned, is_f32,
+    u8_tensor,
+};
 use crate::engine::{EngineError, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -18,6 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 #[derive(Debug, Clone)]
 pub struct StaticOptions {
     pub per_channel: bool,
+    /// With `per_channel`: one scale per tensor for layers whose channels have similar ranges.
+    pub auto_granularity: bool,
     pub activation: ActivationType,
     /// Operator types to quantize (Conv, MatMul, Gemm).
     pub op_types: Vec<String>,
@@ -70,10 +75,7 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
             continue;
         }
         let weight = node.input.get(1).cloned().unwrap_or_default();
-        let Some(w) = inits
-            .get(weight.as_str())
-            .filter(|w| f32_values(w).is_some())
-        else {
+        let Some(w) = inits.get(weight.as_str()).filter(|w| is_f32(w)) else {
             decide("float", "its weight is not a float32 initializer".into());
             continue;
         };
@@ -106,7 +108,7 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
             .get(2)
             .filter(|b| {
                 inits.get(b.as_str()).is_some_and(|t| {
-                    t.dims.len() == 1 && t.dims[0] as usize == channels && f32_values(t).is_some()
+                    t.dims.len() == 1 && t.dims[0] as usize == channels && is_f32(t)
                 })
             })
             .cloned();
@@ -143,7 +145,7 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
     let float_inits: HashSet<&str> = graph
         .initializer
         .iter()
-        .filter(|t| f32_values(t).is_some())
+        .filter(|t| is_f32(t))
         .filter_map(|t| t.name.as_deref())
         .collect();
     let mut set: HashSet<String> = targets
@@ -271,17 +273,19 @@ pub fn rewrite(
     for t in targets {
         let w = &inits[&t.weight];
         let shape = dims(w);
-        let values = f32_values(w).expect("planned weights are float");
+        let values = f32_view(w).expect("planned weights are float");
+        let per_channel = opts.per_channel
+            && !(opts.auto_granularity && per_tensor_is_enough(&values, &shape, t.axis));
         let w_scales: Vec<f32> = if let Some(dq) = weight_dq.get(&t.weight) {
             rename.push((t.node, 1, dq.clone()));
             // Shared weight: the scales are already stored; recompute them for the bias.
-            if opts.per_channel {
+            if per_channel {
                 quantize_weights_per_channel(&values, &shape, t.axis).0
             } else {
                 vec![quantize_weights_per_tensor(&values).0]
             }
         } else {
-            let (scales, q) = if opts.per_channel {
+            let (scales, q) = if per_channel {
                 quantize_weights_per_channel(&values, &shape, t.axis)
             } else {
                 let (s, q) = quantize_weights_per_tensor(&values);
@@ -293,15 +297,15 @@ pub fn rewrite(
                 format!("{}_zero_point", t.weight),
                 format!("{}_dequantized", t.weight),
             );
-            let sdims: Vec<usize> = if opts.per_channel {
+            let sdims: Vec<usize> = if per_channel {
                 vec![scales.len()]
             } else {
                 vec![]
             };
-            new_inits.push(i8_tensor(&qname, &shape, &q));
+            new_inits.push(i8_tensor_owned(&qname, &shape, q));
             new_inits.push(f32_tensor(&sname, &sdims, &scales));
             new_inits.push(i8_tensor(&zname, &sdims, &vec![0; scales.len()]));
-            let attrs = if opts.per_channel {
+            let attrs = if per_channel {
                 vec![int_attr("axis", t.axis as i64)]
             } else {
                 vec![]

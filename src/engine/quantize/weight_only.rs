@@ -4,11 +4,13 @@
 //! runtimes whose weight-only kernels are fast.
 use super::embedding::{quantize_lookup, Tables};
 use super::layers::{embedding, linear, Linear};
-use super::params::quantize_weights_per_channel;
+use super::params::{quantize_weights_per_channel, round_even};
 use super::rewrite::{default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, i8_tensor, u8_tensor};
+use crate::engine::onnx::tensor::{
+    dims, f32_tensor, f32_view, i8_tensor, i8_tensor_owned, is_f32, u8_tensor,
+};
 use crate::engine::{EngineError, Result};
 use std::collections::HashMap;
 
@@ -70,7 +72,7 @@ pub fn quantize_weight_only(
         }
         if op == "Conv" {
             match n.input.get(1).and_then(|w| inits.get(w.as_str())) {
-                Some(w) if opts.bits == 8 && f32_values(w).is_some() && w.dims.len() >= 3 => {
+                Some(w) if opts.bits == 8 && is_f32(w) && w.dims.len() >= 3 => {
                     let dq = int8_behind_dq(&mut rw, &n.input[1], w, 0, i);
                     let mut conv = n.clone();
                     conv.input[1] = dq;
@@ -128,10 +130,10 @@ pub fn quantize_weight_only(
 /// The DequantizeLinear goes before node `at`, its first reader.
 fn int8_behind_dq(rw: &mut Rewrite, name: &str, w: &TensorProto, axis: usize, at: usize) -> String {
     let shape = dims(w);
-    let (scales, q) = quantize_weights_per_channel(&f32_values(w).expect("float"), &shape, axis);
+    let (scales, q) = quantize_weights_per_channel(&f32_view(w).expect("float"), &shape, axis);
     let [qn, sn, zn, dqn] =
         ["quantized", "scale", "zero_point", "dequantized"].map(|s| format!("{name}_{s}"));
-    rw.init(i8_tensor(&qn, &shape, &q));
+    rw.init(i8_tensor_owned(&qn, &shape, q));
     rw.init(f32_tensor(&sn, &[scales.len()], &scales));
     rw.init(i8_tensor(&zn, &[scales.len()], &vec![0; scales.len()]));
     rw.before(
@@ -204,7 +206,7 @@ pub fn pack_int4(
             let zq = zp as u8;
             zps[col * zp_bytes + b / 2] |= zq << (4 * (b % 2));
             for (j, v) in vals.enumerate() {
-                let x = ((v / scale).round_ties_even() + zp).clamp(0.0, 15.0) as u8;
+                let x = (round_even(v / scale) + zp as i32).clamp(0, 15) as u8;
                 let at = (col * blocks + b) * block / 2 + j / 2;
                 q[at] |= x << (4 * (j % 2));
             }
