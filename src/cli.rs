@@ -181,6 +181,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
 fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     use crate::domain::quantize::QuantizeOptions;
     let rt = Runtime::global(args.ort_library.as_deref())?;
+    // From reading the model to writing the result, ONNX Runtime's load check included.
+    let started = std::time::Instant::now();
     let model = engine::onnx::load_model_file(&args.model)
         .with_context(|| format!("while reading {}", args.model.display()))?;
     let data = engine::dataset::load(&args.calibration)
@@ -262,10 +264,11 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         println!("note: {n}");
     }
     println!(
-        "wrote {} ({} bytes, from {} bytes)",
+        "wrote {} ({} bytes, from {} bytes) in {:.3} s",
         args.output.display(),
         q.model.bytes.len(),
-        model.bytes.len()
+        model.bytes.len(),
+        started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,24 @@ impl Runtime {
     }
 
     /// Creates a CPU session with `threads` intra-op threads and full graph optimization.
+    /// Checks that ONNX Runtime accepts `model`: it parses, type-checks and finds a kernel for
+    /// every node. Graph optimizations and weight prepacking are skipped (they only make it run
+    /// faster, and cost more than the check itself on large models).
+    pub fn check(&self, model: &[u8]) -> Result<()> {
+        use ort::session::builder::GraphOptimizationLevel;
+        drop(
+            Session::builder(&self.env)?
+                .with_optimization_level(GraphOptimizationLevel::Disable)
+                .map_err(ort::Error::from)?
+                .with_prepacking(false)
+                .map_err(ort::Error::from)?
+                .with_intra_threads(1)
+                .map_err(ort::Error::from)?
+                .commit_from_memory(model)?,
+        );
+        Ok(())
+    }
+
     pub fn session(&self, model: &[u8], threads: usize) -> Result<Session> {
         let session = Session::builder(&self.env)?
             .with_intra_threads(threads.max(1))

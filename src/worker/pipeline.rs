@@ -182,7 +182,7 @@ pub fn run(
         for n in &notes {
             log.push_str(&format!("{i}:{}: {n}\n", stage.name()));
         }
-        if let Some((limit, _)) = stage_budget {
+        if let Some(limit) = stage_budget {
             budget_verdicts.push(report::stage_budget_verdict(
                 i,
                 limit,

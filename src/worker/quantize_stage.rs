@@ -102,8 +102,8 @@ pub struct Outcome {
     pub model: Option<LoadedModel>,
     pub notes: Vec<String>,
     pub layers: Vec<LayerReport>,
-    /// The budget that applied and whether the search met it.
-    pub budget: Option<(f64, bool)>,
+    /// The stage's own accuracy budget, which gets a verdict of its own.
+    pub budget: Option<f64>,
 }
 
 pub struct StageInputs<'a> {
@@ -153,34 +153,28 @@ pub fn run(
             .or(spec.constraints.max_accuracy_drop)
             .unwrap_or(DEFAULT_ACCURACY_BUDGET)
     });
-    let (proto, mut layers, mut float) = match budget {
+    let (proto, mut layers, mut float) = match budget.filter(|b| *b < 1.0) {
         Some(max_drop) => {
-            if max_drop >= 1.0 {
-                let (p, l) = prepared.build(&HashSet::new())?;
-                (p, l, HashSet::new())
-            } else {
-                let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
-                let choice = budget::search(
-                    &prepared,
-                    &scorer,
-                    max_drop,
-                    budget::MAX_TRIALS,
-                    &part(0.3, 0.4),
-                )?;
-                notes.extend(choice.notes);
-                notes.push(format!(
-                    "the budget was measured on the {} evaluation samples",
-                    eval_data.summary.samples
-                ));
-                (choice.model, choice.layers, choice.float)
-            }
+            let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
+            let choice = budget::search(
+                &prepared,
+                &scorer,
+                max_drop,
+                budget::MAX_TRIALS,
+                &part(0.3, 0.4),
+            )?;
+            notes.extend(choice.notes);
+            notes.push(format!(
+                "the budget was measured on the {} evaluation samples",
+                eval_data.summary.samples
+            ));
+            (choice.model, choice.layers, choice.float)
         }
         None => {
             let (p, l) = prepared.build(&HashSet::new())?;
             (p, l, HashSet::new())
         }
     };
-    let budget_held = budget.map(|b| (b, true));
     let batch = summarize(&current.proto)
         .fixed_batch()
         .unwrap_or(eval_opts.batch_size.max(1) as usize);
@@ -239,7 +233,7 @@ pub fn run(
         model,
         notes,
         layers: layers.into_iter().map(report_row).collect(),
-        budget: budget_held,
+        budget: q.max_accuracy_drop.filter(|_| int8),
     })
 }
 

@@ -155,6 +155,20 @@ impl Prepared {
                 scheme.describe()
             )));
         }
+        if let Scheme::Static(_) = &scheme {
+            let adds = prepare::fold_conv_bias_adds(&mut proto);
+            if adds > 0 {
+                notes.push(format!(
+                    "folded {adds} per-channel Add(s) into the preceding Conv's bias"
+                ));
+            }
+            let split = prepare::decompose_hard_swish(&mut proto);
+            if split > 0 {
+                notes.push(format!(
+                    "rewrote {split} HardSwish node(s) as x * HardSigmoid(x), which ONNX Runtime runs as QLinearMul"
+                ));
+            }
+        }
         if let Scheme::Static(o) = &mut scheme {
             if o.per_channel && opset < 13 {
                 o.per_channel = false;
@@ -274,7 +288,7 @@ impl Prepared {
 pub fn finish(rt: &Runtime, proto: &ModelProto) -> Result<LoadedModel> {
     let bytes = proto.encode_to_vec();
     // ONNX Runtime must accept what we wrote before anyone sees it.
-    rt.session(&bytes, 1)
+    rt.check(&bytes)
         .map_err(|e| EngineError::Runtime(format!("the quantized model does not load: {e}")))?;
     load_model_bytes(bytes.into())
 }

@@ -153,3 +153,127 @@ pub fn constants_to_initializers(model: &mut ModelProto) -> usize {
     graph.initializer.extend(moved);
     count
 }
+
+/// Rewrites HardSwish(x) as x * HardSigmoid(x) (alpha 1/6, beta 1/2: the same function). ONNX
+/// Runtime has no integer HardSwish, but runs the Mul as QLinearMul, so static QDQ keeps the
+/// integer chain through MobileNetV3-style blocks. Returns how many were rewritten.
+pub fn decompose_hard_swish(model: &mut ModelProto) -> usize {
+    use super::rewrite::node;
+    use crate::engine::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let float_attr = |name: &str, f: f32| AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(f),
+        ..Default::default()
+    };
+    let mut count = 0;
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for (i, n) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+        if n.op_type.as_deref() != Some("HardSwish") || n.input.len() != 1 || n.output.len() != 1 {
+            nodes.push(n);
+            continue;
+        }
+        let name = super::rewrite::layer_name(&n, i);
+        let (x, y) = (n.input[0].clone(), n.output[0].clone());
+        let gate = format!("{y}_hard_sigmoid");
+        nodes.push(node(
+            "HardSigmoid",
+            format!("{name}_hard_sigmoid"),
+            vec![x.clone()],
+            gate.clone(),
+            vec![float_attr("alpha", 1.0 / 6.0), float_attr("beta", 0.5)],
+        ));
+        nodes.push(node("Mul", format!("{name}_mul"), vec![x, gate], y, vec![]));
+        count += 1;
+    }
+    graph.node = nodes;
+    count
+}
+
+/// Folds `Add(Conv(x), c)` with a per-channel constant c ([C,1,1] or [1,C,1,1]) into the
+/// Conv's bias (exact), so the Add does not break the integer chain. Returns how many folded.
+pub fn fold_conv_bias_adds(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let inits: HashMap<String, TensorProto> = graph
+        .initializer
+        .iter()
+        .filter_map(|t| t.name.clone().map(|n| (n, t.clone())))
+        .collect();
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            *uses.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let outputs: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
+    let producer: HashMap<String, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+        .collect();
+    let (mut remove, mut new_inits, mut folded) = (vec![false; graph.node.len()], Vec::new(), 0);
+    for a in 0..graph.node.len() {
+        let add = graph.node[a].clone();
+        if add.op_type.as_deref() != Some("Add") || add.input.len() != 2 || add.output.len() != 1 {
+            continue;
+        }
+        let Some((x, c)) = [(0, 1), (1, 0)].into_iter().find_map(|(xi, ci)| {
+            let conv = *producer.get(&add.input[xi])?;
+            let c = inits.get(&add.input[ci])?;
+            (graph.node[conv].op_type.as_deref() == Some("Conv")).then_some((conv, c))
+        }) else {
+            continue;
+        };
+        let conv = &graph.node[x];
+        let out = &conv.output[0];
+        let Some(w) = conv.input.get(1).and_then(|n| inits.get(n)) else {
+            continue;
+        };
+        let channels = w.dims.first().copied().unwrap_or(0) as usize;
+        let cd = dims(c);
+        let per_channel = cd.iter().product::<usize>() == channels
+            && cd.iter().filter(|&&d| d != 1).count() <= 1
+            && cd.len() >= 3
+            && cd[cd.len() - 3] == channels; // [C] alone would broadcast along W, not C
+        let Some(cv) = f32_values(c).filter(|_| per_channel) else {
+            continue;
+        };
+        if uses.get(out) != Some(&1) || outputs.contains(out) || remove[x] {
+            continue;
+        }
+        let bias = match conv.input.get(2).filter(|s| !s.is_empty()) {
+            Some(name) => match inits.get(name).and_then(f32_values) {
+                Some(v) if v.len() == channels && uses.get(name) == Some(&1) => v,
+                _ => continue,
+            },
+            None => vec![0.0; channels],
+        };
+        let name = format!("{}_with_add_folded", add.output[0]);
+        let summed: Vec<f32> = bias.iter().zip(&cv).map(|(b, c)| b + c).collect();
+        new_inits.push(f32_tensor(&name, &[channels], &summed));
+        let conv = &mut graph.node[x];
+        conv.input.resize(3, String::new());
+        conv.input[2] = name;
+        conv.output[0] = add.output[0].clone();
+        remove[a] = true;
+        folded += 1;
+    }
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    graph.initializer.extend(new_inits);
+    let read: std::collections::HashSet<String> =
+        graph.node.iter().flat_map(|n| n.input.clone()).collect();
+    graph
+        .initializer
+        .retain(|t| t.name.as_ref().is_none_or(|n| read.contains(n)));
+    folded
+}

@@ -129,7 +129,24 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
 
 /// Ops whose inputs and outputs also get Q/DQ when they sit between quantized tensors, so that
 /// ONNX Runtime keeps the chain in integers (QLinearAdd; Relu/Clip vanish into the Q before them).
-const CHAIN_OPS: &[&str] = &["Add", "Relu", "Clip"];
+/// Mul, the pooling ops and Sigmoid/HardSigmoid/LeakyRelu have integer kernels too (QLinearMul,
+/// QLinearGlobalAveragePool, ...); HardSigmoid runs in float between its Q/DQ, which still costs
+/// less than leaving the chain.
+const CHAIN_OPS: &[&str] = &[
+    "Add",
+    "Mul",
+    "Relu",
+    "Clip",
+    "HardSigmoid",
+    "Sigmoid",
+    "LeakyRelu",
+    "GlobalAveragePool",
+    "AveragePool",
+    "MaxPool",
+];
+
+/// Binary chained ops: both inputs quantized, or one quantized and one a float constant.
+const BINARY_CHAIN_OPS: &[&str] = &["Add", "Mul"];
 
 /// A float constant read by a chained op (an Add's bias): quantized like an activation.
 #[derive(Debug, Clone)]
@@ -159,7 +176,7 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
             continue;
         }
         let ok = match op {
-            "Add" => {
+            _ if BINARY_CHAIN_OPS.contains(&op) => {
                 node.input.len() == 2
                     && node.input.iter().any(|x| set.contains(x))
                     && node
@@ -172,7 +189,7 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
         if !ok {
             continue;
         }
-        if op == "Add" {
+        if BINARY_CHAIN_OPS.contains(&op) {
             for (slot, x) in node
                 .input
                 .iter()
