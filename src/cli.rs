@@ -185,14 +185,6 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let model = engine::onnx::load_model_file(&args.model)
         .with_context(|| format!("while reading {}", args.model.display()))?;
-    let data = engine::dataset::load(&args.calibration)
-        .with_context(|| format!("while reading {}", args.calibration.display()))?;
-    let eval = match &args.eval {
-        Some(p) => Some(
-            engine::dataset::load(p).with_context(|| format!("while reading {}", p.display()))?,
-        ),
-        None => None,
-    };
     let options = serde_json::json!({
         "stage": "quantize",
         "mode": args.mode.replace('-', "_"),
@@ -230,6 +222,20 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     };
     let q: &QuantizeOptions = q;
     let eval_opts = spec.evaluate_options();
+    // Data is read only when calibration, the accuracy budget or the latency gate will use it.
+    let load = |p: &std::path::Path| {
+        engine::dataset::load(p).with_context(|| format!("while reading {}", p.display()))
+    };
+    let needed = crate::worker::quantize_stage::reads_data(q, &model, &spec);
+    let data = if needed {
+        load(&args.calibration)?
+    } else {
+        engine::dataset::Dataset::empty()
+    };
+    let eval = match &args.eval {
+        Some(p) if needed => Some(load(p)?),
+        _ => None,
+    };
     let out = crate::worker::quantize_stage::run(
         &rt,
         q,

@@ -76,6 +76,18 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset with no tensors, for code paths that read none.
+    pub fn empty() -> Dataset {
+        Dataset {
+            summary: DatasetSummary {
+                format: crate::domain::dataset::DatasetFormat::Npz,
+                tensors: vec![],
+                samples: 0,
+            },
+            tensors: vec![],
+        }
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&Tensor> {
         self.tensors.iter().find(|t| t.name == name)
     }

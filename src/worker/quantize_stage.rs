@@ -29,6 +29,16 @@ pub fn needs_calibration(q: &QuantizeOptions, model: &LoadedModel) -> bool {
     }
 }
 
+/// Whether the stage reads any data: calibration, the accuracy budget or the latency gate.
+pub fn reads_data(q: &QuantizeOptions, model: &LoadedModel, spec: &JobSpec) -> bool {
+    let int8 = matches!(scheme(q, model), Scheme::Static(_) | Scheme::Dynamic(_));
+    let budget = q
+        .max_accuracy_drop
+        .or(spec.constraints.max_accuracy_drop)
+        .unwrap_or(DEFAULT_ACCURACY_BUDGET);
+    needs_calibration(q, model) || int8 && (!q.allow_slower || budget < 1.0)
+}
+
 pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
     let per_channel = q.granularity != Granularity::PerTensor;
     let auto_granularity = q.granularity == Granularity::Auto;

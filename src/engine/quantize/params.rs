@@ -75,19 +75,35 @@ fn to_i8(x: f32, scale: f32) -> i8 {
     round_even((x / scale).clamp(-127.0, 127.0)) as i8
 }
 
+/// |x| as bits: for non-NaN floats the order of these integers is the order of |x|, and integer
+/// max reductions vectorize where float ones do not.
+#[inline(always)]
+fn abs_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
 /// The largest |value| of each channel along `axis`, walking the tensor as [outer, channels,
 /// inner] blocks so the loops stay linear (no division per element) and vectorize.
 pub fn channel_max_abs(values: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
     let channels = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
-    let mut max_abs = vec![0.0f32; channels];
-    for chunk in values.chunks(channels * inner) {
-        for (c, row) in chunk.chunks(inner).enumerate() {
-            let m = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            max_abs[c] = max_abs[c].max(m);
+    let mut max_bits = vec![0u32; channels];
+    if inner == 1 {
+        // Channels along the last axis (MatMul weights [K, N]): row by row, element-wise.
+        for row in values.chunks(channels) {
+            for (m, v) in max_bits.iter_mut().zip(row) {
+                *m = (*m).max(abs_bits(*v));
+            }
+        }
+    } else {
+        for chunk in values.chunks(channels * inner) {
+            for (c, row) in chunk.chunks(inner).enumerate() {
+                let m = row.iter().fold(0u32, |m, v| m.max(abs_bits(*v)));
+                max_bits[c] = max_bits[c].max(m);
+            }
         }
     }
-    max_abs
+    max_bits.into_iter().map(f32::from_bits).collect()
 }
 
 /// Per-channel symmetric int8 quantization along `axis` of a tensor with `shape`.
@@ -105,6 +121,14 @@ pub fn quantize_weights_per_channel(
         .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
         .collect();
     let mut q = vec![0i8; values.len()];
+    if inner == 1 {
+        for (row, out) in values.chunks(block).zip(q.chunks_mut(block)) {
+            for ((o, &v), &s) in out.iter_mut().zip(row).zip(&scales) {
+                *o = to_i8(v, s);
+            }
+        }
+        return (scales, q);
+    }
     for (chunk, out) in values.chunks(block).zip(q.chunks_mut(block)) {
         for ((row, out), &s) in chunk.chunks(inner).zip(out.chunks_mut(inner)).zip(&scales) {
             for (o, &v) in out.iter_mut().zip(row) {

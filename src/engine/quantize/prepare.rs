@@ -1,14 +1,58 @@
 //! Graph preparation before quantization. Each transformation keeps outputs equal within float
 //! tolerance (tested on real models).
-use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
+use super::rewrite::attr_f;
+use crate::engine::onnx::proto::{GraphProto, ModelProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
 use std::collections::HashMap;
 
-fn attr_f(node: &NodeProto, name: &str) -> Option<f32> {
-    node.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some(name))
-        .and_then(|a| a.f)
+/// What the folds look up: initializers, readers per value, graph outputs, producers.
+struct Index {
+    inits: HashMap<String, TensorProto>,
+    uses: HashMap<String, usize>,
+    outputs: Vec<String>,
+    producer: HashMap<String, usize>,
+}
+
+impl Index {
+    fn of(graph: &GraphProto) -> Self {
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for n in &graph.node {
+            for i in &n.input {
+                *uses.entry(i.clone()).or_default() += 1;
+            }
+        }
+        Self {
+            inits: graph
+                .initializer
+                .iter()
+                .filter_map(|t| t.name.clone().map(|n| (n, t.clone())))
+                .collect(),
+            uses,
+            outputs: graph.output.iter().filter_map(|o| o.name.clone()).collect(),
+            producer: graph
+                .node
+                .iter()
+                .enumerate()
+                .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
+                .collect(),
+        }
+    }
+}
+
+/// Drops the folded nodes, adds the folded weights, and drops initializers nothing reads any
+/// more (the unfolded weights and parameters).
+fn remove_folded(graph: &mut GraphProto, remove: &[bool], new_inits: Vec<TensorProto>) {
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    graph.initializer.extend(new_inits);
+    let read: std::collections::HashSet<String> =
+        graph.node.iter().flat_map(|n| n.input.clone()).collect();
+    graph
+        .initializer
+        .retain(|t| t.name.as_ref().is_none_or(|n| read.contains(n)));
 }
 
 /// Folds inference-mode BatchNormalization into the Conv that feeds it:
@@ -19,24 +63,12 @@ pub fn fold_batch_norms(model: &mut ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let inits: HashMap<String, TensorProto> = graph
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.clone().map(|n| (n, t.clone())))
-        .collect();
-    let mut uses: HashMap<String, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *uses.entry(i.clone()).or_default() += 1;
-        }
-    }
-    let outputs: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
-    let producer: HashMap<String, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
-        .collect();
+    let Index {
+        inits,
+        uses,
+        outputs,
+        producer,
+    } = Index::of(graph);
     let mut remove = vec![false; graph.node.len()];
     let mut new_inits = Vec::new();
     let mut folded = 0;
@@ -110,18 +142,7 @@ pub fn fold_batch_norms(model: &mut ModelProto) -> usize {
         remove[b] = true;
         folded += 1;
     }
-    let mut i = 0;
-    graph.node.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
-    graph.initializer.extend(new_inits);
-    // Drop initializers nothing reads any more (the unfolded weights and BatchNorm parameters).
-    let read: std::collections::HashSet<String> =
-        graph.node.iter().flat_map(|n| n.input.clone()).collect();
-    graph
-        .initializer
-        .retain(|t| t.name.as_ref().is_none_or(|n| read.contains(n)));
+    remove_folded(graph, &remove, new_inits);
     folded
 }
 
@@ -199,24 +220,12 @@ pub fn fold_conv_bias_adds(model: &mut ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let inits: HashMap<String, TensorProto> = graph
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.clone().map(|n| (n, t.clone())))
-        .collect();
-    let mut uses: HashMap<String, usize> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            *uses.entry(i.clone()).or_default() += 1;
-        }
-    }
-    let outputs: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
-    let producer: HashMap<String, usize> = graph
-        .node
-        .iter()
-        .enumerate()
-        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.clone(), i)))
-        .collect();
+    let Index {
+        inits,
+        uses,
+        outputs,
+        producer,
+    } = Index::of(graph);
     let (mut remove, mut new_inits, mut folded) = (vec![false; graph.node.len()], Vec::new(), 0);
     for a in 0..graph.node.len() {
         let add = graph.node[a].clone();
@@ -264,16 +273,6 @@ pub fn fold_conv_bias_adds(model: &mut ModelProto) -> usize {
         remove[a] = true;
         folded += 1;
     }
-    let mut i = 0;
-    graph.node.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
-    graph.initializer.extend(new_inits);
-    let read: std::collections::HashSet<String> =
-        graph.node.iter().flat_map(|n| n.input.clone()).collect();
-    graph
-        .initializer
-        .retain(|t| t.name.as_ref().is_none_or(|n| read.contains(n)));
+    remove_folded(graph, &remove, new_inits);
     folded
 }
