@@ -63,6 +63,19 @@ pub fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     )
 }
 
+/// A float16 tensor of `values` (rounded to nearest).
+pub fn f16_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
+    tensor(
+        name,
+        dims,
+        DataType::Float16,
+        values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+    )
+}
+
 pub fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
     tensor(
         name,

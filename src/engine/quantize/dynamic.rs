@@ -10,7 +10,7 @@ use super::params::{
 use super::rewrite::{initializers, int_attr, node, Rewrite};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
-use crate::engine::onnx::tensor::{f32_tensor, i8_tensor_owned};
+use crate::engine::onnx::tensor::i8_tensor_owned;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ pub fn quantize_dynamic(
                     let w = inits[l.weight.as_str()];
                     let (q, s) = weights
                         .entry((l.weight.clone(), l.transposed))
-                        .or_insert_with(|| store_weight(&mut rw, &l, w, opts))
+                        .or_insert_with(|| store_weight(&mut rw, &l, w, opts, i))
                         .clone();
                     let x = quantized_inputs
                         .entry(l.input.clone())
@@ -110,6 +110,7 @@ fn store_weight(
     l: &Linear,
     w: &TensorProto,
     opts: &DynamicOptions,
+    at: usize,
 ) -> (String, String) {
     let kn = l.weight_kn(w);
     let per_channel =
@@ -127,7 +128,7 @@ fn store_weight(
     );
     let sdims: Vec<usize> = if per_channel { vec![l.n] } else { vec![] };
     rw.init(i8_tensor_owned(&qname, &[l.k, l.n], q));
-    rw.init(f32_tensor(&sname, &sdims, &scales));
+    rw.scales(&sname, &sdims, &scales, at);
     rw.replaced(&l.weight);
     (qname, sname)
 }

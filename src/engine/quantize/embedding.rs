@@ -4,7 +4,7 @@ use super::layers::Embedding;
 use super::params::quantize_weights_per_channel;
 use super::rewrite::{int_attr, node, Rewrite};
 use crate::engine::onnx::proto::{NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{f32_tensor, f32_view, i8_tensor_owned};
+use crate::engine::onnx::tensor::{f32_view, i8_tensor_owned};
 use std::collections::HashMap;
 
 /// Quantized tables already written, by table name (tables shared by several lookups stay shared).
@@ -22,7 +22,7 @@ pub fn quantize_lookup(rw: &mut Rewrite, tables: &mut Tables, e: &Embedding, tab
                 format!("{}_row_scale", e.table),
             );
             rw.init(i8_tensor_owned(&qname, &[e.rows, e.width], q));
-            rw.init(f32_tensor(&sname, &[e.rows, 1], &scales));
+            rw.scales(&sname, &[e.rows, 1], &scales, e.node);
             rw.replaced(&e.table);
             (qname, sname)
         })

@@ -74,6 +74,41 @@ impl Rewrite {
     }
 }
 
+/// Smallest normal float16: scales below it would lose precision as float16.
+const F16_MIN_NORMAL: f32 = 6.104e-5;
+/// Fewer scales than this are not worth a Cast node.
+const F16_MIN_SCALES: usize = 64;
+
+impl Rewrite {
+    /// Stores quantization scales under `name`: as float16 behind a Cast to float32 when there
+    /// are many and every one is a normal float16 (half the bytes; ONNX Runtime folds the Cast
+    /// when it loads the model, so nothing runs per inference; relative error <= 2^-11), else as
+    /// float32. The Cast goes before node `at`, the first reader.
+    pub fn scales(&mut self, name: &str, dims: &[usize], scales: &[f32], at: usize) {
+        use crate::engine::onnx::tensor::{f16_tensor, f32_tensor};
+        if scales.len() < F16_MIN_SCALES
+            || scales
+                .iter()
+                .any(|s| !(F16_MIN_NORMAL..=65504.0).contains(s))
+        {
+            self.init(f32_tensor(name, dims, scales));
+            return;
+        }
+        let half = format!("{name}_fp16");
+        self.init(f16_tensor(&half, dims, scales));
+        self.before(
+            at,
+            node(
+                "Cast",
+                format!("{name}_Cast"),
+                vec![half],
+                name.to_string(),
+                vec![int_attr("to", 1)],
+            ),
+        );
+    }
+}
+
 /// Removes the initializers in `names` that no node reads.
 pub fn drop_unread(graph: &mut GraphProto, names: &HashSet<String>) {
     let read: HashSet<&str> = graph
