@@ -3,7 +3,7 @@
 //! Runtime fuses into its DynamicQuantizeMatMul kernel. Convolutions stay float: ONNX Runtime runs
 //! dynamic int8 convolutions several times slower than float ones.
 use super::embedding::{quantize_lookup, Tables};
-use super::layers::{embedding, linear, Linear};
+use super::layers::{candidate, embedding, linear, Candidate, Linear};
 use super::params::{
     per_tensor_is_enough, quantize_weights_per_channel, quantize_weights_per_tensor,
 };
@@ -39,22 +39,17 @@ pub fn quantize_dynamic(
     let mut weights: HashMap<(String, bool), (String, String)> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         let op = n.op_type.as_deref().unwrap_or("");
-        if !matches!(op, "MatMul" | "Gemm" | "Gather" | "Conv") {
-            continue;
-        }
         let name = super::rewrite::layer_name(n, i);
         let mut decide = |precision: &str, reason: String| {
             decisions.push(LayerDecision::new(&name, op, precision, reason));
         };
-        if !opts.op_types.iter().any(|o| o == op) {
-            if op != "Gather" {
-                decide("float", format!("{op} is not in op_types"));
+        match candidate(n, &name, &opts.op_types, &opts.exclude) {
+            Candidate::Skip => continue,
+            Candidate::Float(reason) => {
+                decide("float", reason);
+                continue;
             }
-            continue;
-        }
-        if opts.exclude.contains(&name) {
-            decide("float", "excluded".into());
-            continue;
+            Candidate::Take => {}
         }
         match op {
             "Conv" => decide(

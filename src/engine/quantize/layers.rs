@@ -122,3 +122,39 @@ pub fn embedding(
         output: node.output[0].clone(),
     })
 }
+
+/// Whether a node is a candidate layer for a scheme that handles `op_types` and skips `exclude`.
+pub enum Candidate {
+    /// Not a layer (another op, or a Gather the scheme was not asked for).
+    Skip,
+    /// A layer that stays float, and why.
+    Float(String),
+    /// A layer to quantize.
+    Take,
+}
+
+/// The checks every scheme makes first: op type (MatMul, Gemm, Gather, Conv), `op_types`,
+/// `exclude`.
+pub fn candidate(
+    node: &NodeProto,
+    name: &str,
+    op_types: &[String],
+    exclude: &[String],
+) -> Candidate {
+    let op = node.op_type.as_deref().unwrap_or("");
+    if !matches!(op, "MatMul" | "Gemm" | "Gather" | "Conv") {
+        return Candidate::Skip;
+    }
+    if !op_types.iter().any(|o| o == op) {
+        // A Gather that nobody asked for is index arithmetic as often as an embedding.
+        return if op == "Gather" {
+            Candidate::Skip
+        } else {
+            Candidate::Float(format!("{op} is not in op_types"))
+        };
+    }
+    if exclude.iter().any(|e| e == name) {
+        return Candidate::Float("excluded".into());
+    }
+    Candidate::Take
+}

@@ -3,7 +3,7 @@
 //! (com.microsoft), which dequantizes block by block inside the kernel. For size, and for GPU
 //! runtimes whose weight-only kernels are fast.
 use super::embedding::{quantize_lookup, Tables};
-use super::layers::{embedding, linear, Linear};
+use super::layers::{candidate, embedding, linear, Candidate, Linear};
 use super::params::{quantize_weights_per_channel, round_even};
 use super::rewrite::{default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN};
 use super::LayerDecision;
@@ -43,22 +43,17 @@ pub fn quantize_weight_only(
     let mut stored: HashMap<(String, bool), Vec<String>> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         let op = n.op_type.as_deref().unwrap_or("");
-        if !matches!(op, "MatMul" | "Gemm" | "Gather" | "Conv") {
-            continue;
-        }
         let name = layer_name(n, i);
         let mut decide = |precision: &str, reason: String| {
             decisions.push(LayerDecision::new(&name, op, precision, reason));
         };
-        if !opts.op_types.iter().any(|o| o == op) {
-            if op != "Gather" {
-                decide("float", format!("{op} is not in op_types"));
+        match candidate(n, &name, &opts.op_types, &opts.exclude) {
+            Candidate::Skip => continue,
+            Candidate::Float(reason) => {
+                decide("float", reason);
+                continue;
             }
-            continue;
-        }
-        if opts.exclude.contains(&name) {
-            decide("float", "excluded".into());
-            continue;
+            Candidate::Take => {}
         }
         if op == "Gather" {
             if let Ok(e) = embedding(n, i, &inits) {
