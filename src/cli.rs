@@ -248,15 +248,6 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         },
         &engine::NoProgress,
     )?;
-    let q = crate::engine::quantize::Quantized {
-        model: out.model.unwrap_or_else(|| engine::onnx::LoadedModel {
-            proto: model.proto.clone(),
-            bytes: model.bytes.clone(),
-        }),
-        layers: vec![],
-        notes: out.notes,
-        calibration_samples: 0,
-    };
     for l in &out.layers {
         let s = l.sensitivity.map_or(String::new(), |s| format!("{s:+.4} "));
         println!(
@@ -264,15 +255,17 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
             l.node, l.op, l.precision, l.reason
         );
     }
-    std::fs::write(&args.output, &q.model.bytes)
+    // Without a quantized model (the gate kept the input) the input is written as the output.
+    let written = out.model.as_ref().map_or(&model.bytes, |m| &m.bytes);
+    std::fs::write(&args.output, written)
         .with_context(|| format!("while writing {}", args.output.display()))?;
-    for n in &q.notes {
+    for n in &out.notes {
         println!("note: {n}");
     }
     println!(
         "wrote {} ({} bytes, from {} bytes) in {:.3} s",
         args.output.display(),
-        q.model.bytes.len(),
+        written.len(),
         model.bytes.len(),
         started.elapsed().as_secs_f64()
     );

@@ -163,7 +163,7 @@ pub fn run(
             .or(spec.constraints.max_accuracy_drop)
             .unwrap_or(DEFAULT_ACCURACY_BUDGET)
     });
-    let (proto, mut layers, mut float) = match budget.filter(|b| *b < 1.0) {
+    let (proto, mut layers, float) = match budget.filter(|b| *b < 1.0) {
         Some(max_drop) => {
             let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
             let choice = budget::search(
@@ -219,11 +219,9 @@ pub fn run(
                 choice.input_ms / choice.chosen_ms.max(1e-9)
             ));
             checked = Some(quantize::finish(rt, &choice.model)?);
-            float = choice.float;
             merge_reasons(&mut layers, choice.layers);
         }
     }
-    let _ = float;
     let model = if keep {
         checked
     } else {

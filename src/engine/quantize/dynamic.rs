@@ -4,9 +4,7 @@
 //! dynamic int8 convolutions several times slower than float ones.
 use super::embedding::{quantize_lookup, Tables};
 use super::layers::{candidate, embedding, linear, Candidate, Linear};
-use super::params::{
-    per_tensor_is_enough, quantize_weights_per_channel, quantize_weights_per_tensor,
-};
+use super::params::{quantize_weights, QuantizedWeights};
 use super::rewrite::{initializers, int_attr, node, Rewrite};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
@@ -108,14 +106,11 @@ fn store_weight(
     at: usize,
 ) -> (String, String) {
     let kn = l.weight_kn(w);
-    let per_channel =
-        opts.per_channel && !(opts.auto_granularity && per_tensor_is_enough(&kn, &[l.k, l.n], 1));
-    let (scales, q) = if per_channel {
-        quantize_weights_per_channel(&kn, &[l.k, l.n], 1)
-    } else {
-        let (s, q) = quantize_weights_per_tensor(&kn);
-        (vec![s], q)
-    };
+    let QuantizedWeights {
+        scales,
+        values: q,
+        per_channel,
+    } = quantize_weights(&kn, &[l.k, l.n], 1, opts.per_channel, opts.auto_granularity);
     let suffix = if l.transposed { "_t" } else { "" };
     let (qname, sname) = (
         format!("{}{suffix}_quantized", l.weight),

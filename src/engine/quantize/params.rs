@@ -114,6 +114,16 @@ pub fn quantize_weights_per_channel(
     axis: usize,
 ) -> (Vec<f32>, Vec<i8>) {
     let max_abs = channel_max_abs(values, shape, axis);
+    with_channel_max(values, shape, axis, &max_abs)
+}
+
+/// Per-channel quantization from channel maxima already computed.
+fn with_channel_max(
+    values: &[f32],
+    shape: &[usize],
+    axis: usize,
+    max_abs: &[f32],
+) -> (Vec<f32>, Vec<i8>) {
     let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
     let block = max_abs.len() * inner;
     let scales: Vec<f32> = max_abs
@@ -139,6 +149,50 @@ pub fn quantize_weights_per_channel(
     (scales, q)
 }
 
+/// Symmetric int8 weights and their scales.
+pub struct QuantizedWeights {
+    /// One scale, or one per channel.
+    pub scales: Vec<f32>,
+    pub values: Vec<i8>,
+    pub per_channel: bool,
+}
+
+/// Quantizes weights per channel along `axis` when `per_channel` asks for it, except when `auto`
+/// finds the channels' ranges close (then one scale serves, see [`per_tensor_is_enough`]); else
+/// per tensor. The channel maxima are computed once for both the choice and the scales.
+pub fn quantize_weights(
+    values: &[f32],
+    shape: &[usize],
+    axis: usize,
+    per_channel: bool,
+    auto: bool,
+) -> QuantizedWeights {
+    if !per_channel {
+        let (scale, values) = quantize_weights_per_tensor(values);
+        return QuantizedWeights {
+            scales: vec![scale],
+            values,
+            per_channel: false,
+        };
+    }
+    let max_abs = channel_max_abs(values, shape, axis);
+    if auto && ranges_are_close(&max_abs) {
+        let m = max_abs.iter().copied().fold(0.0f32, f32::max);
+        let scale = if m > 0.0 { m / 127.0 } else { 1.0 };
+        return QuantizedWeights {
+            scales: vec![scale],
+            values: values.iter().map(|&v| to_i8(v, scale)).collect(),
+            per_channel: false,
+        };
+    }
+    let (scales, values) = with_channel_max(values, shape, axis, &max_abs);
+    QuantizedWeights {
+        scales,
+        values,
+        per_channel: true,
+    }
+}
+
 /// Extra rounding noise tolerated for one scale per tensor instead of one per channel.
 pub const PER_TENSOR_NOISE_RATIO: f32 = 1.25;
 
@@ -146,7 +200,10 @@ pub const PER_TENSOR_NOISE_RATIO: f32 = 1.25;
 /// `axis` (the noise of a symmetric int8 step grows with the square of its scale), so the
 /// per-channel scales would only cost bytes.
 pub fn per_tensor_is_enough(values: &[f32], shape: &[usize], axis: usize) -> bool {
-    let max_abs = channel_max_abs(values, shape, axis);
+    ranges_are_close(&channel_max_abs(values, shape, axis))
+}
+
+fn ranges_are_close(max_abs: &[f32]) -> bool {
     let all = max_abs.iter().copied().fold(0.0f32, f32::max);
     let mean_sq = max_abs.iter().map(|m| m * m).sum::<f32>() / max_abs.len().max(1) as f32;
     mean_sq > 0.0 && all * all <= PER_TENSOR_NOISE_RATIO * mean_sq

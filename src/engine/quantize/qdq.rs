@@ -4,8 +4,7 @@
 //! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
 use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
-    activation_params, per_tensor_is_enough, quantize, quantize_weights_per_channel,
-    quantize_weights_per_tensor, ActivationType, QParams,
+    activation_params, quantize, quantize_weights, ActivationType, QParams, QuantizedWeights,
 };
 use super::rewrite::{attr_i, int_attr, layer_name, node};
 use super::LayerDecision;
@@ -284,30 +283,29 @@ pub fn rewrite(
     }
 
     // Weights and biases: int8/int32 initializers behind DequantizeLinear, quantized once even when shared.
-    let mut weight_dq: HashMap<String, String> = HashMap::new();
+    // Weight name -> its dequantized value and scales (shared weights are quantized once).
+    let mut weight_dq: HashMap<String, (String, Vec<f32>)> = HashMap::new();
     let mut replaced: HashSet<String> = HashSet::new();
     let mut rename: Vec<(usize, usize, String)> = Vec::new(); // (node, input slot, new name)
     for t in targets {
         let w = &inits[&t.weight];
         let shape = dims(w);
-        let values = f32_view(w).expect("planned weights are float");
-        let per_channel = opts.per_channel
-            && !(opts.auto_granularity && per_tensor_is_enough(&values, &shape, t.axis));
-        let w_scales: Vec<f32> = if let Some(dq) = weight_dq.get(&t.weight) {
+        let w_scales: Vec<f32> = if let Some((dq, scales)) = weight_dq.get(&t.weight) {
             rename.push((t.node, 1, dq.clone()));
-            // Shared weight: the scales are already stored; recompute them for the bias.
-            if per_channel {
-                quantize_weights_per_channel(&values, &shape, t.axis).0
-            } else {
-                vec![quantize_weights_per_tensor(&values).0]
-            }
+            scales.clone()
         } else {
-            let (scales, q) = if per_channel {
-                quantize_weights_per_channel(&values, &shape, t.axis)
-            } else {
-                let (s, q) = quantize_weights_per_tensor(&values);
-                (vec![s], q)
-            };
+            let values = f32_view(w).expect("planned weights are float");
+            let QuantizedWeights {
+                scales,
+                values: q,
+                per_channel,
+            } = quantize_weights(
+                &values,
+                &shape,
+                t.axis,
+                opts.per_channel,
+                opts.auto_granularity,
+            );
             let (qname, sname, zname, dqname) = (
                 format!("{}_quantized", t.weight),
                 format!("{}_scale", t.weight),
@@ -334,7 +332,7 @@ pub fn rewrite(
                 dqname.clone(),
                 attrs,
             ));
-            weight_dq.insert(t.weight.clone(), dqname.clone());
+            weight_dq.insert(t.weight.clone(), (dqname.clone(), scales.clone()));
             replaced.insert(t.weight.clone());
             rename.push((t.node, 1, dqname));
             scales
