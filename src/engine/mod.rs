@@ -9,6 +9,7 @@ pub mod latency;
 pub mod memory;
 pub mod metrics;
 pub mod onnx;
+pub mod parallel;
 pub mod quantize;
 pub mod runtime;
 pub mod table;

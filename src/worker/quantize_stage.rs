@@ -51,6 +51,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
         QuantizeMode::Static | QuantizeMode::Auto => Scheme::Static(StaticOptions {
             per_channel,
             auto_granularity,
+            tables_per_row: per_channel,
             activation: match q.activation_type {
                 ActivationType::Uint8 => params::ActivationType::Uint8,
                 ActivationType::Int8 => params::ActivationType::Int8,
@@ -70,6 +71,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
         QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
             per_channel,
             auto_granularity,
+            tables_per_row: per_channel,
             op_types: with_gather(&q.op_types),
             exclude: q.exclude.clone(),
         }),
@@ -147,7 +149,7 @@ pub fn run(
         data,
         samples: q.calibration.samples as usize,
     });
-    let prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.3))?;
+    let mut prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.3))?;
     let mut notes = prepared.notes.clone();
     notes.push(match &scheme {
         Scheme::Static(_) => format!(
@@ -178,7 +180,17 @@ pub fn run(
                 "the budget was measured on the {} evaluation samples",
                 eval_data.summary.samples
             ));
-            (choice.model, choice.layers, choice.float)
+            let (mut model, mut layers) = (choice.model, choice.layers);
+            if choice.holds {
+                let (smaller, note) =
+                    budget::prefer_per_tensor(&prepared, &scorer, &choice.float, &model, max_drop)?;
+                notes.extend(note);
+                if let Some(p) = smaller {
+                    keep_sensitivity(&mut layers, p.layers);
+                    (prepared, model) = (p.prepared, p.model);
+                }
+            }
+            (model, layers, choice.float)
         }
         None => {
             let (p, l) = prepared.build(&HashSet::new())?;
@@ -243,6 +255,17 @@ pub fn run(
         layers: layers.into_iter().map(report_row).collect(),
         budget: q.max_accuracy_drop.filter(|_| int8),
     })
+}
+
+/// Another build's decisions with the budget's sensitivity figures and reasons.
+fn keep_sensitivity(layers: &mut Vec<LayerDecision>, other: Vec<LayerDecision>) {
+    let old = std::mem::replace(layers, other);
+    for l in layers.iter_mut() {
+        if let Some(o) = old.iter().find(|o| o.node == l.node) {
+            l.sensitivity = o.sensitivity;
+            l.reason = o.reason.clone();
+        }
+    }
 }
 
 /// The speed search's decisions, keeping the budget's sensitivity figures.

@@ -62,6 +62,7 @@ fn dynamic() -> Scheme {
     Scheme::Dynamic(DynamicOptions {
         per_channel: true,
         auto_granularity: false,
+        tables_per_row: true,
         op_types: ops(),
         exclude: vec![],
     })
@@ -81,6 +82,7 @@ fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme 
     Scheme::Static(StaticOptions {
         per_channel,
         auto_granularity: false,
+        tables_per_row: true,
         activation: ActivationType::Uint8,
         symmetric: false,
         op_types: ops(),
@@ -131,6 +133,124 @@ fn dynamic_int8_runs_as_dynamic_quantize_matmul_in_onnx_runtime_and_keeps_the_di
         top1(&e)
     );
     assert!(e.metrics.size.bytes * 3 < base.metrics.size.bytes);
+    // The 256- and 128-wide biases of the int8 layers are stored as float16 behind a Cast.
+    let inits = &q.model.proto.graph.as_ref().unwrap().initializer;
+    assert_eq!(
+        inits.iter().filter(|t| t.data_type == Some(10)).count(),
+        2 + 2,
+        "two per-channel scale vectors and two biases in float16"
+    );
+    assert!(
+        q.layers
+            .iter()
+            .any(|l| l.reason.contains("bias stored as float16")),
+        "{:?}",
+        q.layers
+    );
+}
+
+fn initializer_types(m: &LoadedModel) -> std::collections::HashMap<String, i32> {
+    m.proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone().unwrap(), t.data_type.unwrap()))
+        .collect()
+}
+
+#[test]
+fn static_qdq_stores_no_zero_weight_zero_points_and_onnx_runtime_still_fuses_it() {
+    let (m, images) = (model("digits_cnn.onnx"), data("digits_images.npz"));
+    let base = eval(&m, &images, None);
+    let q = run(&m, &static_scheme(true, None), Some(&images));
+    let types = initializer_types(&q.model);
+    let graph = q.model.proto.graph.as_ref().unwrap();
+    let produced: HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
+    let mut weights = 0;
+    for n in graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("DequantizeLinear"))
+    {
+        match types.get(&n.input[0]) {
+            // int8 weights and int32 biases: zero point 0 is the default, none is stored.
+            Some(3) | Some(6) => {
+                assert_eq!(n.input.len(), 2, "{n:?}");
+                weights += 1;
+            }
+            _ => {}
+        }
+        if types.get(&n.input[0]) == Some(&6) {
+            assert!(
+                produced.contains(n.input[1].as_str()),
+                "per-channel bias scales are x_scale * w_scale, one Mul folded at load: {n:?}"
+            );
+        }
+    }
+    assert!(weights >= 6, "three layers, weights and biases: {weights}");
+    let py = in_python(&q.model, "digits_images.npz", "logits");
+    assert!(
+        has(&py["optimized_ops"], "QLinearConv"),
+        "{}",
+        py["optimized_ops"]
+    );
+    let e = eval(&q.model, &images, Some(&base));
+    assert_eq!(
+        py["top1"].as_f64().unwrap(),
+        top1(&e),
+        "both runtimes agree"
+    );
+    assert!(
+        top1(&base) - top1(&e) <= 0.01,
+        "{} -> {}",
+        top1(&base),
+        top1(&e)
+    );
+}
+
+#[test]
+fn granularity_auto_takes_one_scale_per_tensor_only_where_it_measures_as_good() {
+    let val = data("digits_val.npz");
+    let auto = Scheme::Dynamic(DynamicOptions {
+        per_channel: true,
+        auto_granularity: true,
+        tables_per_row: true,
+        op_types: ops(),
+        exclude: vec![],
+    });
+    let runtime = rt();
+    let none = HashSet::new();
+    let choose = |name: &str| {
+        let m = model(name);
+        let prepared = Prepared::new(&runtime, &m, &auto, None, &NoProgress).unwrap();
+        let (chosen, _) = prepared.build(&none).unwrap();
+        let scorer = budget::Scorer::new(&runtime, &m, &val, &quick()).unwrap();
+        let (choice, notes) =
+            budget::prefer_per_tensor(&prepared, &scorer, &none, &chosen, 0.005).unwrap();
+        (chosen, choice, notes, scorer.float_score, scorer)
+    };
+    // The digits MLP: one scale per tensor fits the budget with a similar output error.
+    let (chosen, choice, notes, float, scorer) = choose("digits_mlp.onnx");
+    let choice = choice.unwrap_or_else(|| panic!("{notes:?}"));
+    use prost::Message;
+    assert!(choice.model.encoded_len() < chosen.encoded_len());
+    assert!(float - scorer.score(&choice.model).unwrap() <= 0.005);
+    assert!(notes[0].contains("kept"), "{notes:?}");
+    quantize::finish(&rt(), &choice.model).unwrap();
+    // One unit with 100x larger weights: a shared scale would crush the others, so the
+    // per-channel scales stay.
+    let (_, choice, notes, _, _) = choose("digits_mlp_outlier.onnx");
+    assert!(choice.is_none(), "{notes:?}");
+    assert!(
+        !notes.is_empty() && notes.iter().all(|n| n.contains("not kept")),
+        "{notes:?}"
+    );
 }
 
 #[test]

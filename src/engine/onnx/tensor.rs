@@ -13,6 +13,23 @@ pub fn f32_values(t: &TensorProto) -> Option<Vec<f32>> {
     f32_view(t).map(Cow::into_owned)
 }
 
+/// The float32 values of a tensor as little-endian 4-byte groups, borrowed in place from raw
+/// storage at any alignment (see [`crate::engine::quantize::params::F32`]); None for other types.
+pub fn f32_le(t: &TensorProto) -> Option<Cow<'_, [[u8; 4]]>> {
+    if t.data_type != Some(DataType::Float as i32) {
+        return None;
+    }
+    match t.raw_data.as_ref().filter(|r| !r.is_empty()) {
+        // SAFETY: [u8; 4] has alignment 1 and the length stays within `raw`.
+        Some(raw) => Some(Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(raw.as_ptr().cast::<[u8; 4]>(), raw.len() / 4)
+        })),
+        None => Some(Cow::Owned(
+            t.float_data.iter().map(|v| v.to_le_bytes()).collect(),
+        )),
+    }
+}
+
 /// The float32 values of a tensor, borrowed in place when the raw bytes are aligned (weights of
 /// a memory-mapped model usually are), copied otherwise.
 pub fn f32_view(t: &TensorProto) -> Option<Cow<'_, [f32]>> {

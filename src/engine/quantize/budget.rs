@@ -66,6 +66,11 @@ impl<'a> Scorer<'a> {
     }
 
     pub fn score(&self, proto: &ModelProto) -> Result<f64> {
+        Ok(self.score_and_error(proto)?.0)
+    }
+
+    /// The score and the mean absolute error of the scored output against the float model's.
+    pub fn score_and_error(&self, proto: &ModelProto) -> Result<(f64, f64)> {
         let model = LoadedModel {
             bytes: proto.encode_to_vec().into(),
             proto: proto.clone(),
@@ -78,8 +83,70 @@ impl<'a> Scorer<'a> {
             Some(&self.reference),
             &NoProgress,
         )?;
-        Ok(self.score_of(&e.metrics))
+        let error =
+            crate::domain::report::primary_fidelity(&e.metrics).map_or(0.0, |f| f.mean_abs_error);
+        Ok((self.score_of(&e.metrics), error))
     }
+}
+
+/// How much more output error than per-channel scales one scale per tensor may add and still be
+/// chosen for its smaller size (within the accuracy budget).
+pub const PER_TENSOR_ERROR_RATIO: f64 = 1.5;
+
+/// A smaller model with one scale per tensor, chosen because it measured as good.
+pub struct PerTensorChoice {
+    pub prepared: Prepared,
+    pub model: ModelProto,
+    pub layers: Vec<LayerDecision>,
+}
+
+/// With granularity `auto`, the budget's choice may still carry per-channel (and per-row) scales.
+/// One scale per tensor everywhere, else per embedding table only (same float layers), wins when
+/// it also fits the budget and its output error stays within [`PER_TENSOR_ERROR_RATIO`] of the
+/// chosen model's: it is the smaller model of the same quality. (Not "scores no lower than the
+/// chosen model": on a small evaluation set that one may beat the float model by a sample or two
+/// of luck.) Returns the winner, if any, and a note for each model tried.
+pub fn prefer_per_tensor(
+    prepared: &Prepared,
+    scorer: &Scorer<'_>,
+    float: &HashSet<String>,
+    chosen: &ModelProto,
+    max_drop: f64,
+) -> Result<(Option<PerTensorChoice>, Vec<String>)> {
+    let mut notes = Vec::new();
+    let mut reference: Option<(f64, f64)> = None;
+    for (tables_only, what) in [(false, "every layer"), (true, "embedding tables")] {
+        let Some(per_tensor) = prepared.per_tensor(tables_only) else {
+            break;
+        };
+        let (model, layers) = per_tensor.build(float)?;
+        let (small, large) = (model.encoded_len(), chosen.encoded_len());
+        if small >= large {
+            continue;
+        }
+        let (s0, e0) = match reference {
+            Some(r) => r,
+            None => *reference.insert(scorer.score_and_error(chosen)?),
+        };
+        let (s1, e1) = scorer.score_and_error(&model)?;
+        let fits = scorer.float_score - s1 <= max_drop + 1e-9;
+        let wins = fits && e1 <= e0 * PER_TENSOR_ERROR_RATIO;
+        notes.push(format!(
+            "granularity auto: one scale per tensor for {what} scores {s1:.4} {} with output error {e1:.3e}, the per-channel model {s0:.4} with {e0:.3e}: {} ({} bytes smaller)",
+            scorer.metric,
+            if wins { "kept" } else { "not kept" },
+            large - small
+        ));
+        if wins {
+            let choice = PerTensorChoice {
+                prepared: per_tensor,
+                model,
+                layers,
+            };
+            return Ok((Some(choice), notes));
+        }
+    }
+    Ok((None, notes))
 }
 
 /// The outcome of the budget search.

@@ -230,7 +230,8 @@ impl Prepared {
                     if !o.op_types.iter().any(|t| t == "Gather") {
                         return (proto, layers);
                     }
-                    let (proto, lookups) = embedding::quantize_tables(&proto, &o.exclude);
+                    let (proto, lookups) =
+                        embedding::quantize_tables(&proto, &o.exclude, o.tables_per_row);
                     layers.extend(lookups);
                     (proto, layers)
                 };
@@ -270,6 +271,41 @@ impl Prepared {
                 );
                 (proto, vec![layer])
             }
+        })
+    }
+
+    /// The same preparation with one scale per tensor (or, with `tables_only`, per embedding
+    /// table only) when the scheme chose granularity automatically.
+    pub fn per_tensor(&self, tables_only: bool) -> Option<Prepared> {
+        let (per_channel, auto) = match &self.scheme {
+            Scheme::Static(o) => (o.per_channel, o.auto_granularity),
+            Scheme::Dynamic(o) => (o.per_channel, o.auto_granularity),
+            _ => return None,
+        };
+        if !(per_channel && auto) {
+            return None;
+        }
+        let scheme = match &self.scheme {
+            Scheme::Static(o) => Scheme::Static(StaticOptions {
+                per_channel: tables_only,
+                auto_granularity: tables_only,
+                tables_per_row: false,
+                ..o.clone()
+            }),
+            Scheme::Dynamic(o) => Scheme::Dynamic(DynamicOptions {
+                per_channel: tables_only,
+                auto_granularity: tables_only,
+                tables_per_row: false,
+                ..o.clone()
+            }),
+            _ => unreachable!("matched above"),
+        };
+        Some(Prepared {
+            scheme,
+            model: self.model.clone(),
+            notes: self.notes.clone(),
+            ranges: self.ranges.clone(),
+            calibration_samples: self.calibration_samples,
         })
     }
 

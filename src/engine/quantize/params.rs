@@ -78,13 +78,34 @@ fn to_i8(x: f32, scale: f32) -> i8 {
 /// |x| as bits: for non-NaN floats the order of these integers is the order of |x|, and integer
 /// max reductions vectorize where float ones do not.
 #[inline(always)]
-fn abs_bits(x: f32) -> u32 {
-    x.to_bits() & 0x7fff_ffff
+fn abs_bits(x: impl F32) -> u32 {
+    x.get().to_bits() & 0x7fff_ffff
+}
+
+/// A float32 weight as stored: an `f32`, or its 4 little-endian bytes straight from the model
+/// file (most initializers sit at unaligned offsets, and reading them in place saves a copy of
+/// every weight; unaligned vector loads cost nothing extra on x86-64).
+pub trait F32: Copy + Send + Sync {
+    fn get(self) -> f32;
+}
+
+impl F32 for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl F32 for [u8; 4] {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_le_bytes(self)
+    }
 }
 
 /// The largest |value| of each channel along `axis`, walking the tensor as [outer, channels,
 /// inner] blocks so the loops stay linear (no division per element) and vectorize.
-pub fn channel_max_abs(values: &[f32], shape: &[usize], axis: usize) -> Vec<f32> {
+pub fn channel_max_abs<T: F32>(values: &[T], shape: &[usize], axis: usize) -> Vec<f32> {
     let channels = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
     let mut max_bits = vec![0u32; channels];
@@ -108,8 +129,8 @@ pub fn channel_max_abs(values: &[f32], shape: &[usize], axis: usize) -> Vec<f32>
 
 /// Per-channel symmetric int8 quantization along `axis` of a tensor with `shape`.
 /// Returns one scale per channel and the quantized values in the same layout.
-pub fn quantize_weights_per_channel(
-    values: &[f32],
+pub fn quantize_weights_per_channel<T: F32>(
+    values: &[T],
     shape: &[usize],
     axis: usize,
 ) -> (Vec<f32>, Vec<i8>) {
@@ -117,24 +138,41 @@ pub fn quantize_weights_per_channel(
     with_channel_max(values, shape, axis, &max_abs)
 }
 
+/// Smallest normal float16.
+pub const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
+
+/// The scale of one channel whose largest |weight| is `max_abs`: max_abs / 127 rounded to the
+/// nearest float16 value, and at least the smallest normal float16. Scales that are float16
+/// values store in half the bytes without changing a weight; the rounding moves the scale by at
+/// most 2^-11 of itself (the largest weight may then clamp by under 0.07 of a step). Only
+/// channels with max |w| < 127 * 2^-14 (dead neurons) get a step coarser than their own range,
+/// still finer than any scale shared with a live channel.
+pub fn channel_scale(max_abs: f32) -> f32 {
+    if max_abs.is_nan() || max_abs <= 0.0 {
+        return 1.0;
+    }
+    let exact = (max_abs / 127.0).max(F16_MIN_NORMAL);
+    if exact > half::f16::MAX.to_f32() {
+        return exact; // stored as float32
+    }
+    half::f16::from_f32(exact).to_f32()
+}
+
 /// Per-channel quantization from channel maxima already computed.
-fn with_channel_max(
-    values: &[f32],
+fn with_channel_max<T: F32>(
+    values: &[T],
     shape: &[usize],
     axis: usize,
     max_abs: &[f32],
 ) -> (Vec<f32>, Vec<i8>) {
     let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
     let block = max_abs.len() * inner;
-    let scales: Vec<f32> = max_abs
-        .iter()
-        .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
-        .collect();
+    let scales: Vec<f32> = max_abs.iter().map(|&m| channel_scale(m)).collect();
     let mut q = vec![0i8; values.len()];
     if inner == 1 {
         for (row, out) in values.chunks(block).zip(q.chunks_mut(block)) {
             for ((o, &v), &s) in out.iter_mut().zip(row).zip(&scales) {
-                *o = to_i8(v, s);
+                *o = to_i8(v.get(), s);
             }
         }
         return (scales, q);
@@ -142,7 +180,7 @@ fn with_channel_max(
     for (chunk, out) in values.chunks(block).zip(q.chunks_mut(block)) {
         for ((row, out), &s) in chunk.chunks(inner).zip(out.chunks_mut(inner)).zip(&scales) {
             for (o, &v) in out.iter_mut().zip(row) {
-                *o = to_i8(v, s);
+                *o = to_i8(v.get(), s);
             }
         }
     }
@@ -160,8 +198,8 @@ pub struct QuantizedWeights {
 /// Quantizes weights per channel along `axis` when `per_channel` asks for it, except when `auto`
 /// finds the channels' ranges close (then one scale serves, see [`per_tensor_is_enough`]); else
 /// per tensor. The channel maxima are computed once for both the choice and the scales.
-pub fn quantize_weights(
-    values: &[f32],
+pub fn quantize_weights<T: F32>(
+    values: &[T],
     shape: &[usize],
     axis: usize,
     per_channel: bool,
@@ -181,7 +219,7 @@ pub fn quantize_weights(
         let scale = if m > 0.0 { m / 127.0 } else { 1.0 };
         return QuantizedWeights {
             scales: vec![scale],
-            values: values.iter().map(|&v| to_i8(v, scale)).collect(),
+            values: values.iter().map(|&v| to_i8(v.get(), scale)).collect(),
             per_channel: false,
         };
     }
@@ -199,7 +237,7 @@ pub const PER_TENSOR_NOISE_RATIO: f32 = 1.25;
 /// Whether one scale for the whole tensor adds little rounding noise over one per channel along
 /// `axis` (the noise of a symmetric int8 step grows with the square of its scale), so the
 /// per-channel scales would only cost bytes.
-pub fn per_tensor_is_enough(values: &[f32], shape: &[usize], axis: usize) -> bool {
+pub fn per_tensor_is_enough<T: F32>(values: &[T], shape: &[usize], axis: usize) -> bool {
     ranges_are_close(&channel_max_abs(values, shape, axis))
 }
 
@@ -210,9 +248,12 @@ fn ranges_are_close(max_abs: &[f32]) -> bool {
 }
 
 /// Per-tensor symmetric int8 quantization.
-pub fn quantize_weights_per_tensor(values: &[f32]) -> (f32, Vec<i8>) {
-    let scale = weight_scale(values.iter().copied());
-    (scale, values.iter().map(|&v| to_i8(v, scale)).collect())
+pub fn quantize_weights_per_tensor<T: F32>(values: &[T]) -> (f32, Vec<i8>) {
+    let scale = weight_scale(values.iter().map(|v| v.get()));
+    (
+        scale,
+        values.iter().map(|&v| to_i8(v.get(), scale)).collect(),
+    )
 }
 
 #[cfg(test)]
@@ -274,6 +315,20 @@ mod tests {
         // Along axis 1 every column gets its own scale.
         let (scales, _) = quantize_weights_per_channel(&values, &shape, 1);
         assert_eq!(scales.len(), 4);
+    }
+
+    #[test]
+    fn channel_scales_are_float16_values_within_half_a_step() {
+        for m in [1e-9f32, 1e-3, 0.0123, 0.5, 1.0, 3.3, 1000.0, 7e6] {
+            let s = channel_scale(m);
+            let exact = (m / 127.0).max(F16_MIN_NORMAL);
+            assert!((s - exact).abs() <= exact / 2048.0, "{m}: {s} vs {exact}");
+            if exact <= 65504.0 {
+                assert_eq!(half::f16::from_f32(s).to_f32(), s, "{m}: {s} is no float16");
+            }
+        }
+        // A dead channel's tiny weights get the smallest normal float16 step, never 0 or subnormal.
+        assert_eq!(channel_scale(1e-9), F16_MIN_NORMAL);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
     activation_params, quantize, quantize_weights, ActivationType, QParams, QuantizedWeights,
 };
-use super::rewrite::{attr_i, int_attr, layer_name, node};
+use super::rewrite::{attr_i, int_attr, layer_name, node, scale_tensors};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{
@@ -22,6 +22,8 @@ pub struct StaticOptions {
     pub per_channel: bool,
     /// With `per_channel`: one scale per tensor for layers whose channels have similar ranges.
     pub auto_granularity: bool,
+    /// Embedding tables with one scale per row (else one per table).
+    pub tables_per_row: bool,
     pub activation: ActivationType,
     /// Operator types to quantize (Conv, MatMul, Gemm).
     pub op_types: Vec<String>,
@@ -270,29 +272,25 @@ pub fn rewrite(
             EngineError::InvalidModel(format!("no calibration range for `{name}`"))
         })?;
         let p = activation_params(lo, hi, opts.activation, opts.symmetric);
-        new_inits.push(f32_tensor(&format!("{name}_scale"), &[], &[p.scale]));
+        new_inits.push(f32_tensor(&format!("{name}_s"), &[], &[p.scale]));
         new_inits.push(match opts.activation {
-            ActivationType::Uint8 => {
-                u8_tensor(&format!("{name}_zero_point"), &[], &[p.zero_point as u8])
-            }
-            ActivationType::Int8 => {
-                i8_tensor(&format!("{name}_zero_point"), &[], &[p.zero_point as i8])
-            }
+            ActivationType::Uint8 => u8_tensor(&format!("{name}_zp"), &[], &[p.zero_point as u8]),
+            ActivationType::Int8 => i8_tensor(&format!("{name}_zp"), &[], &[p.zero_point as i8]),
         });
         act.insert(name, p);
     }
 
     // Weights and biases: int8/int32 initializers behind DequantizeLinear, quantized once even when shared.
-    // Weight name -> its dequantized value and scales (shared weights are quantized once).
-    let mut weight_dq: HashMap<String, (String, Vec<f32>)> = HashMap::new();
+    // Weight name -> its dequantized value, scale tensor and scales (shared weights are quantized once).
+    let mut weight_dq: HashMap<String, (String, String, Vec<f32>)> = HashMap::new();
     let mut replaced: HashSet<String> = HashSet::new();
     let mut rename: Vec<(usize, usize, String)> = Vec::new(); // (node, input slot, new name)
     for t in targets {
         let w = &inits[&t.weight];
         let shape = dims(w);
-        let w_scales: Vec<f32> = if let Some((dq, scales)) = weight_dq.get(&t.weight) {
+        let (w_sname, w_scales) = if let Some((dq, sname, scales)) = weight_dq.get(&t.weight) {
             rename.push((t.node, 1, dq.clone()));
-            scales.clone()
+            (sname.clone(), scales.clone())
         } else {
             let values = f32_view(w).expect("planned weights are float");
             let QuantizedWeights {
@@ -306,11 +304,10 @@ pub fn rewrite(
                 opts.per_channel,
                 opts.auto_granularity,
             );
-            let (qname, sname, zname, dqname) = (
-                format!("{}_quantized", t.weight),
-                format!("{}_scale", t.weight),
-                format!("{}_zero_point", t.weight),
-                format!("{}_dequantized", t.weight),
+            let (qname, sname, dqname) = (
+                format!("{}_q", t.weight),
+                format!("{}_s", t.weight),
+                format!("{}_dq", t.weight),
             );
             let sdims: Vec<usize> = if per_channel {
                 vec![scales.len()]
@@ -318,24 +315,29 @@ pub fn rewrite(
                 vec![]
             };
             new_inits.push(i8_tensor_owned(&qname, &shape, q));
-            new_inits.push(f32_tensor(&sname, &sdims, &scales));
-            new_inits.push(i8_tensor(&zname, &sdims, &vec![0; scales.len()]));
+            let (st, cast) = scale_tensors(&sname, &sdims, &scales);
+            new_inits.push(st);
+            prologue.extend(cast);
             let attrs = if per_channel {
                 vec![int_attr("axis", t.axis as i64)]
             } else {
                 vec![]
             };
+            // Symmetric: the zero point is 0, DequantizeLinear's default for int8, so none is stored.
             prologue.push(node(
                 "DequantizeLinear",
-                format!("{}_DequantizeLinear", t.weight),
-                vec![qname, sname, zname],
+                format!("{}_DQ", t.weight),
+                vec![qname, sname.clone()],
                 dqname.clone(),
                 attrs,
             ));
-            weight_dq.insert(t.weight.clone(), (dqname.clone(), scales.clone()));
+            weight_dq.insert(
+                t.weight.clone(),
+                (dqname.clone(), sname.clone(), scales.clone()),
+            );
             replaced.insert(t.weight.clone());
             rename.push((t.node, 1, dqname));
-            scales
+            (sname, scales)
         };
         if let Some(b) = &t.bias {
             let x = act[&t.activation];
@@ -358,19 +360,30 @@ pub fn rewrite(
                     )
                 })
                 .collect();
-            let (qname, sname, zname, dqname) = (
-                format!("{b}_{}_quantized", t.name),
-                format!("{b}_{}_scale", t.name),
-                format!("{b}_{}_zero_point", t.name),
-                format!("{b}_{}_dequantized", t.name),
+            let (qname, sname, dqname) = (
+                format!("{b}_{}_q", t.name),
+                format!("{b}_{}_s", t.name),
+                format!("{b}_{}_dq", t.name),
             );
             new_inits.push(i32_tensor(&qname, &[q.len()], &q));
-            new_inits.push(f32_tensor(&sname, &[scales.len()], &scales));
-            new_inits.push(i32_tensor(&zname, &[scales.len()], &vec![0; scales.len()]));
+            if w_scales.len() == 1 {
+                new_inits.push(f32_tensor(&sname, &[], &scales[..1]));
+            } else {
+                // x_scale * w_scale[c], the same float32 products the bias was quantized with,
+                // computed by one Mul that ONNX Runtime folds at load instead of stored per channel.
+                prologue.push(node(
+                    "Mul",
+                    format!("{sname}_Mul"),
+                    vec![format!("{}_s", t.activation), w_sname],
+                    sname.clone(),
+                    vec![],
+                ));
+            }
+            // int32 with zero point 0, DequantizeLinear's default, so none is stored.
             prologue.push(node(
                 "DequantizeLinear",
-                format!("{b}_{}_DequantizeLinear", t.name),
-                vec![qname, sname, zname],
+                format!("{b}_{}_DQ", t.name),
+                vec![qname, sname],
                 dqname.clone(),
                 vec![int_attr("axis", 0)],
             ));
@@ -391,17 +404,17 @@ pub fn rewrite(
             .collect();
         let base = format!("{}_{}_const", c.name, c.node);
         let (qname, sname, zname, dqname) = (
-            format!("{base}_quantized"),
-            format!("{base}_scale"),
-            format!("{base}_zero_point"),
-            format!("{base}_dequantized"),
+            format!("{base}_q"),
+            format!("{base}_s"),
+            format!("{base}_zp"),
+            format!("{base}_dq"),
         );
         new_inits.push(u8_tensor(&qname, &dims(&inits[&c.name]), &q));
         new_inits.push(f32_tensor(&sname, &[], &[p.scale]));
         new_inits.push(u8_tensor(&zname, &[], &[p.zero_point as u8]));
         prologue.push(node(
             "DequantizeLinear",
-            format!("{base}_DequantizeLinear"),
+            format!("{base}_DQ"),
             vec![qname, sname, zname],
             dqname.clone(),
             vec![],
@@ -415,20 +428,20 @@ pub fn rewrite(
 
     // Activations: Q -> DQ right after the producer; every consumer reads the dequantized value.
     let qdq = |name: &str| -> [NodeProto; 2] {
-        let (s, z) = (format!("{name}_scale"), format!("{name}_zero_point"));
+        let (s, z) = (format!("{name}_s"), format!("{name}_zp"));
         [
             node(
                 "QuantizeLinear",
-                format!("{name}_QuantizeLinear"),
+                format!("{name}_Q"),
                 vec![name.into(), s.clone(), z.clone()],
-                format!("{name}_quantized"),
+                format!("{name}_q"),
                 vec![],
             ),
             node(
                 "DequantizeLinear",
-                format!("{name}_DequantizeLinear"),
-                vec![format!("{name}_quantized"), s, z],
-                format!("{name}_dequantized"),
+                format!("{name}_DQ"),
+                vec![format!("{name}_q"), s, z],
+                format!("{name}_dq"),
                 vec![],
             ),
         ]
@@ -436,7 +449,7 @@ pub fn rewrite(
     for n in graph.node.iter_mut() {
         for input in n.input.iter_mut() {
             if act.contains_key(input.as_str()) {
-                *input = format!("{input}_dequantized");
+                *input = format!("{input}_dq");
             }
         }
     }

@@ -74,38 +74,44 @@ impl Rewrite {
     }
 }
 
-/// Smallest normal float16: scales below it would lose precision as float16.
-const F16_MIN_NORMAL: f32 = 6.104e-5;
 /// Fewer scales than this are not worth a Cast node.
 const F16_MIN_SCALES: usize = 64;
 
+/// Quantization scales under `name`: float16 behind a Cast to float32 when there are many and
+/// every one is exactly a float16 value (per-channel weight scales are made so, see
+/// [`super::params::channel_scale`]): half the bytes, the same numbers, and ONNX Runtime folds
+/// the Cast when it loads the model. Otherwise one float32 initializer. Returns the
+/// initializer and the Cast node, if any, which must run before the first reader.
+pub fn scale_tensors(
+    name: &str,
+    dims: &[usize],
+    scales: &[f32],
+) -> (TensorProto, Option<NodeProto>) {
+    use crate::engine::onnx::tensor::{f16_tensor, f32_tensor};
+    let exact = scales.iter().all(|&s| half::f16::from_f32(s).to_f32() == s);
+    if scales.len() < F16_MIN_SCALES || !exact {
+        return (f32_tensor(name, dims, scales), None);
+    }
+    let half = format!("{name}16");
+    let cast = node(
+        "Cast",
+        format!("{name}_Cast"),
+        vec![half.clone()],
+        name.to_string(),
+        vec![int_attr("to", 1)],
+    );
+    (f16_tensor(&half, dims, scales), Some(cast))
+}
+
 impl Rewrite {
-    /// Stores quantization scales under `name`: as float16 behind a Cast to float32 when there
-    /// are many and every one is a normal float16 (half the bytes; ONNX Runtime folds the Cast
-    /// when it loads the model, so nothing runs per inference; relative error <= 2^-11), else as
-    /// float32. The Cast goes before node `at`, the first reader.
+    /// Stores quantization scales under `name` (see [`scale_tensors`]); the Cast, when there is
+    /// one, goes before node `at`, the first reader.
     pub fn scales(&mut self, name: &str, dims: &[usize], scales: &[f32], at: usize) {
-        use crate::engine::onnx::tensor::{f16_tensor, f32_tensor};
-        if scales.len() < F16_MIN_SCALES
-            || scales
-                .iter()
-                .any(|s| !(F16_MIN_NORMAL..=65504.0).contains(s))
-        {
-            self.init(f32_tensor(name, dims, scales));
-            return;
+        let (t, cast) = scale_tensors(name, dims, scales);
+        self.init(t);
+        if let Some(c) = cast {
+            self.before(at, c);
         }
-        let half = format!("{name}_fp16");
-        self.init(f16_tensor(&half, dims, scales));
-        self.before(
-            at,
-            node(
-                "Cast",
-                format!("{name}_Cast"),
-                vec![half],
-                name.to_string(),
-                vec![int_attr("to", 1)],
-            ),
-        );
     }
 }
 

@@ -8,9 +8,7 @@ use super::params::{quantize_weights_per_channel, round_even};
 use super::rewrite::{default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
-use crate::engine::onnx::tensor::{
-    dims, f32_tensor, f32_view, i8_tensor, i8_tensor_owned, is_f32, u8_tensor,
-};
+use crate::engine::onnx::tensor::{dims, f32_tensor, f32_view, i8_tensor_owned, is_f32, u8_tensor};
 use crate::engine::{EngineError, Result};
 use std::collections::HashMap;
 
@@ -57,7 +55,14 @@ pub fn quantize_weight_only(
         }
         if op == "Gather" {
             if let Ok(e) = embedding(n, i, &inits) {
-                quantize_lookup(&mut rw, &mut tables, &e, inits[e.table.as_str()]);
+                quantize_lookup(
+                    &mut rw,
+                    &mut tables,
+                    &e,
+                    inits[e.table.as_str()],
+                    true,
+                    None,
+                );
                 decide(
                     "int8",
                     "embedding rows in int8, dequantized after the lookup".into(),
@@ -126,17 +131,16 @@ pub fn quantize_weight_only(
 fn int8_behind_dq(rw: &mut Rewrite, name: &str, w: &TensorProto, axis: usize, at: usize) -> String {
     let shape = dims(w);
     let (scales, q) = quantize_weights_per_channel(&f32_view(w).expect("float"), &shape, axis);
-    let [qn, sn, zn, dqn] =
-        ["quantized", "scale", "zero_point", "dequantized"].map(|s| format!("{name}_{s}"));
+    let [qn, sn, dqn] = ["q", "s", "dq"].map(|s| format!("{name}_{s}"));
     rw.init(i8_tensor_owned(&qn, &shape, q));
-    rw.init(f32_tensor(&sn, &[scales.len()], &scales));
-    rw.init(i8_tensor(&zn, &[scales.len()], &vec![0; scales.len()]));
+    rw.scales(&sn, &[scales.len()], &scales, at);
+    // Symmetric: zero point 0 is DequantizeLinear's default for int8, so none is stored.
     rw.before(
         at,
         node(
             "DequantizeLinear",
-            format!("{name}_DequantizeLinear"),
-            vec![qn, sn, zn],
+            format!("{name}_DQ"),
+            vec![qn, sn],
             dqn.clone(),
             vec![int_attr("axis", axis as i64)],
         ),
