@@ -2,7 +2,7 @@
 """Side by side: Shrink's quantize stage vs ONNX Runtime's quantize_dynamic / quantize_static, on
 the same calibration samples and the same held-out evaluation samples. Every model is timed by
 the same evaluator (`shrink eval --json`: ONNX Runtime on CPU, 1 intra-op thread, p50 at batch 1
-and 32) and scored in onnxruntime-Python.
+and 32; three interleaved rounds, the median round reported) and scored in onnxruntime-Python.
 
 Usage: .venv/bin/python bench/quantize.py [SHRINK_BINARY]   (from the repository root; a release
 build gives representative quantize times: cargo build --release)
@@ -50,12 +50,25 @@ def timed(fn, repeats=3):
     return sorted(times)[len(times) // 2]
 
 
-def latency(model, data, output):
-    args = [SHRINK, "eval", "--json", "--latency-runs", "50", model, data]
-    if output:
-        args[2:2] = ["--output", output]
-    m = json.loads(run(*args))
-    return m["size"]["bytes"], m["latency"]["batch_1"]["p50_ms"], m["latency"]["batch_n"]["p50_ms"]
+ROUNDS = 3
+
+
+def latencies(models, data, output):
+    """Size and p50 latency at batch 1 and 32 of each model: ROUNDS rounds, every model timed
+    once per round (20 runs), the median of its round p50s reported, so that the drift of this
+    shared VM between rows reaches every model alike."""
+    rounds = []
+    for _ in range(ROUNDS):
+        row = []
+        for model in models:
+            args = [SHRINK, "eval", "--json", "--latency-runs", "20", model, data]
+            if output:
+                args[2:2] = ["--output", output]
+            m = json.loads(run(*args))
+            row.append((m["size"]["bytes"], m["latency"]["batch_1"]["p50_ms"], m["latency"]["batch_n"]["p50_ms"]))
+        rounds.append(row)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    return [(r[0][0], med([x[1] for x in r]), med([x[2] for x in r])) for r in zip(*rounds)]
 
 
 def session(path):
@@ -118,9 +131,9 @@ def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=Tru
         rows.append((f"ort dynamic{' per-channel' if per_channel else ''}", path, secs))
     print(f"\n## {label}")
     cols = None
-    for name, path, secs in rows:
+    timed_rows = latencies([path for _, path, _ in rows], eval_npz, output)
+    for (name, path, secs), (size, p1, p32) in zip(rows, timed_rows):
         q = score(path)
-        size, p1, p32 = latency(path, eval_npz, output)
         if cols is None:
             cols = list(q)
             print(f"{'method':<24} " + " ".join(f"{c:>10}" for c in cols)

@@ -123,3 +123,30 @@ pub fn i32_tensor(name: &str, dims: &[usize], values: &[i32]) -> TensorProto {
         values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::quantize::params::F32;
+
+    #[test]
+    fn float_bytes_are_read_in_place_at_any_offset_and_from_typed_storage() {
+        let values = [1.5f32, -2.25, 3.0e-7];
+        let mut t = f32_tensor("w", &[3], &values);
+        // Shift the bytes by one so they sit at an odd address inside a larger buffer.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(t.raw_data.as_ref().unwrap());
+        t.raw_data = Some(Bytes::from(shifted).slice(1..));
+        let read: Vec<f32> = f32_le(&t).unwrap().iter().map(|b| b.get()).collect();
+        assert_eq!(read, values);
+        assert!(matches!(f32_le(&t), Some(Cow::Borrowed(_))), "no copy");
+        let typed = TensorProto {
+            data_type: Some(DataType::Float as i32),
+            float_data: values.to_vec(),
+            ..Default::default()
+        };
+        let read: Vec<f32> = f32_le(&typed).unwrap().iter().map(|b| b.get()).collect();
+        assert_eq!(read, values);
+        assert!(f32_le(&i8_tensor("q", &[1], &[1])).is_none());
+    }
+}
