@@ -10,8 +10,7 @@ use super::rewrite::{attr_i, int_attr, layer_name, node, scale_tensors};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{
-    dims, f32_tensor, f32_values, f32_view, i32_tensor, i8_tensor, i8_tensor_owned, is_f32,
-    u8_tensor,
+    dims, f32_le, f32_tensor, f32_values, i32_tensor, i8_tensor, i8_tensor_owned, is_f32, u8_tensor,
 };
 use crate::engine::{EngineError, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -292,7 +291,7 @@ pub fn rewrite(
             rename.push((t.node, 1, dq.clone()));
             (sname.clone(), scales.clone())
         } else {
-            let values = f32_view(w).expect("planned weights are float");
+            let values = f32_le(w).expect("planned weights are float");
             let QuantizedWeights {
                 scales,
                 values: q,

@@ -8,7 +8,7 @@ use super::params::{quantize_weights_per_channel, round_even};
 use super::rewrite::{default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_tensor, f32_view, i8_tensor_owned, is_f32, u8_tensor};
+use crate::engine::onnx::tensor::{dims, f32_le, f32_tensor, i8_tensor_owned, is_f32, u8_tensor};
 use crate::engine::{EngineError, Result};
 use std::collections::HashMap;
 
@@ -130,7 +130,7 @@ pub fn quantize_weight_only(
 /// The DequantizeLinear goes before node `at`, its first reader.
 fn int8_behind_dq(rw: &mut Rewrite, name: &str, w: &TensorProto, axis: usize, at: usize) -> String {
     let shape = dims(w);
-    let (scales, q) = quantize_weights_per_channel(&f32_view(w).expect("float"), &shape, axis);
+    let (scales, q) = quantize_weights_per_channel(&f32_le(w).expect("float"), &shape, axis);
     let [qn, sn, dqn] = ["q", "s", "dq"].map(|s| format!("{name}_{s}"));
     rw.init(i8_tensor_owned(&qn, &shape, q));
     rw.scales(&sn, &[scales.len()], &scales, at);
