@@ -21,6 +21,15 @@ pub fn keep_quantized(input_p50_ms: f64, quantized_p50_ms: f64, allow_slower: bo
     allow_slower || quantized_p50_ms <= input_p50_ms * SLOWER_TOLERANCE
 }
 
+/// Within this share of the input's latency a verdict is a close call on a shared machine: it is
+/// measured again with more runs before the speed search replaces the int8 model.
+pub const CLOSE_CALL_SHARE: f64 = 0.05;
+
+/// Whether `quantized_p50_ms` is slower than `input_p50_ms` by less than [`CLOSE_CALL_SHARE`].
+pub fn close_call(input_p50_ms: f64, quantized_p50_ms: f64) -> bool {
+    quantized_p50_ms > input_p50_ms && quantized_p50_ms <= input_p50_ms * (1.0 + CLOSE_CALL_SHARE)
+}
+
 /// p50 latency of each model at `batch` rows of `data`, measured in turns so all see the same
 /// machine conditions.
 pub fn compare_many(
@@ -210,6 +219,14 @@ mod tests {
             keep_quantized(2.0, 2.0, false),
             "a tie keeps the smaller model"
         );
+    }
+
+    #[test]
+    fn only_a_slightly_slower_model_is_a_close_call() {
+        use super::close_call;
+        assert!(close_call(100.0, 103.0));
+        assert!(!close_call(100.0, 99.0), "faster is no call at all");
+        assert!(!close_call(100.0, 110.0), "clearly slower");
     }
 
     #[test]
