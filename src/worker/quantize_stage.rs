@@ -186,7 +186,7 @@ pub fn run(
                     budget::prefer_per_tensor(&prepared, &scorer, &choice.float, &model, max_drop)?;
                 notes.extend(note);
                 if let Some(p) = smaller {
-                    keep_sensitivity(&mut layers, p.layers);
+                    merge_reasons(&mut layers, p.layers);
                     (prepared, model) = (p.prepared, p.model);
                 }
             }
@@ -264,18 +264,8 @@ pub fn run(
     })
 }
 
-/// Another build's decisions with the budget's sensitivity figures and reasons.
-fn keep_sensitivity(layers: &mut Vec<LayerDecision>, other: Vec<LayerDecision>) {
-    let old = std::mem::replace(layers, other);
-    for l in layers.iter_mut() {
-        if let Some(o) = old.iter().find(|o| o.node == l.node) {
-            l.sensitivity = o.sensitivity;
-            l.reason = o.reason.clone();
-        }
-    }
-}
-
-/// The speed search's decisions, keeping the budget's sensitivity figures.
+/// Another build's decisions (speed search, per-tensor scales), keeping the budget's
+/// sensitivity figures and, where the precision did not change, its reasons.
 fn merge_reasons(layers: &mut Vec<LayerDecision>, speed: Vec<LayerDecision>) {
     let old = std::mem::replace(layers, speed);
     for l in layers.iter_mut() {
