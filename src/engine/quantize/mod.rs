@@ -277,28 +277,24 @@ impl Prepared {
     /// The same preparation with one scale per tensor (or, with `tables_only`, per embedding
     /// table only) when the scheme chose granularity automatically.
     pub fn per_tensor(&self, tables_only: bool) -> Option<Prepared> {
-        let (per_channel, auto) = match &self.scheme {
-            Scheme::Static(o) => (o.per_channel, o.auto_granularity),
-            Scheme::Dynamic(o) => (o.per_channel, o.auto_granularity),
-            _ => return None,
-        };
-        if !(per_channel && auto) {
-            return None;
-        }
         let scheme = match &self.scheme {
-            Scheme::Static(o) => Scheme::Static(StaticOptions {
-                per_channel: tables_only,
-                auto_granularity: tables_only,
-                tables_per_row: false,
-                ..o.clone()
-            }),
-            Scheme::Dynamic(o) => Scheme::Dynamic(DynamicOptions {
-                per_channel: tables_only,
-                auto_granularity: tables_only,
-                tables_per_row: false,
-                ..o.clone()
-            }),
-            _ => unreachable!("matched above"),
+            Scheme::Static(o) if o.per_channel && o.auto_granularity => {
+                Scheme::Static(StaticOptions {
+                    per_channel: tables_only,
+                    auto_granularity: tables_only,
+                    tables_per_row: false,
+                    ..o.clone()
+                })
+            }
+            Scheme::Dynamic(o) if o.per_channel && o.auto_granularity => {
+                Scheme::Dynamic(DynamicOptions {
+                    per_channel: tables_only,
+                    auto_granularity: tables_only,
+                    tables_per_row: false,
+                    ..o.clone()
+                })
+            }
+            _ => return None,
         };
         Some(Prepared {
             scheme,
