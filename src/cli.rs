@@ -62,8 +62,8 @@ pub struct QuantizeArgs {
     /// Calibration samples to use.
     #[arg(long, default_value_t = 128)]
     pub samples: u32,
-    /// minmax | percentile | entropy | mse.
-    #[arg(long, default_value = "minmax")]
+    /// auto (the best scoring under the accuracy budget) | minmax | percentile | entropy | mse.
+    #[arg(long, default_value = "auto")]
     pub calibrate: String,
     /// With `--calibrate percentile`: the share of values kept (e.g. 99.99).
     #[arg(long, default_value_t = 99.999)]

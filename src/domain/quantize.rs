@@ -13,7 +13,7 @@ pub const PLANNED_MODES: &[&str] = &["qat"];
 pub const DEFAULT_OP_TYPES: &[&str] = &["Conv", "MatMul", "Gemm"];
 /// Operators that can be named in `op_types` (Gather: embedding tables, int8 rows).
 pub const QUANTIZABLE_OP_TYPES: &[&str] = &["Conv", "MatMul", "Gemm", "Gather"];
-const CALIBRATION_METHODS: &[&str] = &["minmax", "percentile", "entropy", "mse"];
+const CALIBRATION_METHODS: &[&str] = &["auto", "minmax", "percentile", "entropy", "mse"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -57,8 +57,11 @@ pub enum ActivationType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CalibrationMethod {
-    /// The full observed range.
+    /// Min/max, percentile, entropy and MSE ranges from one histogram pass; the accuracy budget
+    /// keeps the calibration whose all-int8 model scores best (min/max when no budget is measured).
     #[default]
+    Auto,
+    /// The full observed range.
     Minmax,
     /// The range holding `percentile` % of the values (the most extreme tails clipped).
     Percentile,
@@ -106,7 +109,7 @@ fn default_true() -> bool {
 impl Default for Calibration {
     fn default() -> Self {
         Self {
-            method: CalibrationMethod::Minmax,
+            method: CalibrationMethod::Auto,
             samples: default_samples(),
             percentile: default_percentile(),
         }

@@ -7,7 +7,7 @@ use crate::domain::report::LayerReport;
 use crate::domain::spec::{EvaluateOptions, JobSpec};
 use crate::engine::dataset::Dataset;
 use crate::engine::onnx::{summarize, LoadedModel};
-use crate::engine::quantize::calibrate::RangeMethod;
+use crate::engine::quantize::calibrate::{self, RangeMethod};
 use crate::engine::quantize::{
     self, budget, latency_gate, params, CalibrationData, DynamicOptions, LayerDecision, Prepared,
     Scheme, StaticOptions, WeightOnlyOptions,
@@ -59,13 +59,14 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
             symmetric: q.symmetric,
             op_types: with_gather(&q.op_types),
             exclude: q.exclude.clone(),
-            calibration: match q.calibration.method {
-                CalibrationMethod::Minmax => None,
-                CalibrationMethod::Percentile => {
-                    Some(RangeMethod::Percentile(q.calibration.percentile))
-                }
-                CalibrationMethod::Entropy => Some(RangeMethod::Entropy),
-                CalibrationMethod::Mse => Some(RangeMethod::Mse),
+            calibration: range_method(q.calibration.method, q.calibration.percentile),
+            also_try: match q.calibration.method {
+                CalibrationMethod::Auto => vec![
+                    RangeMethod::Percentile(q.calibration.percentile),
+                    RangeMethod::Entropy,
+                    RangeMethod::Mse,
+                ],
+                _ => Vec::new(),
             },
         }),
         QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
@@ -98,14 +99,27 @@ fn with_gather(ops: &[String]) -> Vec<String> {
     ops
 }
 
-fn calibration_note(q: &QuantizeOptions, samples: usize) -> String {
-    let method = match q.calibration.method {
-        CalibrationMethod::Minmax => "min/max".to_string(),
-        CalibrationMethod::Percentile => format!("the {} percentile", q.calibration.percentile),
-        CalibrationMethod::Entropy => "entropy (KL divergence)".into(),
-        CalibrationMethod::Mse => "least squared error".into(),
+fn range_method(method: CalibrationMethod, percentile: f64) -> Option<RangeMethod> {
+    match method {
+        CalibrationMethod::Auto | CalibrationMethod::Minmax => None,
+        CalibrationMethod::Percentile => Some(RangeMethod::Percentile(percentile)),
+        CalibrationMethod::Entropy => Some(RangeMethod::Entropy),
+        CalibrationMethod::Mse => Some(RangeMethod::Mse),
+    }
+}
+
+fn calibration_note(prepared: &Prepared) -> String {
+    let Scheme::Static(o) = &prepared.scheme else {
+        return String::new();
     };
-    format!("calibrated with {method} over {samples} samples")
+    let methods: Vec<String> = std::iter::once(calibrate::describe(o.calibration))
+        .chain(o.also_try.iter().map(|m| m.describe()))
+        .collect();
+    format!(
+        "calibrated with {} over {} samples",
+        methods.join(", "),
+        prepared.calibration_samples
+    )
 }
 
 /// What the stage decided.
@@ -139,7 +153,18 @@ pub fn run(
         spec,
         eval_opts,
     } = inputs;
-    let scheme = scheme(q, current);
+    let mut scheme = scheme(q, current);
+    let int8 = matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_));
+    let budget = int8.then(|| {
+        q.max_accuracy_drop
+            .or(spec.constraints.max_accuracy_drop)
+            .unwrap_or(DEFAULT_ACCURACY_BUDGET)
+    });
+    let measured = budget.filter(|b| *b < 1.0);
+    if let (Scheme::Static(o), None) = (&mut scheme, measured) {
+        // Without a budget nothing scores the alternatives: calibration auto is min/max.
+        o.also_try.clear();
+    }
     let part = |start: f64, span: f64| SubProgress {
         parent: progress,
         start,
@@ -152,22 +177,14 @@ pub fn run(
     let mut prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.3))?;
     let mut notes = prepared.notes.clone();
     notes.push(match &scheme {
-        Scheme::Static(_) => format!(
-            "{}, {}",
-            scheme.describe(),
-            calibration_note(q, prepared.calibration_samples)
-        ),
+        Scheme::Static(_) => format!("{}, {}", scheme.describe(), calibration_note(&prepared)),
         _ => scheme.describe(),
     });
-    let int8 = matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_));
-    let budget = int8.then(|| {
-        q.max_accuracy_drop
-            .or(spec.constraints.max_accuracy_drop)
-            .unwrap_or(DEFAULT_ACCURACY_BUDGET)
-    });
-    let (proto, mut layers, float) = match budget.filter(|b| *b < 1.0) {
+    let (proto, mut layers, float) = match measured {
         Some(max_drop) => {
             let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
+            let (chosen, note) = budget::choose_calibration(prepared, &scorer)?;
+            (prepared, notes) = (chosen, [notes, note].concat());
             let choice = budget::search(
                 &prepared,
                 &scorer,

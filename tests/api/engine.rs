@@ -340,6 +340,7 @@ fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions 
         exclude: vec![],
         symmetric: false,
         calibration: None,
+        also_try: Vec::new(),
     }
 }
 

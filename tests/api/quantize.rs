@@ -88,6 +88,7 @@ fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme 
         op_types: ops(),
         exclude: vec![],
         calibration,
+        also_try: vec![],
     })
 }
 
@@ -479,6 +480,64 @@ fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
         choice.layers.iter().any(|l| l.precision == "int8"),
         "the rest stays int8"
     );
+}
+
+#[test]
+fn calibration_auto_keeps_the_histogram_method_that_scores_best_when_a_sample_is_an_outlier() {
+    let (m, val) = (model("digits_mlp.onnx"), data("digits_val.npz"));
+    // One wild calibration sample: min/max stretches every range to fit it and loses resolution.
+    let mut calib = data("digits_train.npz");
+    let input = calib
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "input")
+        .unwrap();
+    let dataset::TensorData::F32(x) = &mut input.data else {
+        panic!("digits are float32")
+    };
+    x[..64].iter_mut().for_each(|v| *v *= 50.0);
+    let base = eval(&m, &val, None);
+    let minmax = run(&m, &static_scheme(false, None), Some(&calib));
+    let lost = top1(&base) - top1(&eval(&minmax.model, &val, Some(&base)));
+    assert!(
+        lost >= 0.01,
+        "min/max should suffer from the outlier; it lost {lost}"
+    );
+
+    let Scheme::Static(o) = static_scheme(false, None) else {
+        unreachable!()
+    };
+    let auto = Scheme::Static(StaticOptions {
+        also_try: vec![
+            RangeMethod::Percentile(99.999),
+            RangeMethod::Entropy,
+            RangeMethod::Mse,
+        ],
+        ..o
+    });
+    let c = CalibrationData {
+        data: &calib,
+        samples: 64,
+    };
+    let prepared = Prepared::new(&rt(), &m, &auto, Some(c), &NoProgress).unwrap();
+    let runtime = rt();
+    let scorer = budget::Scorer::new(&runtime, &m, &val, &quick()).unwrap();
+    let (chosen, notes) = budget::choose_calibration(prepared, &scorer).unwrap();
+    assert!(
+        chosen.calibration().is_some(),
+        "a histogram method wins: {notes:?}"
+    );
+    assert!(
+        notes[0].contains("min/max") && notes[0].contains("entropy") && notes[0].contains("kept"),
+        "{notes:?}"
+    );
+    let (proto, layers) = chosen.build(&HashSet::new()).unwrap();
+    assert!(layers.iter().all(|l| l.precision == "int8"), "{layers:?}");
+    let q = quantize::finish(&rt(), &proto).unwrap();
+    let e = eval(&q, &val, Some(&base));
+    // ONNX Runtime agrees, and the winner loses less than half of what min/max lost.
+    let py = in_python(&q, "digits_val.npz", "probabilities");
+    same_top1_within(&py, &base, &e, lost / 2.0);
 }
 
 #[test]

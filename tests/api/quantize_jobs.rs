@@ -157,5 +157,11 @@ async fn mode_auto_quantizes_an_mlp_dynamically_and_a_cnn_statically() {
     .await;
     let notes = report["stages"][0]["notes"].to_string();
     assert!(notes.contains("static int8 QDQ"), "{notes}");
+    // The default calibration compares min/max with the histogram methods under the budget.
+    assert!(
+        notes.contains("calibration auto: every layer int8 scores"),
+        "{notes}"
+    );
+    assert!(notes.contains("kept "), "{notes}");
     assert_eq!(report["calibration"]["source"], "split_of_dataset");
 }

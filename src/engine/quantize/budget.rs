@@ -89,6 +89,56 @@ impl<'a> Scorer<'a> {
     }
 }
 
+/// Scores equal within this are a tie, broken by the smaller output error.
+const SCORE_TIE: f64 = 1e-9;
+
+/// Calibration `auto`: the model with every layer int8 is built from each calibration the
+/// preparation holds (min/max and its `also_try` methods, all from one histogram pass) and the
+/// best scoring one is kept (ties: the smaller output error against the float model).
+pub fn choose_calibration(
+    prepared: Prepared,
+    scorer: &Scorer<'_>,
+) -> Result<(Prepared, Vec<String>)> {
+    let alternatives = prepared.alternatives();
+    if alternatives.is_empty() {
+        return Ok((prepared, Vec::new()));
+    }
+    let mut scored = Vec::new();
+    for p in std::iter::once(prepared).chain(alternatives) {
+        let (model, _) = p.build(&HashSet::new())?;
+        let (score, error) = scorer.score_and_error(&model)?;
+        scored.push((p, score, error));
+    }
+    let best = (0..scored.len())
+        .reduce(|b, i| {
+            let (s, e) = (scored[i].1, scored[i].2);
+            let (bs, be) = (scored[b].1, scored[b].2);
+            if s > bs + SCORE_TIE || (s >= bs - SCORE_TIE && e < be) {
+                i
+            } else {
+                b
+            }
+        })
+        .expect("at least the preparation itself");
+    let summary: Vec<String> = scored
+        .iter()
+        .map(|(p, s, e)| {
+            format!(
+                "{} {s:.4} (output error {e:.3e})",
+                super::calibrate::describe(p.calibration())
+            )
+        })
+        .collect();
+    let (chosen, ..) = scored.swap_remove(best);
+    let note = format!(
+        "calibration auto: every layer int8 scores {} {}: kept {}",
+        scorer.metric,
+        summary.join(", "),
+        super::calibrate::describe(chosen.calibration())
+    );
+    Ok((chosen, vec![note]))
+}
+
 /// How much more output error than per-channel scales one scale per tensor may add and still be
 /// chosen for its smaller size (within the accuracy budget).
 pub const PER_TENSOR_ERROR_RATIO: f64 = 1.5;

@@ -27,6 +27,21 @@ pub enum RangeMethod {
     Mse,
 }
 
+impl RangeMethod {
+    pub fn describe(&self) -> String {
+        match self {
+            RangeMethod::Percentile(p) => format!("the {p} percentile"),
+            RangeMethod::Entropy => "entropy (KL divergence)".into(),
+            RangeMethod::Mse => "least squared error".into(),
+        }
+    }
+}
+
+/// Describes a calibration: min/max when `method` is None.
+pub fn describe(method: Option<RangeMethod>) -> String {
+    method.map_or("min/max".into(), |m| m.describe())
+}
+
 /// One ONNX Runtime session of the model with `names` exposed as outputs, built once and run
 /// over the calibration rows as often as a method needs.
 pub struct Calibrator<'a> {
@@ -104,6 +119,12 @@ impl<'a> Calibrator<'a> {
         method: RangeMethod,
         progress: &dyn Progress,
     ) -> Result<Ranges> {
+        Ok(self.histograms(progress)?.ranges(method))
+    }
+
+    /// Every calibrated tensor's min/max and its histogram over that range (two passes), from
+    /// which any method's ranges follow without running the model again.
+    pub fn histograms(&mut self, progress: &dyn Progress) -> Result<Histograms> {
         let full = self.min_max(&SubProgress {
             parent: progress,
             start: 0.0,
@@ -127,20 +148,7 @@ impl<'a> Calibrator<'a> {
                 }
             },
         )?;
-        Ok(full
-            .iter()
-            .map(|(name, &(lo, hi))| {
-                let h = &hist[name];
-                let range = match method {
-                    RangeMethod::Percentile(p) => {
-                        clip_tails(h, lo, hi, (100.0 - p.clamp(50.0, 100.0)) / 200.0)
-                    }
-                    RangeMethod::Entropy => entropy_range(h, lo, hi),
-                    RangeMethod::Mse => mse_range(h, lo, hi),
-                };
-                (name.clone(), range)
-            })
-            .collect())
+        Ok(Histograms { full, hist })
     }
 
     /// Runs the calibration rows in batches and hands each exposed tensor's values to `visit`.
@@ -170,6 +178,37 @@ impl<'a> Calibrator<'a> {
             progress.update(start as f64 / self.rows as f64)?;
         }
         Ok(())
+    }
+}
+
+/// Min/max and histogram of each calibrated tensor.
+pub struct Histograms {
+    full: Ranges,
+    hist: BTreeMap<String, Vec<u64>>,
+}
+
+impl Histograms {
+    /// The observed min/max of every tensor.
+    pub fn min_max(&self) -> Ranges {
+        self.full.clone()
+    }
+
+    /// The range `method` picks from each tensor's histogram.
+    pub fn ranges(&self, method: RangeMethod) -> Ranges {
+        self.full
+            .iter()
+            .map(|(name, &(lo, hi))| {
+                let h = &self.hist[name];
+                let range = match method {
+                    RangeMethod::Percentile(p) => {
+                        clip_tails(h, lo, hi, (100.0 - p.clamp(50.0, 100.0)) / 200.0)
+                    }
+                    RangeMethod::Entropy => entropy_range(h, lo, hi),
+                    RangeMethod::Mse => mse_range(h, lo, hi),
+                };
+                (name.clone(), range)
+            })
+            .collect()
     }
 }
 

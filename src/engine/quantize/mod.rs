@@ -103,6 +103,8 @@ pub struct Prepared {
     pub model: ModelProto,
     pub notes: Vec<String>,
     ranges: Option<calibrate::Ranges>,
+    /// Ranges of the scheme's `also_try` methods, from the same calibration pass.
+    alternatives: Vec<(calibrate::RangeMethod, calibrate::Ranges)>,
     pub calibration_samples: usize,
 }
 
@@ -176,6 +178,7 @@ impl Prepared {
             }
         }
         let mut ranges = None;
+        let mut alternatives = Vec::new();
         let mut calibration_samples = 0;
         if let Scheme::Static(o) = &scheme {
             let c = calibration.ok_or_else(|| EngineError::InvalidOption {
@@ -196,11 +199,20 @@ impl Prepared {
                     start: 0.0,
                     span: 1.0,
                 };
-                let mut r = match o.calibration {
-                    Some(m) => calibrator.histogram_ranges(m, &sub)?,
-                    None => calibrator.min_max(&sub)?,
+                let mut r = if o.also_try.is_empty() {
+                    match o.calibration {
+                        Some(m) => calibrator.histogram_ranges(m, &sub)?,
+                        None => calibrator.min_max(&sub)?,
+                    }
+                } else {
+                    let h = calibrator.histograms(&sub)?;
+                    alternatives = o.also_try.iter().map(|&m| (m, h.ranges(m))).collect();
+                    o.calibration.map_or_else(|| h.min_max(), |m| h.ranges(m))
                 };
                 qdq::fold_activation_ranges(&proto, &mut r);
+                for (_, a) in alternatives.iter_mut() {
+                    qdq::fold_activation_ranges(&proto, a);
+                }
                 ranges = Some(r);
                 calibration_samples = c.samples.min(c.data.summary.samples as usize);
             }
@@ -210,8 +222,39 @@ impl Prepared {
             model: proto,
             notes,
             ranges,
+            alternatives,
             calibration_samples,
         })
+    }
+
+    /// How activations were calibrated (static schemes).
+    pub fn calibration(&self) -> Option<calibrate::RangeMethod> {
+        match &self.scheme {
+            Scheme::Static(o) => o.calibration,
+            _ => None,
+        }
+    }
+
+    /// The same preparation with each of the scheme's `also_try` calibrations instead.
+    pub fn alternatives(&self) -> Vec<Prepared> {
+        let Scheme::Static(o) = &self.scheme else {
+            return Vec::new();
+        };
+        self.alternatives
+            .iter()
+            .map(|(m, r)| Prepared {
+                scheme: Scheme::Static(StaticOptions {
+                    calibration: Some(*m),
+                    also_try: Vec::new(),
+                    ..o.clone()
+                }),
+                model: self.model.clone(),
+                notes: self.notes.clone(),
+                ranges: Some(r.clone()),
+                alternatives: Vec::new(),
+                calibration_samples: self.calibration_samples,
+            })
+            .collect()
     }
 
     /// Builds the model with every candidate layer quantized except those in `float`.
@@ -301,6 +344,7 @@ impl Prepared {
             model: self.model.clone(),
             notes: self.notes.clone(),
             ranges: self.ranges.clone(),
+            alternatives: self.alternatives.clone(),
             calibration_samples: self.calibration_samples,
         })
     }

@@ -32,6 +32,9 @@ pub struct StaticOptions {
     pub symmetric: bool,
     /// How activation ranges are chosen from histograms; min/max when None.
     pub calibration: Option<RangeMethod>,
+    /// Histogram methods whose ranges are computed alongside (from the same histogram pass) for
+    /// the accuracy budget to compare ([`super::budget::choose_calibration`]).
+    pub also_try: Vec<RangeMethod>,
 }
 
 /// A node that will be quantized, and where its tensors are.
