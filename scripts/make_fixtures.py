@@ -72,6 +72,80 @@ def cnn(out):
     return path
 
 
+def student_mlp(out):
+    """An untrained 64-128-10 student for distillation (Glorot-initialised, 9,610 parameters)."""
+    rng = np.random.default_rng(5)
+    def glorot(fan_in, fan_out):
+        return rng.uniform(-1, 1, (fan_in, fan_out)).astype(np.float32) * np.float32(np.sqrt(6 / (fan_in + fan_out)))
+    inits = [numpy_helper.from_array(glorot(64, 128), "w1"), numpy_helper.from_array(np.zeros(128, np.float32), "b1"),
+             numpy_helper.from_array(glorot(128, 10), "w2"), numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits_student",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shrink-fixtures")
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "digits_student.onnx"))
+
+
+def train_ops(out):
+    """A small CNN through the trainable evaluator's CNN ops (strided and asymmetric-padded,
+    depthwise convolutions, BatchNormalization, HardSwish, Clip, overlapping pools with padding,
+    squeeze-excite, Concat, strided Slice, LogSoftmax), for parity and gradient tests; with a
+    matching random input set."""
+    rng = np.random.default_rng(11)
+    def t(name, *shape, scale=0.4):
+        return numpy_helper.from_array((rng.normal(0, scale, shape)).astype(np.float32), name)
+    inits = [t("w1", 8, 4, 3, 3), t("b1", 8, scale=0.1),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "bn_s"), t("bn_b", 8, scale=0.1),
+             t("bn_m", 8, scale=0.1), numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "bn_v"),
+             t("w2", 8, 1, 3, 3), t("se_w", 8, 8), t("se_b", 8, scale=0.1), t("fc_w", 5, 8), t("fc_b", 5, scale=0.1),
+             numpy_helper.from_array(np.array([-1, 8, 1, 1], np.int64), "se_shape"),
+             numpy_helper.from_array(np.array([1], np.int64), "s_start"), numpy_helper.from_array(np.array([16], np.int64), "s_end"),
+             numpy_helper.from_array(np.array([1], np.int64), "s_axis"), numpy_helper.from_array(np.array([2], np.int64), "s_step"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"), numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["n1"]),
+        helper.make_node("HardSwish", ["n1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2"], ["c2"], pads=[1, 0, 1, 2], group=8),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["k2"]),
+        helper.make_node("MaxPool", ["k2"], ["p2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["p2"], ["a2"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["a2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["gf"]),
+        helper.make_node("Gemm", ["gf", "se_w", "se_b"], ["se"]),
+        helper.make_node("Sigmoid", ["se"], ["ses"]),
+        helper.make_node("Reshape", ["ses", "se_shape"], ["ser"]),
+        helper.make_node("Mul", ["a2", "ser"], ["excited"]),
+        helper.make_node("HardSigmoid", ["excited"], ["hs"]),
+        helper.make_node("Concat", ["excited", "hs"], ["cat"], axis=1),
+        helper.make_node("Slice", ["cat", "s_start", "s_end", "s_axis", "s_step"], ["sl"]),
+        helper.make_node("GlobalMaxPool", ["sl"], ["gm"]),
+        helper.make_node("Flatten", ["gm"], ["gmf"]),
+        helper.make_node("Tanh", ["gmf"], ["th"]),
+        helper.make_node("Gemm", ["th", "fc_w", "fc_b"], ["fc"], transB=1),
+        helper.make_node("LogSoftmax", ["fc"], ["scores"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "train_ops",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 9, 9])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shrink-fixtures")
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "train_ops.onnx"))
+    np.savez(os.path.join(out, "train_ops.npz"), x=rng.normal(0, 1, (8, 4, 9, 9)).astype(np.float32))
+    session(os.path.join(out, "train_ops.onnx")).run(None, {"x": np.zeros((1, 4, 9, 9), np.float32)})
+
+
 def two_input(out):
     rng = np.random.default_rng(1)
     w = numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w")
@@ -191,6 +265,8 @@ def main(out):
     refs["digits_mlp_outlier"], _ = reference(outlier, {"input": X_te}, y_te, "probabilities")
     constant_weights(out)
     opset11(out)
+    student_mlp(out)
+    train_ops(out)
     # A real transformer, cut to its first encoder layer (scripts/make_minilm.py).
     import subprocess
     subprocess.run([sys.executable, "-W", "ignore", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_minilm.py"),

@@ -13,6 +13,7 @@ pub mod parallel;
 pub mod quantize;
 pub mod runtime;
 pub mod table;
+pub mod train;
 
 pub use error::{EngineError, Result};
 

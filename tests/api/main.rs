@@ -10,4 +10,5 @@ mod quantize_jobs;
 mod queue;
 mod runtime;
 mod storage;
+mod train;
 mod uploads;

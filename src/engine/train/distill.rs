@@ -1,0 +1,242 @@
+//! Knowledge distillation: the student learns from the teacher's softened outputs (KL at a
+//! temperature) and, where the data has labels, from the labels (cross-entropy):
+//! loss = α·CE(labels) + (1−α)·T²·KL(teacher_T ‖ student_T).
+use super::fit::{fit, FitOptions, FitReport, Objective};
+use super::graph::{Mode, TrainGraph};
+use super::{candle_error, loss, tensors};
+use crate::engine::dataset::{bind, Dataset};
+use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::{summarize, LoadedModel};
+use crate::engine::runtime::{self, Runtime};
+use crate::engine::{EngineError, Progress, Result};
+use candle_core::{DType, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct DistillOptions {
+    /// Weight of the hard-label cross-entropy (ignored without labels).
+    pub alpha: f64,
+    pub temperature: f64,
+    pub fit: FitOptions,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        Self {
+            alpha: 0.5,
+            temperature: 4.0,
+            fit: FitOptions::default(),
+        }
+    }
+}
+
+/// The tensor holding a classifier's logits: `output` itself, or the input of the Softmax that
+/// produced it (through Identity nodes). The bool says whether `output` is a softmax.
+pub fn logits_of(model: &ModelProto, output: &str) -> (String, bool) {
+    let Some(graph) = model.graph.as_ref() else {
+        return (output.to_string(), false);
+    };
+    let mut name = output.to_string();
+    loop {
+        let Some(n) = graph.node.iter().find(|n| n.output.first() == Some(&name)) else {
+            return (output.to_string(), false);
+        };
+        match n.op_type.as_deref() {
+            Some("Identity") => name = n.input[0].clone(),
+            Some("Softmax") => return (n.input[0].clone(), true),
+            _ => return (output.to_string(), false),
+        }
+    }
+}
+
+/// The teacher's logits (log-probabilities when its output is a softmax, which soften to the
+/// same distribution) on every row of `data`, from ONNX Runtime.
+pub fn teacher_logits(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    data: &Dataset,
+    output: &str,
+) -> Result<Tensor> {
+    let binding = bind(&summarize(&teacher.proto), &data.summary)?;
+    let (_, softmax) = logits_of(&teacher.proto, output);
+    let mut session = rt.session(&teacher.bytes, 1)?;
+    let rows = binding.samples as usize;
+    let (mut values, mut classes) = (Vec::new(), 0);
+    for start in (0..rows).step_by(64) {
+        let end = (start + 64).min(rows);
+        let out = session.run(runtime::feeds(data, &binding.inputs, start..end)?)?;
+        let value = out.get(output).ok_or_else(|| EngineError::InvalidOption {
+            option: "output".into(),
+            problem: format!("the teacher has no output `{output}`"),
+        })?;
+        let (shape, v) = value.try_extract_tensor::<f32>()?;
+        classes = shape.last().copied().unwrap_or(1) as usize;
+        values.extend(
+            v.iter()
+                .map(|&p| if softmax { p.max(1e-12).ln() } else { p }),
+        );
+    }
+    Tensor::from_vec(values, (rows, classes), &candle_core::Device::Cpu)
+        .map_err(|e| candle_error("teacher logits", e))
+}
+
+fn labels_of(data: &Dataset, model: &ModelProto) -> Result<Option<Tensor>> {
+    let binding = bind(&summarize(model), &data.summary)?;
+    let Some(name) = binding.labels else {
+        return Ok(None);
+    };
+    let t = data.tensor(&name).expect("bind found it");
+    let v = t.data.to_i64().ok_or_else(|| EngineError::InvalidDataset {
+        tensor: name.clone(),
+        problem: "labels must be integers".into(),
+    })?;
+    let n = v.len();
+    Tensor::from_vec(v, n, &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(|e| candle_error("labels", e))
+}
+
+/// Validation rows, their input binding and the class each should get.
+struct Validation<'a> {
+    data: &'a Dataset,
+    binding: Vec<(String, String)>,
+    target: Tensor,
+}
+
+struct Distillation<'a> {
+    train: &'a Dataset,
+    binding: Vec<(String, String)>,
+    teacher: Tensor,
+    labels: Option<Tensor>,
+    validation: Option<Validation<'a>>,
+    opts: &'a DistillOptions,
+}
+
+fn pick(t: &Tensor, rows: &[usize]) -> candle_core::Result<Tensor> {
+    let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let n = idx.len();
+    t.index_select(&Tensor::from_vec(idx, n, t.device())?, 0)
+}
+
+impl Objective for Distillation<'_> {
+    fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor> {
+        let feeds = tensors::feeds(self.train, &self.binding, rows, graph.device())?;
+        let student = graph.forward(&feeds, Mode::Train)?.remove(0);
+        let ce = |e| candle_error("distillation loss", e);
+        let teacher = pick(&self.teacher, rows).map_err(ce)?;
+        let kl = loss::distillation_kl(&student, &teacher, self.opts.temperature).map_err(ce)?;
+        match &self.labels {
+            Some(labels) if self.opts.alpha > 0.0 => {
+                let hard =
+                    loss::cross_entropy(&student, &pick(labels, rows).map_err(ce)?).map_err(ce)?;
+                ((hard * self.opts.alpha).map_err(ce)?
+                    + (kl * (1.0 - self.opts.alpha)).map_err(ce)?)
+                .map_err(ce)
+            }
+            _ => Ok(kl),
+        }
+    }
+
+    fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>> {
+        let Some(v) = &self.validation else {
+            return Ok(None);
+        };
+        Ok(Some(accuracy(graph, v.data, &v.binding, &v.target)?))
+    }
+}
+
+/// Top-1 accuracy of the graph's first output against `target` class indices.
+fn accuracy(
+    graph: &TrainGraph,
+    data: &Dataset,
+    binding: &[(String, String)],
+    target: &Tensor,
+) -> Result<f64> {
+    let ce = |e| candle_error("validation", e);
+    let rows = target.elem_count();
+    let mut correct = 0usize;
+    for start in (0..rows).step_by(256) {
+        let idx: Vec<usize> = (start..(start + 256).min(rows)).collect();
+        let feeds = tensors::feeds(data, binding, &idx, graph.device())?;
+        let out = graph.forward(&feeds, Mode::Eval)?.remove(0);
+        let pred = out
+            .argmax(1)
+            .map_err(ce)?
+            .to_dtype(DType::I64)
+            .map_err(ce)?;
+        let want = pick(target, &idx).map_err(ce)?;
+        correct += pred
+            .eq(&want)
+            .map_err(ce)?
+            .to_dtype(DType::F32)
+            .map_err(ce)?
+            .sum_all()
+            .map_err(ce)?
+            .to_scalar::<f32>()
+            .map_err(ce)? as usize;
+    }
+    Ok(correct as f64 / rows.max(1) as f64)
+}
+
+/// The outcome of a distillation.
+pub struct Distilled {
+    pub model: ModelProto,
+    pub report: FitReport,
+    pub student_parameters: usize,
+}
+
+/// Distils `teacher` into `student` (same inputs, and a classifier output named `output` in
+/// both) on `train`; `validation` (with labels, else scored as agreement with the teacher) picks
+/// the epoch to keep. The trained student is returned as ONNX.
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    student: &ModelProto,
+    output: &str,
+    train: &Dataset,
+    validation: Option<&Dataset>,
+    opts: &DistillOptions,
+    progress: &dyn Progress,
+) -> Result<Distilled> {
+    let (logits, _) = logits_of(student, output);
+    let graph = TrainGraph::new(student, &[logits])?;
+    let binding = bind(&summarize(student), &train.summary)?;
+    let validation = match validation {
+        Some(v) => {
+            let vb = bind(&summarize(student), &v.summary)?;
+            let target = match labels_of(v, student)? {
+                Some(l) => l,
+                None => teacher_logits(rt, teacher, v, output)?
+                    .argmax(1)
+                    .and_then(|t| t.to_dtype(DType::I64))
+                    .map_err(|e| candle_error("teacher labels", e))?,
+            };
+            Some(Validation {
+                data: v,
+                binding: vb.inputs,
+                target,
+            })
+        }
+        None => None,
+    };
+    let objective = Distillation {
+        train,
+        binding: binding.inputs,
+        teacher: teacher_logits(rt, teacher, train, output)?,
+        labels: labels_of(train, student)?,
+        validation,
+        opts,
+    };
+    let report = fit(
+        &graph,
+        &objective,
+        binding.samples as usize,
+        &opts.fit,
+        progress,
+    )?;
+    Ok(Distilled {
+        model: graph.export()?,
+        report,
+        student_parameters: graph.parameters(),
+    })
+}

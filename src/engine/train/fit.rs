@@ -1,0 +1,251 @@
+//! The training loop: AdamW, learning-rate warm-up then linear or cosine decay, gradient
+//! clipping by global norm, early stopping on a validation score (the best epoch's weights are
+//! kept), a seed that makes runs repeatable, a time budget, and progress/cancellation between
+//! steps.
+use super::candle_error;
+use super::graph::TrainGraph;
+use crate::engine::{Progress, Result};
+use candle_core::Tensor;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::time::{Duration, Instant};
+
+/// How the learning rate decays after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Share of all steps spent warming the learning rate up linearly from 0.
+    pub warmup: f64,
+    pub schedule: Schedule,
+    /// Gradients are scaled down when their global L2 norm exceeds this.
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    /// Stop after this many epochs without a better validation score.
+    pub patience: Option<usize>,
+    /// Stop (keeping the best weights so far) when training has run this long.
+    pub time_budget: Option<Duration>,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            weight_decay: 0.01,
+            warmup: 0.05,
+            schedule: Schedule::Cosine,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+            patience: Some(3),
+            time_budget: None,
+        }
+    }
+}
+
+/// What is trained for.
+pub trait Objective {
+    /// The loss of a batch of training rows (indices into the training data).
+    fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor>;
+    /// A validation score, higher is better (None: no validation data).
+    fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub validation: Option<f64>,
+    pub learning_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitReport {
+    pub epochs: Vec<EpochStats>,
+    /// The epoch whose weights were kept (1-based), when a validation score chose it.
+    pub best_epoch: Option<usize>,
+    pub steps: usize,
+    /// Why training stopped.
+    pub stopped: String,
+}
+
+/// The learning rate at `step` of `total`.
+pub fn learning_rate(opts: &FitOptions, step: usize, total: usize) -> f64 {
+    let warm = (opts.warmup * total as f64).round() as usize;
+    if step < warm {
+        return opts.learning_rate * (step + 1) as f64 / warm as f64;
+    }
+    let span = total.saturating_sub(warm).max(1) as f64;
+    let done = (step - warm) as f64 / span;
+    opts.learning_rate
+        * match opts.schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => 1.0 - done,
+            Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * done).cos()),
+        }
+}
+
+fn clip(
+    graph: &TrainGraph,
+    grads: &mut candle_core::backprop::GradStore,
+    max_norm: f64,
+) -> candle_core::Result<f64> {
+    let vars = graph.vars();
+    let mut sum = 0f64;
+    for v in &vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sum += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sum.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in &vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Trains `graph`'s variables on `rows` training rows for `objective`.
+pub fn fit(
+    graph: &TrainGraph,
+    objective: &dyn Objective,
+    rows: usize,
+    opts: &FitOptions,
+    progress: &dyn Progress,
+) -> Result<FitReport> {
+    let ce = |e| candle_error("training", e);
+    let params = ParamsAdamW {
+        lr: opts.learning_rate,
+        weight_decay: opts.weight_decay,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(graph.vars(), params).map_err(ce)?;
+    let batch = opts.batch_size.clamp(1, rows.max(1));
+    let per_epoch = rows.div_ceil(batch);
+    let total = per_epoch * opts.epochs;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut order: Vec<usize> = (0..rows).collect();
+    let started = Instant::now();
+    let (mut epochs, mut step) = (Vec::new(), 0);
+    let mut best: Option<(f64, usize, super::graph::Snapshot)> = None;
+    let mut stopped = format!("ran all {} epochs", opts.epochs);
+    'epochs: for epoch in 1..=opts.epochs {
+        order.shuffle(&mut rng);
+        let (mut loss_sum, mut seen) = (0f64, 0usize);
+        let mut lr = opts.learning_rate;
+        for chunk in order.chunks(batch) {
+            let loss = objective.loss(graph, chunk)?;
+            let value = loss.to_scalar::<f32>().map_err(ce)? as f64;
+            if !value.is_finite() {
+                stopped = format!("the loss became {value} at step {step}; kept the best weights");
+                break 'epochs;
+            }
+            let mut grads = loss.backward().map_err(ce)?;
+            if let Some(max) = opts.max_grad_norm {
+                clip(graph, &mut grads, max).map_err(ce)?;
+            }
+            lr = learning_rate(opts, step, total);
+            opt.set_learning_rate(lr);
+            opt.step(&grads).map_err(ce)?;
+            loss_sum += value * chunk.len() as f64;
+            seen += chunk.len();
+            step += 1;
+            progress.update(step as f64 / total.max(1) as f64)?;
+            if opts.time_budget.is_some_and(|b| started.elapsed() >= b) {
+                stopped = format!("the time budget ran out in epoch {epoch}");
+                epochs.push(EpochStats {
+                    epoch,
+                    train_loss: loss_sum / seen.max(1) as f64,
+                    validation: objective.validate(graph)?,
+                    learning_rate: lr,
+                });
+                break 'epochs;
+            }
+        }
+        let validation = objective.validate(graph)?;
+        epochs.push(EpochStats {
+            epoch,
+            train_loss: loss_sum / seen.max(1) as f64,
+            validation,
+            learning_rate: lr,
+        });
+        if let Some(v) = validation {
+            if best.as_ref().is_none_or(|(b, _, _)| v > *b) {
+                best = Some((v, epoch, graph.snapshot()?));
+            } else if let (Some(p), Some((_, at, _))) = (opts.patience, &best) {
+                if epoch - at >= p {
+                    stopped = format!("no better validation score for {p} epochs");
+                    break;
+                }
+            }
+        }
+    }
+    // A last partial epoch may be better than every full one.
+    if let (Some(last), Some((b, _, _))) = (epochs.last(), &best) {
+        if last.validation.is_some_and(|v| v > *b) {
+            best = Some((last.validation.unwrap_or(*b), last.epoch, graph.snapshot()?));
+        }
+    }
+    let best_epoch = match best {
+        Some((_, epoch, snapshot)) => {
+            graph.restore(&snapshot)?;
+            Some(epoch)
+        }
+        None => None,
+    };
+    Ok(FitReport {
+        epochs,
+        best_epoch,
+        steps: step,
+        stopped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_rate_warms_up_then_decays_to_zero() {
+        let opts = FitOptions {
+            learning_rate: 1.0,
+            warmup: 0.1,
+            ..Default::default()
+        };
+        let lr = |step| learning_rate(&opts, step, 100);
+        assert!((lr(0) - 0.1).abs() < 1e-12 && (lr(9) - 1.0).abs() < 1e-12);
+        assert!((lr(10) - 1.0).abs() < 1e-12, "decay starts at the peak");
+        assert!(
+            (lr(55) - 0.5).abs() < 1e-9,
+            "cosine is halfway at the middle"
+        );
+        assert!(lr(99) < 0.001 && lr(99) > 0.0);
+        let linear = FitOptions {
+            schedule: Schedule::Linear,
+            ..opts.clone()
+        };
+        assert!((learning_rate(&linear, 55, 100) - 0.5).abs() < 1e-9);
+        let constant = FitOptions {
+            schedule: Schedule::Constant,
+            warmup: 0.0,
+            ..opts
+        };
+        assert_eq!(learning_rate(&constant, 0, 100), 1.0);
+        assert_eq!(learning_rate(&constant, 99, 100), 1.0);
+    }
+}

