@@ -2,6 +2,7 @@
 //!
 //! It is a plain synchronous library: no async runtime, web, database or object-storage crate is
 //! imported here (a test enforces it), so it can move to its own crate or run on the command line.
+pub mod channels;
 pub mod dataset;
 pub mod error;
 pub mod evaluate;

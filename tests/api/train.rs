@@ -404,3 +404,92 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
     );
     assert!(out.report.epochs.len() < 1000 && out.report.best_epoch.is_some());
 }
+
+#[test]
+fn a_width_student_keeps_the_teachers_most_important_neurons_and_distils_to_97_percent() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let (student, notes) = train::distill::width_student(&teacher.proto, 0.25);
+    assert_eq!(notes.len(), 2, "two hidden layers shrink: {notes:?}");
+    let student =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&student).into())
+            .unwrap();
+    assert!(
+        parameters(&student) * 4 <= parameters(&teacher),
+        "{} vs {}",
+        parameters(&student),
+        parameters(&teacher)
+    );
+    let val = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let before = ort_top1(&student, &val);
+    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
+        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
+    let opts = train::distill::DistillOptions {
+        fit: train::fit::FitOptions {
+            epochs: 25,
+            learning_rate: 3e-3,
+            seed: 1,
+            patience: None,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = train::distill::distill(
+        &rt(),
+        &teacher,
+        &student.proto,
+        "probabilities",
+        &all.select(&fit_rows),
+        Some(&all.select(&val_rows)),
+        &opts,
+        &shrink::engine::NoProgress,
+    )
+    .unwrap();
+    let trained =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
+            .unwrap();
+    let (t, s) = (ort_top1(&teacher, &val), ort_top1(&trained, &val));
+    eprintln!(
+        "width student: teacher {t}, sliced {before}, distilled {s}; {} vs {} parameters",
+        parameters(&trained),
+        parameters(&teacher)
+    );
+    assert!(
+        s >= 0.97 * t,
+        "teacher {t}, student {s} (sliced, untrained {before})"
+    );
+}
+
+#[test]
+fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
+    // Conv -> Relu -> MaxPool -> Conv, Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm; and
+    // MobileNetV3 blocks (BatchNormalization, HardSwish, depthwise convolutions, residual Adds
+    // that stay whole).
+    let images = dataset::load(&fixture("digits_images.npz")).unwrap();
+    for (path, data, share) in [
+        (fixture("digits_cnn.onnx"), images, 0.5),
+        (orientation_model(), random_pages(2), 0.5),
+    ] {
+        let m = load_model_file(&path).unwrap();
+        let groups = shrink::engine::channels::channel_groups(&m.proto);
+        assert!(!groups.is_empty(), "{}", path.display());
+        let (student, notes) = train::distill::width_student(&m.proto, share);
+        let student =
+            shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&student).into())
+                .unwrap();
+        assert!(parameters(&student) < parameters(&m), "{notes:?}");
+        let out = summarize(&m.proto).outputs[0].name.clone();
+        let before = ort_outputs(&m, &data, 2, &[out.as_str()]);
+        let after = ort_outputs(&student, &data, 2, &[out.as_str()]);
+        assert_eq!(before[0].len(), after[0].len(), "same output shape");
+        // The candle graph runs the sliced model as ONNX Runtime does.
+        assert!(parity(&student, &data, 2, &[out.as_str()]) < 1e-4);
+        eprintln!(
+            "{}: {} groups, {} -> {} parameters",
+            path.display(),
+            groups.len(),
+            parameters(&m),
+            parameters(&student)
+        );
+    }
+}

@@ -240,3 +240,22 @@ pub fn distill(
         student_parameters: graph.parameters(),
     })
 }
+
+/// A student derived from the teacher by width: every channel group (see
+/// [`crate::engine::channels`]) keeps its `share` most important channels by L1 norm, initialised
+/// from the teacher's weights. Notes say what shrank.
+pub fn width_student(teacher: &ModelProto, share: f64) -> (ModelProto, Vec<String>) {
+    let mut student = teacher.clone();
+    let mut notes = Vec::new();
+    for g in crate::engine::channels::channel_groups(teacher) {
+        let keep = crate::engine::channels::most_important(&g, share);
+        notes.push(format!(
+            "{}: kept {} of {} channels (largest L1 norm)",
+            g.layer,
+            keep.len(),
+            g.channels
+        ));
+        crate::engine::channels::keep_channels(&mut student, &g, &keep);
+    }
+    (student, notes)
+}
