@@ -1,6 +1,7 @@
 //! Domain values shared by every layer: what a job, a spec, a model summary and a report are.
 //! Only serde, validation and OpenAPI schemas live here — no web, database, storage or ML crates.
 pub mod dataset;
+pub mod distill;
 pub mod ids;
 pub mod job;
 pub mod model;

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 /// Stages that this version of Shrink can run. Others are rejected when a job is created.
-pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize"];
+pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize", "distill"];
 /// Stages that the spec language names but that are not implemented yet.
-pub const PLANNED_STAGES: &[&str] = &["prune", "distill", "finetune"];
+pub const PLANNED_STAGES: &[&str] = &["prune", "finetune"];
 
 /// Spec fields that reference uploaded models or datasets, and the multipart file part that can stand in for each.
 pub const REFERENCE_FIELDS: &[(&str, &str, RefKind)] = &[
@@ -68,6 +68,8 @@ pub enum Stage {
     Evaluate(EvaluateOptions),
     /// Quantize the current model to int8.
     Quantize(super::quantize::QuantizeOptions),
+    /// Distil the current model (the teacher) into a smaller student.
+    Distill(super::distill::DistillOptions),
 }
 
 impl Stage {
@@ -75,6 +77,7 @@ impl Stage {
         match self {
             Stage::Evaluate(_) => "evaluate",
             Stage::Quantize(_) => "quantize",
+            Stage::Distill(_) => "distill",
         }
     }
 }
@@ -194,7 +197,7 @@ impl JobSpec {
             }
         }
 
-        validate_pipeline(obj.get("pipeline"), &mut p);
+        validate_pipeline(obj.get("pipeline"), obj, provided, &mut p);
         if let Some(c) = obj.get("constraints") {
             validate_constraints(c, &mut p);
         }
@@ -274,7 +277,12 @@ fn unknown_fields(obj: &Map<String, Value>, base: &str, known: &[&str], p: &mut 
     }
 }
 
-fn validate_pipeline(pipeline: Option<&Value>, p: &mut Problems) {
+fn validate_pipeline(
+    pipeline: Option<&Value>,
+    spec: &Map<String, Value>,
+    provided: &[&str],
+    p: &mut Problems,
+) {
     let Some(pipeline) = pipeline else {
         p.add(
             "/pipeline",
@@ -301,6 +309,7 @@ fn validate_pipeline(pipeline: Option<&Value>, p: &mut Problems) {
         match obj.get("stage").and_then(Value::as_str) {
             Some("evaluate") => validate_evaluate(obj, &base, p),
             Some("quantize") => super::quantize::validate(obj, &base, p),
+            Some("distill") => super::distill::validate(obj, &base, spec, provided, p),
             Some(name) if PLANNED_STAGES.contains(&name) => p.add(
                 format!("{base}/stage"),
                 format!(

@@ -209,7 +209,7 @@ pub fn evaluate(
 
 /// Picks the output that holds class scores: the named one, the only one, or the only float
 /// output of rank >= 2. Fails only when labels exist and the choice is ambiguous.
-fn choose_classifier(
+pub fn choose_classifier(
     outputs: &[crate::domain::model::TensorSignature],
     named: Option<&str>,
     has_labels: bool,

@@ -283,7 +283,7 @@ async fn check_references(
         }
     }
     if let Some(model) = models.get("model_id") {
-        for field in ["dataset_id", "calibration_dataset_id"] {
+        for field in ["dataset_id", "calibration_dataset_id", "train_dataset_id"] {
             if let Some(data) = datasets.get(field) {
                 if let Err(e) = crate::engine::dataset::bind(model, data) {
                     problems.add(

@@ -3,6 +3,7 @@
 //! Each worker slot loops: claim -> run -> finish. A heartbeat task renews the lease and carries
 //! progress and cancellation between the database and the engine. A rescuer requeues jobs whose
 //! worker died. On shutdown, slots stop claiming and hand running jobs back to the queue.
+pub mod distill_stage;
 mod heartbeat;
 pub mod pipeline;
 pub mod quantize_stage;

@@ -26,6 +26,10 @@ pub struct PipelineInputs {
     pub data: Dataset,
     /// The spec's calibration dataset; without one, calibration rows are split off `data`.
     pub calibration: Option<Dataset>,
+    /// The spec's training dataset (distill stages).
+    pub train: Option<Dataset>,
+    /// The spec's uploaded student model (distill stages).
+    pub student: Option<LoadedModel>,
     pub hashes: InputHashes,
 }
 
@@ -121,6 +125,8 @@ pub fn run(
         model,
         data,
         calibration,
+        train,
+        student,
         hashes,
     } = inputs;
     let data = &data;
@@ -175,6 +181,29 @@ pub fn run(
                 artifact = Some(name);
                 current = model;
             }
+        }
+        if let Stage::Distill(d) = stage {
+            let sub = crate::engine::SubProgress {
+                parent: progress,
+                start: (i + 1) as f64 / steps,
+                span: 0.8 / steps,
+            };
+            let out = super::distill_stage::run(
+                rt,
+                d,
+                super::distill_stage::StageInputs {
+                    teacher: &current,
+                    student: student.as_ref(),
+                    train: train.as_ref(),
+                    spec,
+                },
+                &sub,
+            )?;
+            notes.extend(out.notes);
+            let name = format!("stage-{i}-distill.onnx");
+            stage_models.push((name.clone(), out.model.bytes.clone()));
+            artifact = Some(name);
+            current = out.model;
         }
         let (metrics, eval_notes) =
             evaluate_stage(rt, &current, &eval_data, spec, stage, &baseline, progress)?;

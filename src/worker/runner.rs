@@ -127,6 +127,44 @@ async fn attempt(
         None => None,
     };
 
+    // A distill stage's training rows and uploaded student.
+    let train_path = match &spec.train_dataset_id {
+        Some(id) => {
+            let row = ctx
+                .db
+                .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, id)
+                .await
+                .context("while looking up the training dataset")
+                .map_err(Failure::Invalid)?;
+            let path = dir.path().join("train");
+            ctx.blobs
+                .get_to_file(&row.blob_key, &path)
+                .await
+                .context("while downloading the training dataset")
+                .map_err(infra)?;
+            Some(path)
+        }
+        None => None,
+    };
+    let student_path = match &spec.student_model_id {
+        Some(id) => {
+            let row = ctx
+                .db
+                .get_upload::<ModelSummary>(UploadKind::Model, &job.project, id)
+                .await
+                .context("while looking up the student model")
+                .map_err(Failure::Invalid)?;
+            let path = dir.path().join("student.onnx");
+            ctx.blobs
+                .get_to_file(&row.blob_key, &path)
+                .await
+                .context("while downloading the student model")
+                .map_err(infra)?;
+            Some(path)
+        }
+        None => None,
+    };
+
     let hashes = InputHashes {
         spec: hex::encode(Sha256::digest(job.spec.as_bytes())),
         model: model_row.sha256.clone(),
@@ -143,10 +181,20 @@ async fn attempt(
             .as_deref()
             .map(engine::dataset::load)
             .transpose()?;
+        let train = train_path
+            .as_deref()
+            .map(engine::dataset::load)
+            .transpose()?;
+        let student = student_path
+            .as_deref()
+            .map(engine::onnx::load_model_file)
+            .transpose()?;
         let inputs = PipelineInputs {
             model,
             data,
             calibration,
+            train,
+            student,
             hashes,
         };
         pipeline::run(&rt, &job_id, &spec, inputs, &p)

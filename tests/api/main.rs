@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area. Each test starts the real application on
 //! port 0 with its own database (SQLite file or a fresh PostgreSQL database) and object store.
 mod architecture;
+mod distill_jobs;
 mod engine;
 mod helpers;
 mod jobs;

@@ -364,8 +364,11 @@ impl Prepared {
 pub fn finish(rt: &Runtime, proto: &ModelProto) -> Result<LoadedModel> {
     let bytes = proto.encode_to_vec();
     // ONNX Runtime must accept what we wrote before anyone sees it.
-    rt.check(&bytes)
-        .map_err(|e| EngineError::Runtime(format!("the quantized model does not load: {e}")))?;
+    rt.check(&bytes).map_err(|e| {
+        EngineError::Runtime(format!(
+            "the written model does not load in ONNX Runtime: {e}"
+        ))
+    })?;
     load_model_bytes(bytes.into())
 }
 

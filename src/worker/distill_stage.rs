@@ -1,0 +1,156 @@
+//! The `distill` stage: spec options -> engine distillation, the student (uploaded or derived
+//! by width), and the notes the report carries.
+use crate::domain::distill::{DistillOptions, LrSchedule, StudentSource};
+use crate::domain::spec::JobSpec;
+use crate::engine::dataset::Dataset;
+use crate::engine::evaluate::choose_classifier;
+use crate::engine::onnx::{summarize, LoadedModel};
+use crate::engine::runtime::Runtime;
+use crate::engine::train::{distill, fit};
+use crate::engine::{quantize, EngineError, Progress, Result};
+use std::time::Duration;
+
+pub struct StageInputs<'a> {
+    pub teacher: &'a LoadedModel,
+    pub student: Option<&'a LoadedModel>,
+    pub train: Option<&'a Dataset>,
+    pub spec: &'a JobSpec,
+}
+
+pub struct Outcome {
+    pub model: LoadedModel,
+    pub notes: Vec<String>,
+}
+
+pub fn fit_options(d: &DistillOptions, seed: u64) -> fit::FitOptions {
+    fit::FitOptions {
+        epochs: d.epochs as usize,
+        batch_size: d.batch_size as usize,
+        learning_rate: d.learning_rate,
+        weight_decay: d.weight_decay,
+        warmup: d.warmup,
+        schedule: match d.schedule {
+            LrSchedule::Cosine => fit::Schedule::Cosine,
+            LrSchedule::Linear => fit::Schedule::Linear,
+            LrSchedule::Constant => fit::Schedule::Constant,
+        },
+        max_grad_norm: (d.max_grad_norm > 0.0).then_some(d.max_grad_norm),
+        seed,
+        patience: (d.patience > 0).then_some(d.patience as usize),
+        time_budget: d.time_budget_s.map(Duration::from_secs_f64),
+    }
+}
+
+pub fn run(
+    rt: &Runtime,
+    d: &DistillOptions,
+    inputs: StageInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let StageInputs {
+        teacher,
+        student,
+        train,
+        spec,
+    } = inputs;
+    let train = train.ok_or_else(|| EngineError::InvalidOption {
+        option: "train_dataset_id".into(),
+        problem: "a distill stage needs training data".into(),
+    })?;
+    let summary = summarize(&teacher.proto);
+    let named = d.output.clone().or_else(|| spec.evaluate_options().output);
+    let output = choose_classifier(&summary.outputs, named.as_deref(), true)?
+        .expect("with labels assumed, a choice or an error");
+    let mut notes = Vec::new();
+    let student_proto = match (d.student, student) {
+        (StudentSource::Uploaded | StudentSource::Auto, Some(s)) => {
+            let outputs = summarize(&s.proto).outputs;
+            if !outputs.iter().any(|o| o.name == output) {
+                return Err(EngineError::InvalidOption {
+                    option: "student_model_id".into(),
+                    problem: format!("the student has no output `{output}` like the teacher's"),
+                });
+            }
+            notes.push("student: the uploaded student_model_id".to_string());
+            s.proto.clone()
+        }
+        (StudentSource::Uploaded, None) => {
+            return Err(EngineError::InvalidOption {
+                option: "student_model_id".into(),
+                problem: "`student: uploaded` needs student_model_id".into(),
+            })
+        }
+        _ => {
+            let (s, layer_notes) = distill::width_student(&teacher.proto, d.width);
+            if layer_notes.is_empty() {
+                return Err(EngineError::InvalidOption {
+                    option: "student".into(),
+                    problem: "no layer of this model can be narrowed (every layer's channels reach a residual, concat or output); upload a student instead".into(),
+                });
+            }
+            notes.push(format!(
+                "student: the teacher at width {} ({})",
+                d.width,
+                layer_notes.join("; ")
+            ));
+            s
+        }
+    };
+    // A seeded share of the training rows picks the epoch; the job's dataset stays unseen.
+    let rows = train.summary.samples as usize;
+    let mut order: Vec<usize> = (0..rows).collect();
+    {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(spec.seed));
+    }
+    let held = ((rows as f64 * d.validation_share).round() as usize)
+        .clamp(1, rows.saturating_sub(1).max(1));
+    let (mut val_rows, mut fit_rows) = (order[..held].to_vec(), order[held..].to_vec());
+    val_rows.sort_unstable();
+    fit_rows.sort_unstable();
+    let (fit_data, val_data) = (train.select(&fit_rows), train.select(&val_rows));
+    let opts = distill::DistillOptions {
+        alpha: d.alpha,
+        temperature: d.temperature,
+        fit: fit_options(d, spec.seed),
+    };
+    let out = distill::distill(
+        rt,
+        teacher,
+        &student_proto,
+        &output,
+        &fit_data,
+        Some(&val_data),
+        &opts,
+        progress,
+    )?;
+    let teacher_params = summary.parameters;
+    notes.push(format!(
+        "trained {} parameters (teacher {teacher_params}) on {} rows, {} held out to pick the epoch; loss {}·CE + {}·T²·KL at T = {}",
+        out.student_parameters,
+        fit_rows.len(),
+        val_rows.len(),
+        d.alpha,
+        1.0 - d.alpha,
+        d.temperature
+    ));
+    for e in &out.report.epochs {
+        notes.push(format!(
+            "epoch {}: train loss {:.4}, validation top-1 {}, learning rate {:.2e}",
+            e.epoch,
+            e.train_loss,
+            e.validation.map_or("-".into(), |v| format!("{v:.4}")),
+            e.learning_rate
+        ));
+    }
+    notes.push(format!(
+        "{}; kept epoch {}",
+        out.report.stopped,
+        out.report
+            .best_epoch
+            .map_or("last".into(), |e| e.to_string())
+    ));
+    let model = quantize::finish(rt, &out.model)?;
+    Ok(Outcome { model, notes })
+}

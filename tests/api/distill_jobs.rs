@@ -1,0 +1,134 @@
+//! Distill jobs through the API: width-derived and uploaded students, and spec validation.
+use crate::helpers::{fixture, onnxruntime_python, spawn_app, Setup, TestApp};
+use serde_json::{json, Value};
+
+async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
+    assert!(report["stages"].is_array(), "{report}");
+    (id, report)
+}
+
+fn top1(metrics: &Value) -> f64 {
+    metrics["task"]["top1_accuracy"].as_f64().unwrap()
+}
+
+/// The distilled artifact runs in onnxruntime-Python with the accuracy the report gives.
+async fn check_artifact(app: &TestApp, id: &str, report: &Value) {
+    let stage = &report["stages"][0];
+    let name = stage["artifact"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{stage}"));
+    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
+    let file = app.data_dir.path().join(name);
+    std::fs::write(&file, &bytes).unwrap();
+    let py = onnxruntime_python(&file, &fixture("digits_val.npz"), "probabilities");
+    assert_eq!(py["top1"].as_f64().unwrap(), top1(&stage["metrics"]));
+}
+
+#[tokio::test]
+async fn a_width_student_distilled_from_the_digits_mlp_keeps_97_percent_of_its_accuracy() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let (id, report) = run_job(
+        &app,
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"], "seed": 3,
+               "pipeline": [{"stage": "distill", "width": 0.25, "epochs": 25, "patience": 0}]}),
+    )
+    .await;
+    let (base, stage) = (&report["baseline"], &report["stages"][0]);
+    let notes = stage["notes"].to_string();
+    assert!(
+        notes.contains("student: the teacher at width 0.25"),
+        "{notes}"
+    );
+    assert!(notes.contains("epoch 25:"), "{notes}");
+    let (tb, ts) = (top1(base), top1(&stage["metrics"]));
+    assert!(ts >= 0.97 * tb, "teacher {tb}, student {ts}: {notes}");
+    let (pb, ps) = (
+        base["size"]["parameters"].as_u64().unwrap(),
+        stage["metrics"]["size"]["parameters"].as_u64().unwrap(),
+    );
+    assert!(ps * 4 <= pb, "{ps} vs {pb}");
+    check_artifact(&app, &id, &report).await;
+}
+
+#[tokio::test]
+async fn an_uploaded_student_is_distilled_and_the_same_seed_gives_the_same_report() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let s = app.model("digits_student.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+                      "student_model_id": s["id"], "seed": 4,
+                      "pipeline": [{"stage": "distill", "epochs": 25, "patience": 0}]});
+    let (id, report) = run_job(&app, spec.clone()).await;
+    let stage = &report["stages"][0];
+    assert!(stage["notes"]
+        .to_string()
+        .contains("the uploaded student_model_id"));
+    let (tb, ts) = (top1(&report["baseline"]), top1(&stage["metrics"]));
+    assert!(ts >= 0.97 * tb, "teacher {tb}, student {ts}");
+    check_artifact(&app, &id, &report).await;
+    // Determinism: the same spec and seed train the same student.
+    let (_, again) = run_job(&app, spec).await;
+    assert_eq!(
+        again["stages"][0]["metrics"]["task"],
+        stage["metrics"]["task"]
+    );
+    assert_eq!(again["stages"][0]["notes"], stage["notes"]);
+}
+
+#[tokio::test]
+async fn distill_specs_are_validated_with_pointers() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    for (stage, needle_pointer) in [
+        (json!({"stage": "distill"}), "/train_dataset_id"),
+        (
+            json!({"stage": "distill", "student": "uploaded"}),
+            "/student_model_id",
+        ),
+        (
+            json!({"stage": "distill", "width": 1.5}),
+            "/pipeline/0/width",
+        ),
+        (
+            json!({"stage": "distill", "epochs": 0}),
+            "/pipeline/0/epochs",
+        ),
+        (
+            json!({"stage": "distill", "temprature": 2}),
+            "/pipeline/0/temprature",
+        ),
+        (
+            json!({"stage": "distill", "schedule": "step"}),
+            "/pipeline/0/schedule",
+        ),
+    ] {
+        let r = app
+            .post_job(&json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]}))
+            .await;
+        assert_eq!(r.status(), 422);
+        assert!(r
+            .headers()
+            .get("content-type")
+            .is_some_and(|c| c.to_str().unwrap().contains("problem+json")));
+        let body: Value = r.json().await.unwrap();
+        let pointers: Vec<&str> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["pointer"].as_str())
+            .collect();
+        assert!(pointers.contains(&needle_pointer), "{stage}: {body}");
+    }
+}
