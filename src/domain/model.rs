@@ -46,6 +46,11 @@ pub struct ModelSummary {
     pub node_count: u64,
     /// Elements in initializers and weight-carrying `Constant` nodes.
     pub parameters: u64,
+    /// Per output, the operators feeding it that training (the `distill` stage) cannot run;
+    /// outputs training can run are not listed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub untrainable_ops: BTreeMap<String, Vec<String>>,
 }
 
 impl ModelSummary {

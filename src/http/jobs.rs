@@ -294,6 +294,40 @@ async fn check_references(
             }
         }
         for (i, stage) in spec.pipeline.iter().enumerate() {
+            if let Stage::Distill(d) = stage {
+                let named = d.output.clone().or_else(|| spec.evaluate_options().output);
+                let student = models.get("student_model_id");
+                match crate::engine::evaluate::choose_classifier(
+                    &model.outputs,
+                    named.as_deref(),
+                    true,
+                ) {
+                    Ok(Some(out)) => {
+                        let roles = [("model_id", Some(model)), ("student_model_id", student)];
+                        for (field, m) in roles {
+                            let Some(m) = m else { continue };
+                            if !m.outputs.iter().any(|o| o.name == out) {
+                                problems.add(
+                                    format!("/{field}"),
+                                    format!("the student has no output `{out}` like the teacher's"),
+                                );
+                            } else if let Some(ops) = m.untrainable_ops.get(&out) {
+                                problems.add(
+                                    format!("/{field}"),
+                                    format!(
+                                        "distill cannot train through output `{out}`: the op(s) {} are outside the training subset ({})",
+                                        ops.join(", "),
+                                        crate::engine::train::SUPPORTED_OPS.join(", ")
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => problems.add(format!("/pipeline/{i}/output"), e.to_string()),
+                }
+                continue;
+            }
             let Stage::Evaluate(opts) = stage else {
                 continue;
             };

@@ -132,3 +132,35 @@ async fn distill_specs_are_validated_with_pointers() {
         assert!(pointers.contains(&needle_pointer), "{stage}: {body}");
     }
 }
+
+#[tokio::test]
+async fn a_model_whose_output_needs_ops_outside_the_training_subset_is_refused_at_creation() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    // The upload says which outputs training cannot reach: `label` goes through ArgMax.
+    assert!(
+        m["summary"]["untrainable_ops"]["label"]
+            .to_string()
+            .contains("ArgMax"),
+        "{m}"
+    );
+    assert!(
+        m["summary"]["untrainable_ops"]
+            .get("probabilities")
+            .is_none(),
+        "{m}"
+    );
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let r = app
+        .post_job(
+            &json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+                          "pipeline": [{"stage": "distill", "output": "label"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    let e = &body["errors"][0];
+    assert_eq!(e["pointer"], "/model_id", "{body}");
+    assert!(e["detail"].as_str().unwrap().contains("ArgMax"), "{body}");
+}

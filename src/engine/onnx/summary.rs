@@ -60,6 +60,7 @@ pub fn summarize(model: &ModelProto) -> ModelSummary {
             .into_iter()
             .map(params::element_count)
             .sum(),
+        untrainable_ops: crate::engine::train::graph::untrainable_ops(&graph),
     }
 }
 

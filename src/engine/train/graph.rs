@@ -2,11 +2,11 @@
 //! as candle variables.
 use super::ops::{self, Ctx};
 use super::{candle_error, tensors, SUPPORTED_OPS};
-use crate::engine::onnx::proto::{ModelProto, NodeProto};
+use crate::engine::onnx::proto::{GraphProto, ModelProto, NodeProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor};
 use crate::engine::{EngineError, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 /// Forward-pass mode: `Train` normalises BatchNormalization with batch statistics (and updates
@@ -32,6 +32,60 @@ fn weight_inputs(op: &str) -> &'static [usize] {
 pub struct Snapshot {
     vars: Vec<Tensor>,
     running: HashMap<String, Tensor>,
+}
+
+/// Indices of the nodes that compute `outputs`, in graph order.
+fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> BTreeSet<usize> {
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut needed = BTreeSet::new();
+    let mut stack: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    while let Some(name) = stack.pop() {
+        if let Some(&i) = producer.get(name) {
+            if needed.insert(i) {
+                stack.extend(graph.node[i].input.iter().map(String::as_str));
+            }
+        }
+    }
+    needed
+}
+
+fn unsupported_among(nodes: &[NodeProto]) -> BTreeSet<String> {
+    nodes
+        .iter()
+        .filter(|n| {
+            n.domain
+                .as_deref()
+                .is_some_and(|d| !d.is_empty() && d != "ai.onnx")
+                || !SUPPORTED_OPS.contains(&n.op_type.as_deref().unwrap_or_default())
+        })
+        .map(|n| match n.domain.as_deref() {
+            Some(d) if !d.is_empty() && d != "ai.onnx" => {
+                format!("{d}.{}", n.op_type.as_deref().unwrap_or_default())
+            }
+            _ => n.op_type.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// For each graph output, the operators feeding it that training cannot run (outputs that
+/// training can run are left out).
+pub fn untrainable_ops(graph: &GraphProto) -> BTreeMap<String, Vec<String>> {
+    graph
+        .output
+        .iter()
+        .filter_map(|o| o.name.clone())
+        .filter_map(|o| {
+            let needed = needed_nodes(graph, std::slice::from_ref(&o));
+            let nodes: Vec<NodeProto> = needed.iter().map(|&i| graph.node[i].clone()).collect();
+            let bad = unsupported_among(&nodes);
+            (!bad.is_empty()).then(|| (o, bad.into_iter().collect()))
+        })
+        .collect()
 }
 
 pub struct TrainGraph {
@@ -61,36 +115,19 @@ impl TrainGraph {
         } else {
             outputs.to_vec()
         };
-        let producer: HashMap<&str, usize> = graph
-            .node
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
-            .collect();
-        let mut needed = BTreeSet::new();
-        let mut stack: Vec<&str> = outputs.iter().map(String::as_str).collect();
         for o in &outputs {
             let is_input = graph.input.iter().any(|i| i.name.as_deref() == Some(o));
-            if !producer.contains_key(o.as_str()) && !is_input {
+            let produced = graph.node.iter().any(|n| n.output.contains(o));
+            if !produced && !is_input {
                 return Err(EngineError::InvalidOption {
                     option: "output".into(),
                     problem: format!("the model has no tensor `{o}`"),
                 });
             }
         }
-        while let Some(name) = stack.pop() {
-            if let Some(&i) = producer.get(name) {
-                if needed.insert(i) {
-                    stack.extend(graph.node[i].input.iter().map(String::as_str));
-                }
-            }
-        }
+        let needed = needed_nodes(graph, &outputs);
         let nodes: Vec<NodeProto> = needed.iter().map(|&i| graph.node[i].clone()).collect();
-        let unsupported: BTreeSet<&str> = nodes
-            .iter()
-            .filter_map(|n| n.op_type.as_deref())
-            .filter(|op| !SUPPORTED_OPS.contains(op))
-            .collect();
+        let unsupported = unsupported_among(&nodes);
         if !unsupported.is_empty() {
             return Err(EngineError::InvalidModel(format!(
                 "training does not support the op(s) {}; supported: {}",
