@@ -271,6 +271,9 @@ def main(out):
     import subprocess
     subprocess.run([sys.executable, "-W", "ignore", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_minilm.py"),
                     os.path.join(out, "minilm1"), "1"], check=True, stdout=subprocess.DEVNULL)
+    # The whole six-layer model, for depth students (3 of 6 layers) distilled in tests.
+    subprocess.run([sys.executable, "-W", "ignore", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_minilm.py"),
+                    os.path.join(out, "minilm6"), "6"], check=True, stdout=subprocess.DEVNULL)
 
     cnn_path = cnn(out)
     images = X_te.reshape(-1, 1, 8, 8)

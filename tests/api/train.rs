@@ -493,3 +493,67 @@ fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
         );
     }
 }
+
+/// Mean cosine similarity of two models' `sentence_embedding` on `data`, in ONNX Runtime.
+fn embedding_fidelity(a: &LoadedModel, b: &LoadedModel, d: &Dataset) -> f64 {
+    let rows = d.summary.samples as usize;
+    let (ea, eb) = (
+        &ort_outputs(a, d, rows, &["sentence_embedding"])[0],
+        &ort_outputs(b, d, rows, &["sentence_embedding"])[0],
+    );
+    let dim = ea.len() / rows;
+    let mut sum = 0f64;
+    for r in 0..rows {
+        let (x, y) = (&ea[r * dim..(r + 1) * dim], &eb[r * dim..(r + 1) * dim]);
+        let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+        let nx: f32 = x.iter().map(|p| p * p).sum::<f32>().sqrt();
+        let ny: f32 = y.iter().map(|q| q * q).sum::<f32>().sqrt();
+        sum += (dot / (nx * ny)) as f64;
+    }
+    sum / rows as f64
+}
+
+#[test]
+fn a_three_layer_minilm_student_distilled_on_gensim_text_is_closer_to_its_teacher() {
+    let teacher = load_model_file(&fixture("minilm6/minilm.onnx")).unwrap();
+    let (student, note) = train::depth::every_other(&teacher.proto, 2).unwrap();
+    assert!(note.contains("[0, 2, 4] of 6"), "{note}");
+    let untrained =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&student).into())
+            .unwrap();
+    assert!(parameters(&untrained) < parameters(&teacher));
+    // Unlabelled gensim text: the polarity training sentences train, the Lee documents pick
+    // the epoch, the held-out polarity sentences measure.
+    let train_data = dataset::load(&fixture("minilm6/polarity_train.npz")).unwrap();
+    let lee = dataset::load(&fixture("minilm6/lee.npz")).unwrap();
+    let eval = dataset::load(&fixture("minilm6/polarity_eval.npz")).unwrap();
+    let opts = train::fit::FitOptions {
+        epochs: 3,
+        batch_size: 16,
+        learning_rate: 2e-4,
+        warmup: 0.1,
+        seed: 1,
+        patience: None,
+        ..Default::default()
+    };
+    let out = train::distill::distill_features(
+        &rt(),
+        &teacher,
+        &student,
+        "sentence_embedding",
+        &train_data,
+        Some(&lee),
+        &opts,
+        &shrink::engine::NoProgress,
+    )
+    .unwrap();
+    let trained =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
+            .unwrap();
+    let (before, after) = (
+        embedding_fidelity(&teacher, &untrained, &eval),
+        embedding_fidelity(&teacher, &trained, &eval),
+    );
+    eprintln!("MiniLM 3 of 6 layers: cosine to the teacher {before:.4} untrained, {after:.4} distilled; {:?}", out.report);
+    assert!(after > before, "untrained {before}, distilled {after}");
+}

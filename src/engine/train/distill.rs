@@ -259,3 +259,122 @@ pub fn width_student(teacher: &ModelProto, share: f64) -> (ModelProto, Vec<Strin
     }
     (student, notes)
 }
+
+/// The teacher's `output` on every row of `data` (ONNX Runtime), as one [rows, ...] tensor.
+pub fn teacher_outputs(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    data: &Dataset,
+    output: &str,
+) -> Result<Tensor> {
+    let binding = bind(&summarize(&teacher.proto), &data.summary)?;
+    let mut session = rt.session(&teacher.bytes, 1)?;
+    let rows = binding.samples as usize;
+    let (mut values, mut shape) = (Vec::new(), Vec::new());
+    for start in (0..rows).step_by(32) {
+        let end = (start + 32).min(rows);
+        let out = session.run(runtime::feeds(data, &binding.inputs, start..end)?)?;
+        let value = out.get(output).ok_or_else(|| EngineError::InvalidOption {
+            option: "output".into(),
+            problem: format!("the teacher has no output `{output}`"),
+        })?;
+        let (s, v) = value.try_extract_tensor::<f32>()?;
+        shape = s.iter().map(|&d| d as usize).collect();
+        values.extend_from_slice(v);
+    }
+    if let Some(first) = shape.first_mut() {
+        *first = rows;
+    }
+    Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
+        .map_err(|e| candle_error("teacher outputs", e))
+}
+
+/// Mean cosine similarity between matching rows.
+fn mean_cosine(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, b) = (a.flatten_from(1)?, b.flatten_from(1)?);
+    let dot = (&a * &b)?.sum(1)?;
+    let norms = (a.sqr()?.sum(1)?.sqrt()? * b.sqr()?.sum(1)?.sqrt()?)?;
+    (dot / (norms + 1e-12)?)?.mean_all()
+}
+
+struct FeatureDistillation<'a> {
+    train: &'a Dataset,
+    binding: Vec<(String, String)>,
+    teacher: Tensor,
+    validation: Option<Validation<'a>>,
+}
+
+impl Objective for FeatureDistillation<'_> {
+    fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor> {
+        let ce = |e| candle_error("feature distillation loss", e);
+        let feeds = tensors::feeds(self.train, &self.binding, rows, graph.device())?;
+        let student = graph.forward(&feeds, Mode::Train)?.remove(0);
+        let teacher = pick(&self.teacher, rows).map_err(ce)?;
+        // 1 − cosine: the direction of an embedding is what retrieval and similarity use.
+        (mean_cosine(&student, &teacher)
+            .map_err(ce)?
+            .neg()
+            .map_err(ce)?
+            + 1.0)
+            .map_err(ce)
+    }
+
+    fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>> {
+        let Some(Validation {
+            data,
+            binding,
+            target,
+        }) = &self.validation
+        else {
+            return Ok(None);
+        };
+        let ce = |e| candle_error("validation", e);
+        let rows: Vec<usize> = (0..target.dim(0).map_err(ce)?).collect();
+        let mut sum = 0f64;
+        for chunk in rows.chunks(32) {
+            let feeds = tensors::feeds(data, binding, chunk, graph.device())?;
+            let out = graph.forward(&feeds, Mode::Eval)?.remove(0);
+            let c = mean_cosine(&out, &pick(target, chunk).map_err(ce)?).map_err(ce)?;
+            sum += c.to_scalar::<f32>().map_err(ce)? as f64 * chunk.len() as f64;
+        }
+        Ok(Some(sum / rows.len().max(1) as f64))
+    }
+}
+
+/// Distils the teacher's `output` (an embedding or any feature tensor) into the student's
+/// output of the same name by cosine similarity, on unlabelled `train` rows; `validation` rows
+/// (scored by mean cosine to the teacher) pick the epoch to keep.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_features(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    student: &ModelProto,
+    output: &str,
+    train: &Dataset,
+    validation: Option<&Dataset>,
+    opts: &FitOptions,
+    progress: &dyn Progress,
+) -> Result<Distilled> {
+    let graph = TrainGraph::new(student, &[output.to_string()])?;
+    let binding = bind(&summarize(student), &train.summary)?;
+    let validation = match validation {
+        Some(v) => Some(Validation {
+            data: v,
+            binding: bind(&summarize(student), &v.summary)?.inputs,
+            target: teacher_outputs(rt, teacher, v, output)?,
+        }),
+        None => None,
+    };
+    let objective = FeatureDistillation {
+        train,
+        binding: binding.inputs,
+        teacher: teacher_outputs(rt, teacher, train, output)?,
+        validation,
+    };
+    let report = fit(&graph, &objective, binding.samples as usize, opts, progress)?;
+    Ok(Distilled {
+        model: graph.export()?,
+        report,
+        student_parameters: graph.parameters(),
+    })
+}

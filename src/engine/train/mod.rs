@@ -5,6 +5,7 @@
 //! Every op is composed from candle operations that have a backward pass (the fused
 //! `softmax_last_dim` / `layer_norm` kernels drop gradients, and candle's pooling backward only
 //! covers kernel == stride, so neither is used).
+pub mod depth;
 pub mod distill;
 pub mod fit;
 pub mod graph;
