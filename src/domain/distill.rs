@@ -16,6 +16,9 @@ pub enum StudentSource {
     /// Derived from the teacher: every layer keeps its `width` share of channels (neurons), the
     /// most important by L1 norm, initialised from the teacher's weights.
     Width,
+    /// Derived from a transformer-encoder teacher: every `keep_every`-th encoder layer, the
+    /// others removed (as DistilBERT keeps every other layer), initialised from the teacher's.
+    Depth,
 }
 
 /// How the learning rate decays after warm-up.
@@ -38,6 +41,9 @@ pub struct DistillOptions {
     /// With a `width` student: the share of each layer's channels kept (0 < width < 1).
     #[serde(default = "default_width")]
     pub width: f64,
+    /// With a `depth` student: keep encoder layers 0, k, 2k, ... (k >= 2).
+    #[serde(default = "default_keep_every")]
+    pub keep_every: u32,
     /// Weight of the hard-label cross-entropy (0..=1).
     #[serde(default = "default_alpha")]
     pub alpha: f64,
@@ -79,6 +85,9 @@ pub struct DistillOptions {
 fn default_width() -> f64 {
     0.25
 }
+fn default_keep_every() -> u32 {
+    2
+}
 fn default_alpha() -> f64 {
     0.5
 }
@@ -114,6 +123,7 @@ const KNOWN: &[&str] = &[
     "stage",
     "student",
     "width",
+    "keep_every",
     "alpha",
     "temperature",
     "epochs",
@@ -149,7 +159,7 @@ pub(super) fn validate(
     let has =
         |field: &str| spec.get(field).is_some_and(|v| !v.is_null()) || provided.contains(&field);
     match obj.get("student").map(Value::as_str) {
-        None | Some(Some("auto" | "width")) => {}
+        None | Some(Some("auto" | "width" | "depth")) => {}
         Some(Some("uploaded")) if !has("student_model_id") => p.add(
             "/student_model_id",
             "a distill stage with `student: uploaded` needs `student_model_id`",
@@ -157,7 +167,7 @@ pub(super) fn validate(
         Some(Some("uploaded")) => {}
         _ => p.add(
             format!("{base}/student"),
-            "`student` must be one of: auto, uploaded, width",
+            "`student` must be one of: auto, uploaded, width, depth",
         ),
     }
     if !has("train_dataset_id") {
@@ -203,6 +213,7 @@ pub(super) fn validate(
         }
     };
     integer("epochs", 1, 1000, p);
+    integer("keep_every", 2, 64, p);
     integer("batch_size", 1, 4096, p);
     integer("patience", 0, 1000, p);
     if let Some(v) = obj.get("schedule") {

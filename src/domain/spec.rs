@@ -154,14 +154,23 @@ pub struct Constraints {
 
 impl JobSpec {
     /// The first evaluate stage's options, used for the baseline too, so that numbers compare.
+    /// Without an evaluate stage naming the classifier output, a distill stage's `output` names it.
     pub fn evaluate_options(&self) -> EvaluateOptions {
-        self.pipeline
+        let mut opts = self
+            .pipeline
             .iter()
             .find_map(|s| match s {
                 Stage::Evaluate(o) => Some(o.clone()),
                 _ => None,
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if opts.output.is_none() {
+            opts.output = self.pipeline.iter().find_map(|s| match s {
+                Stage::Distill(d) => d.output.clone(),
+                _ => None,
+            });
+        }
+        opts
     }
 
     /// Parses and validates a spec. Reference fields may be absent when `provided` says a file part stands in.

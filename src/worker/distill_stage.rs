@@ -80,6 +80,12 @@ pub fn run(
                 problem: "`student: uploaded` needs student_model_id".into(),
             })
         }
+        (StudentSource::Depth, _) => {
+            let (s, note) =
+                crate::engine::train::depth::every_other(&teacher.proto, d.keep_every as usize)?;
+            notes.push(format!("student: the teacher's depth cut: {note}"));
+            s
+        }
         _ => {
             let (s, layer_notes) = distill::width_student(&teacher.proto, d.width);
             if layer_notes.is_empty() {

@@ -1,5 +1,7 @@
 //! Distill jobs through the API: width-derived and uploaded students, and spec validation.
-use crate::helpers::{fixture, onnxruntime_python, spawn_app, Setup, TestApp};
+use crate::helpers::{
+    fixture, onnxruntime_python, spawn_app, spawn_with, test_settings, Setup, TestApp,
+};
 use serde_json::{json, Value};
 
 async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
@@ -9,7 +11,8 @@ async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
     app.drain().await;
     let id = job["id"].as_str().unwrap().to_string();
     let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
-    assert!(report["stages"].is_array(), "{report}");
+    let (_, status) = app.get_json(&format!("/jobs/{id}")).await;
+    assert!(report["stages"].is_array(), "{report} {status}");
     (id, report)
 }
 
@@ -163,4 +166,37 @@ async fn a_model_whose_output_needs_ops_outside_the_training_subset_is_refused_a
     let e = &body["errors"][0];
     assert_eq!(e["pointer"], "/model_id", "{body}");
     assert!(e["detail"].as_str().unwrap().contains("ArgMax"), "{body}");
+}
+
+#[tokio::test]
+async fn a_depth_student_of_minilm_keeps_every_other_encoder_layer() {
+    // The 90 MB model needs a larger upload limit than the tests' default.
+    let (mut settings, dir) = test_settings(Setup::Embedded).await;
+    settings.max_upload_bytes = 128 * 1024 * 1024;
+    let app = spawn_with(settings, dir, 0).await;
+    let m = app.model("minilm6/minilm.onnx").await;
+    let d = app.dataset("minilm6/polarity_eval.npz").await;
+    let t = app.dataset("minilm6/polarity_train.npz").await;
+    let (id, report) = run_job(
+        &app,
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+               "pipeline": [{"stage": "distill", "student": "depth", "output": "logits",
+                             "epochs": 1, "batch_size": 16, "learning_rate": 0.0001}]}),
+    )
+    .await;
+    let stage = &report["stages"][0];
+    let notes = stage["notes"].to_string();
+    assert!(
+        notes.contains("kept encoder layers [0, 2, 4] of 6"),
+        "{notes}"
+    );
+    let (pb, ps) = (
+        report["baseline"]["size"]["parameters"].as_u64().unwrap(),
+        stage["metrics"]["size"]["parameters"].as_u64().unwrap(),
+    );
+    // Three of six encoder layers (the embeddings stay): about 5.3 M parameters fewer.
+    assert!(pb - ps > 5_000_000, "{pb} -> {ps}");
+    let name = stage["artifact"].as_str().unwrap();
+    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
+    assert!(bytes.len() < 80_000_000, "{}", bytes.len());
 }
