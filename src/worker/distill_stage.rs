@@ -121,16 +121,15 @@ pub fn run(
         temperature: d.temperature,
         fit: fit_options(d, spec.seed),
     };
-    let out = distill::distill(
+    let pair = distill::Pair {
         rt,
         teacher,
-        &student_proto,
-        &output,
-        &fit_data,
-        Some(&val_data),
-        &opts,
-        progress,
-    )?;
+        student: &student_proto,
+        output: &output,
+        train: &fit_data,
+        validation: Some(&val_data),
+    };
+    let out = distill::distill(pair, &opts, progress)?;
     let teacher_params = summary.parameters;
     notes.push(format!(
         "trained {} parameters (teacher {teacher_params}) on {} rows, {} held out to pick the epoch; loss {}·CE + {}·T²·KL at T = {}",

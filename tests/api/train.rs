@@ -276,14 +276,19 @@ fn parameters(m: &LoadedModel) -> u64 {
     shrink::engine::onnx::params::parameter_counts(m.proto.graph.as_ref().unwrap()).0
 }
 
-fn distil_digits(epochs: usize, seed: u64) -> (LoadedModel, train::fit::FitReport) {
+/// Distils the digits MLP into `student` on five sixths of digits_train (the other sixth picks
+/// the epoch; digits_val stays unseen).
+fn distil_into(
+    student: &shrink::engine::onnx::proto::ModelProto,
+    epochs: usize,
+    seed: u64,
+) -> (LoadedModel, train::fit::FitReport) {
     let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
-    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
     let all = dataset::load(&fixture("digits_train.npz")).unwrap();
-    // Training rows and a validation split that picks the epoch; digits_val stays unseen.
     let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
         (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
     let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
+    let runtime = rt();
     let opts = train::distill::DistillOptions {
         fit: train::fit::FitOptions {
             epochs,
@@ -295,21 +300,24 @@ fn distil_digits(epochs: usize, seed: u64) -> (LoadedModel, train::fit::FitRepor
         },
         ..Default::default()
     };
-    let out = train::distill::distill(
-        &rt(),
-        &teacher,
-        &student.proto,
-        "probabilities",
-        &fit_data,
-        Some(&val_data),
-        &opts,
-        &shrink::engine::NoProgress,
-    )
-    .unwrap();
+    let pair = train::distill::Pair {
+        rt: &runtime,
+        teacher: &teacher,
+        student,
+        output: "probabilities",
+        train: &fit_data,
+        validation: Some(&val_data),
+    };
+    let out = train::distill::distill(pair, &opts, &shrink::engine::NoProgress).unwrap();
     let model =
         shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
             .unwrap();
     (model, out.report)
+}
+
+fn distil_digits(epochs: usize, seed: u64) -> (LoadedModel, train::fit::FitReport) {
+    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    distil_into(&student.proto, epochs, seed)
 }
 
 #[test]
@@ -367,17 +375,17 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
     let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
     let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
     let data = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let runtime = rt();
     let run = |opts: &train::distill::DistillOptions, progress: &dyn shrink::engine::Progress| {
-        train::distill::distill(
-            &rt(),
-            &teacher,
-            &student.proto,
-            "probabilities",
-            &data,
-            Some(&data),
-            opts,
-            progress,
-        )
+        let pair = train::distill::Pair {
+            rt: &runtime,
+            teacher: &teacher,
+            student: &student.proto,
+            output: "probabilities",
+            train: &data,
+            validation: Some(&data),
+        };
+        train::distill::distill(pair, opts, progress)
     };
     let opts = train::distill::DistillOptions::default();
     let cancel = CancelAfter(Default::default(), 3);
@@ -421,33 +429,7 @@ fn a_width_student_keeps_the_teachers_most_important_neurons_and_distils_to_97_p
     );
     let val = dataset::load(&fixture("digits_val.npz")).unwrap();
     let before = ort_top1(&student, &val);
-    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
-    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
-        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
-    let opts = train::distill::DistillOptions {
-        fit: train::fit::FitOptions {
-            epochs: 25,
-            learning_rate: 3e-3,
-            seed: 1,
-            patience: None,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let out = train::distill::distill(
-        &rt(),
-        &teacher,
-        &student.proto,
-        "probabilities",
-        &all.select(&fit_rows),
-        Some(&all.select(&val_rows)),
-        &opts,
-        &shrink::engine::NoProgress,
-    )
-    .unwrap();
-    let trained =
-        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
-            .unwrap();
+    let (trained, _) = distil_into(&student.proto, 25, 1);
     let (t, s) = (ort_top1(&teacher, &val), ort_top1(&trained, &val));
     eprintln!(
         "width student: teacher {t}, sliced {before}, distilled {s}; {} vs {} parameters",
@@ -536,17 +518,16 @@ fn a_three_layer_minilm_student_distilled_on_gensim_text_is_closer_to_its_teache
         patience: None,
         ..Default::default()
     };
-    let out = train::distill::distill_features(
-        &rt(),
-        &teacher,
-        &student,
-        "sentence_embedding",
-        &train_data,
-        Some(&lee),
-        &opts,
-        &shrink::engine::NoProgress,
-    )
-    .unwrap();
+    let runtime = rt();
+    let pair = train::distill::Pair {
+        rt: &runtime,
+        teacher: &teacher,
+        student: &student,
+        output: "sentence_embedding",
+        train: &train_data,
+        validation: Some(&lee),
+    };
+    let out = train::distill::distill_features(pair, &opts, &shrink::engine::NoProgress).unwrap();
     let trained =
         shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
             .unwrap();

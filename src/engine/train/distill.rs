@@ -184,20 +184,34 @@ pub struct Distilled {
     pub student_parameters: usize,
 }
 
-/// Distils `teacher` into `student` (same inputs, and a classifier output named `output` in
-/// both) on `train`; `validation` (with labels, else scored as agreement with the teacher) picks
-/// the epoch to keep. The trained student is returned as ONNX.
-#[allow(clippy::too_many_arguments)]
+/// What a distillation works on.
+pub struct Pair<'a> {
+    pub rt: &'a Runtime,
+    pub teacher: &'a LoadedModel,
+    /// Same inputs as the teacher, and an output named `output` too.
+    pub student: &'a ModelProto,
+    pub output: &'a str,
+    pub train: &'a Dataset,
+    /// Rows that pick the epoch to keep.
+    pub validation: Option<&'a Dataset>,
+}
+
+/// Distils the teacher into the student through the classifier output; validation rows (with
+/// labels, else scored as agreement with the teacher) pick the epoch to keep. The trained
+/// student is returned as ONNX.
 pub fn distill(
-    rt: &Runtime,
-    teacher: &LoadedModel,
-    student: &ModelProto,
-    output: &str,
-    train: &Dataset,
-    validation: Option<&Dataset>,
+    pair: Pair<'_>,
     opts: &DistillOptions,
     progress: &dyn Progress,
 ) -> Result<Distilled> {
+    let Pair {
+        rt,
+        teacher,
+        student,
+        output,
+        train,
+        validation,
+    } = pair;
     let (logits, _) = logits_of(student, output);
     let graph = TrainGraph::new(student, &[logits])?;
     let binding = bind(&summarize(student), &train.summary)?;
@@ -342,19 +356,21 @@ impl Objective for FeatureDistillation<'_> {
 }
 
 /// Distils the teacher's `output` (an embedding or any feature tensor) into the student's
-/// output of the same name by cosine similarity, on unlabelled `train` rows; `validation` rows
+/// output of the same name by cosine similarity, on unlabelled training rows; validation rows
 /// (scored by mean cosine to the teacher) pick the epoch to keep.
-#[allow(clippy::too_many_arguments)]
 pub fn distill_features(
-    rt: &Runtime,
-    teacher: &LoadedModel,
-    student: &ModelProto,
-    output: &str,
-    train: &Dataset,
-    validation: Option<&Dataset>,
+    pair: Pair<'_>,
     opts: &FitOptions,
     progress: &dyn Progress,
 ) -> Result<Distilled> {
+    let Pair {
+        rt,
+        teacher,
+        student,
+        output,
+        train,
+        validation,
+    } = pair;
     let graph = TrainGraph::new(student, &[output.to_string()])?;
     let binding = bind(&summarize(student), &train.summary)?;
     let validation = match validation {
