@@ -252,6 +252,7 @@ def main(out):
     np.savez(os.path.join(out, "digits_val_alias.npz"), x=X_te, y=y_te)
     np.savez(os.path.join(out, "digits_unlabelled.npz"), input=X_te)
     np.savez(os.path.join(out, "digits_train.npz"), input=X_tr, labels=y_tr.astype(np.int64))
+    np.savez(os.path.join(out, "digits_train_unlabelled.npz"), input=X_tr)
     from safetensors.numpy import save_file
     save_file({"input": X_te, "labels": y_te}, os.path.join(out, "digits_val.safetensors"))
     refs["digits_mlp"], outs = reference(path, {"input": X_te}, y_te, "probabilities")

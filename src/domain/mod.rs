@@ -2,10 +2,12 @@
 //! Only serde, validation and OpenAPI schemas live here — no web, database, storage or ML crates.
 pub mod dataset;
 pub mod distill;
+pub mod finetune;
 pub mod ids;
 pub mod job;
 pub mod model;
 pub mod quantize;
 pub mod report;
 pub mod spec;
+pub mod training;
 pub mod validation;

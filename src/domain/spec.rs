@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
 /// Stages that this version of Shrink can run. Others are rejected when a job is created.
-pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize", "distill"];
+pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize", "distill", "finetune"];
 /// Stages that the spec language names but that are not implemented yet.
-pub const PLANNED_STAGES: &[&str] = &["prune", "finetune"];
+pub const PLANNED_STAGES: &[&str] = &["prune"];
 
 /// Spec fields that reference uploaded models or datasets, and the multipart file part that can stand in for each.
 pub const REFERENCE_FIELDS: &[(&str, &str, RefKind)] = &[
@@ -70,6 +70,8 @@ pub enum Stage {
     Quantize(super::quantize::QuantizeOptions),
     /// Distil the current model (the teacher) into a smaller student.
     Distill(super::distill::DistillOptions),
+    /// Train the current model further (recovery after pruning or quantization).
+    Finetune(super::finetune::FinetuneOptions),
 }
 
 impl Stage {
@@ -78,6 +80,7 @@ impl Stage {
             Stage::Evaluate(_) => "evaluate",
             Stage::Quantize(_) => "quantize",
             Stage::Distill(_) => "distill",
+            Stage::Finetune(_) => "finetune",
         }
     }
 }
@@ -154,7 +157,7 @@ pub struct Constraints {
 
 impl JobSpec {
     /// The first evaluate stage's options, used for the baseline too, so that numbers compare.
-    /// Without an evaluate stage naming the classifier output, a distill stage's `output` names it.
+    /// Without an evaluate stage naming the classifier output, a training stage's `output` names it.
     pub fn evaluate_options(&self) -> EvaluateOptions {
         let mut opts = self
             .pipeline
@@ -167,6 +170,7 @@ impl JobSpec {
         if opts.output.is_none() {
             opts.output = self.pipeline.iter().find_map(|s| match s {
                 Stage::Distill(d) => d.output.clone(),
+                Stage::Finetune(f) => f.output.clone(),
                 _ => None,
             });
         }
@@ -319,6 +323,7 @@ fn validate_pipeline(
             Some("evaluate") => validate_evaluate(obj, &base, p),
             Some("quantize") => super::quantize::validate(obj, &base, p),
             Some("distill") => super::distill::validate(obj, &base, spec, provided, p),
+            Some("finetune") => super::finetune::validate(obj, &base, spec, provided, p),
             Some(name) if PLANNED_STAGES.contains(&name) => p.add(
                 format!("{base}/stage"),
                 format!(

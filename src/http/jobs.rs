@@ -294,9 +294,13 @@ async fn check_references(
             }
         }
         for (i, stage) in spec.pipeline.iter().enumerate() {
-            if let Stage::Distill(d) = stage {
-                let named = d.output.clone().or_else(|| spec.evaluate_options().output);
-                let student = models.get("student_model_id");
+            let training_output = match stage {
+                Stage::Distill(d) => Some((d.output.clone(), models.get("student_model_id"))),
+                Stage::Finetune(f) => Some((f.output.clone(), None)),
+                _ => None,
+            };
+            if let Some((output, student)) = training_output {
+                let named = output.or_else(|| spec.evaluate_options().output);
                 match crate::engine::evaluate::choose_classifier(
                     &model.outputs,
                     named.as_deref(),
@@ -315,7 +319,8 @@ async fn check_references(
                                 problems.add(
                                     format!("/{field}"),
                                     format!(
-                                        "distill cannot train through output `{out}`: the op(s) {} are outside the training subset ({})",
+                                        "{} cannot train through output `{out}`: the op(s) {} are outside the training subset ({})",
+                                        stage.name(),
                                         ops.join(", "),
                                         crate::engine::train::SUPPORTED_OPS.join(", ")
                                     ),

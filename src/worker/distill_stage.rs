@@ -1,7 +1,9 @@
 //! The `distill` stage: spec options -> engine distillation, the student (uploaded or derived
 //! by width), and the notes the report carries.
-use crate::domain::distill::{DistillOptions, LrSchedule, StudentSource};
+use crate::domain::distill::{DistillOptions, StudentSource};
+use crate::domain::finetune::FinetuneOptions;
 use crate::domain::spec::JobSpec;
+use crate::domain::training::{LrSchedule, TrainingOptions};
 use crate::engine::dataset::Dataset;
 use crate::engine::evaluate::choose_classifier;
 use crate::engine::onnx::{summarize, LoadedModel};
@@ -22,7 +24,7 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
-pub fn fit_options(d: &DistillOptions, seed: u64) -> fit::FitOptions {
+pub fn fit_options(d: &TrainingOptions, seed: u64) -> fit::FitOptions {
     fit::FitOptions {
         epochs: d.epochs as usize,
         batch_size: d.batch_size as usize,
@@ -102,24 +104,12 @@ pub fn run(
             s
         }
     };
-    // A seeded share of the training rows picks the epoch; the job's dataset stays unseen.
-    let rows = train.summary.samples as usize;
-    let mut order: Vec<usize> = (0..rows).collect();
-    {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(spec.seed));
-    }
-    let held = ((rows as f64 * d.validation_share).round() as usize)
-        .clamp(1, rows.saturating_sub(1).max(1));
-    let (mut val_rows, mut fit_rows) = (order[..held].to_vec(), order[held..].to_vec());
-    val_rows.sort_unstable();
-    fit_rows.sort_unstable();
-    let (fit_data, val_data) = (train.select(&fit_rows), train.select(&val_rows));
+    let (fit_data, val_data, fit_rows, val_rows) =
+        split_validation(train, d.training.validation_share, spec.seed);
     let opts = distill::DistillOptions {
         alpha: d.alpha,
         temperature: d.temperature,
-        fit: fit_options(d, spec.seed),
+        fit: fit_options(&d.training, spec.seed),
     };
     let pair = distill::Pair {
         rt,
@@ -134,13 +124,40 @@ pub fn run(
     notes.push(format!(
         "trained {} parameters (teacher {teacher_params}) on {} rows, {} held out to pick the epoch; loss {}·CE + {}·T²·KL at T = {}",
         out.student_parameters,
-        fit_rows.len(),
-        val_rows.len(),
+        fit_rows,
+        val_rows,
         d.alpha,
         1.0 - d.alpha,
         d.temperature
     ));
-    for e in &out.report.epochs {
+    notes.extend(epoch_notes(&out.report));
+    let model = quantize::finish(rt, &out.model)?;
+    Ok(Outcome { model, notes })
+}
+
+/// A seeded share of the training rows that picks the epoch (the job's dataset stays unseen):
+/// (fit rows, validation rows, their counts).
+fn split_validation(train: &Dataset, share: f64, seed: u64) -> (Dataset, Dataset, usize, usize) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let rows = train.summary.samples as usize;
+    let mut order: Vec<usize> = (0..rows).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let held = ((rows as f64 * share).round() as usize).clamp(1, rows.saturating_sub(1).max(1));
+    let (mut val_rows, mut fit_rows) = (order[..held].to_vec(), order[held..].to_vec());
+    val_rows.sort_unstable();
+    fit_rows.sort_unstable();
+    (
+        train.select(&fit_rows),
+        train.select(&val_rows),
+        fit_rows.len(),
+        val_rows.len(),
+    )
+}
+
+fn epoch_notes(report: &fit::FitReport) -> Vec<String> {
+    let mut notes = Vec::new();
+    for e in &report.epochs {
         notes.push(format!(
             "epoch {}: train loss {:.4}, validation top-1 {}, learning rate {:.2e}",
             e.epoch,
@@ -151,11 +168,64 @@ pub fn run(
     }
     notes.push(format!(
         "{}; kept epoch {}",
-        out.report.stopped,
-        out.report
-            .best_epoch
-            .map_or("last".into(), |e| e.to_string())
+        report.stopped,
+        report.best_epoch.map_or("last".into(), |e| e.to_string())
     ));
+    notes
+}
+
+/// The `finetune` stage: the current model trains on `train`; with labels on cross-entropy,
+/// without on T²·KL to the model as it entered the stage.
+pub fn finetune(
+    rt: &Runtime,
+    f: &FinetuneOptions,
+    inputs: StageInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let StageInputs {
+        teacher: current,
+        train,
+        spec,
+        ..
+    } = inputs;
+    let train = train.ok_or_else(|| EngineError::InvalidOption {
+        option: "train_dataset_id".into(),
+        problem: "a finetune stage needs training data".into(),
+    })?;
+    let summary = summarize(&current.proto);
+    let named = f.output.clone().or_else(|| spec.evaluate_options().output);
+    let output = choose_classifier(&summary.outputs, named.as_deref(), true)?
+        .expect("with labels assumed, a choice or an error");
+    let labelled = crate::engine::dataset::bind(&summary, &train.summary)?
+        .labels
+        .is_some();
+    let (fit_data, val_data, fit_rows, val_rows) =
+        split_validation(train, f.training.validation_share, spec.seed);
+    let opts = distill::DistillOptions {
+        // Labels: cross-entropy alone; none: KL to the model as it came in.
+        alpha: if labelled { 1.0 } else { 0.0 },
+        temperature: f.temperature,
+        fit: fit_options(&f.training, spec.seed),
+    };
+    let pair = distill::Pair {
+        rt,
+        teacher: current,
+        student: &current.proto,
+        output: &output,
+        train: &fit_data,
+        validation: Some(&val_data),
+    };
+    let out = distill::distill(pair, &opts, progress)?;
+    let mut notes = vec![format!(
+        "fine-tuned {} parameters on {fit_rows} rows ({val_rows} held out to pick the epoch) with {}",
+        out.student_parameters,
+        if labelled {
+            "cross-entropy on the labels".to_string()
+        } else {
+            format!("T²·KL to the model before the stage at T = {} (no labels)", f.temperature)
+        }
+    )];
+    notes.extend(epoch_notes(&out.report));
     let model = quantize::finish(rt, &out.model)?;
     Ok(Outcome { model, notes })
 }

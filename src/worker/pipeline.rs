@@ -182,25 +182,25 @@ pub fn run(
                 current = model;
             }
         }
-        if let Stage::Distill(d) = stage {
+        if matches!(stage, Stage::Distill(_) | Stage::Finetune(_)) {
             let sub = crate::engine::SubProgress {
                 parent: progress,
                 start: (i + 1) as f64 / steps,
                 span: 0.8 / steps,
             };
-            let out = super::distill_stage::run(
-                rt,
-                d,
-                super::distill_stage::StageInputs {
-                    teacher: &current,
-                    student: student.as_ref(),
-                    train: train.as_ref(),
-                    spec,
-                },
-                &sub,
-            )?;
+            let inputs = super::distill_stage::StageInputs {
+                teacher: &current,
+                student: student.as_ref(),
+                train: train.as_ref(),
+                spec,
+            };
+            let out = match stage {
+                Stage::Distill(d) => super::distill_stage::run(rt, d, inputs, &sub)?,
+                Stage::Finetune(f) => super::distill_stage::finetune(rt, f, inputs, &sub)?,
+                _ => unreachable!("matched above"),
+            };
             notes.extend(out.notes);
-            let name = format!("stage-{i}-distill.onnx");
+            let name = format!("stage-{i}-{}.onnx", stage.name());
             stage_models.push((name.clone(), out.model.bytes.clone()));
             artifact = Some(name);
             current = out.model;

@@ -1,4 +1,5 @@
-//! Distill jobs through the API: width-derived and uploaded students, and spec validation.
+//! Training jobs through the API: distill (width, depth and uploaded students) and finetune,
+//! and their spec validation.
 use crate::helpers::{
     fixture, onnxruntime_python, spawn_app, spawn_with, test_settings, Setup, TestApp,
 };
@@ -199,4 +200,46 @@ async fn a_depth_student_of_minilm_keeps_every_other_encoder_layer() {
     let name = stage["artifact"].as_str().unwrap();
     let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
     assert!(bytes.len() < 80_000_000, "{}", bytes.len());
+}
+
+#[tokio::test]
+async fn finetuning_with_labels_recovers_accuracy_and_without_labels_keeps_it() {
+    let app = spawn_app(Setup::Embedded).await;
+    // Trained for 3 iterations only: room to improve.
+    let m = app.model("digits_mlp_big.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let (id, report) = run_job(
+        &app,
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+               "pipeline": [{"stage": "finetune", "epochs": 5, "learning_rate": 0.001}]}),
+    )
+    .await;
+    let stage = &report["stages"][0];
+    assert!(stage["notes"]
+        .to_string()
+        .contains("cross-entropy on the labels"));
+    let (before, after) = (top1(&report["baseline"]), top1(&stage["metrics"]));
+    eprintln!("finetune with labels: {before} -> {after}");
+    assert!(
+        after >= before + 0.01,
+        "{before} -> {after}: {}",
+        stage["notes"]
+    );
+    check_artifact(&app, &id, &report).await;
+
+    let u = app.dataset("digits_train_unlabelled.npz").await;
+    let (_, report) = run_job(
+        &app,
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": u["id"],
+               "pipeline": [{"stage": "finetune", "epochs": 2, "learning_rate": 0.0005}]}),
+    )
+    .await;
+    let stage = &report["stages"][0];
+    assert!(stage["notes"]
+        .to_string()
+        .contains("KL to the model before the stage"));
+    let (before, after) = (top1(&report["baseline"]), top1(&stage["metrics"]));
+    eprintln!("finetune without labels: {before} -> {after}");
+    assert!(after >= before - 0.01, "{before} -> {after}");
 }
