@@ -1,6 +1,6 @@
 //! Options of the `distill` stage and their validation.
-use super::training::{needs_train_data, validate_training, TrainingOptions, TRAINING_KEYS};
-use super::validation::{pointer_key, Problems};
+use super::training::{check_keys, needs_train_data, validate_training, TrainingOptions};
+use super::validation::Problems;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -81,16 +81,7 @@ pub(super) fn validate(
     provided: &[&str],
     p: &mut Problems,
 ) {
-    let known: Vec<&str> = KNOWN.iter().chain(TRAINING_KEYS).copied().collect();
-    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
-        p.add(
-            format!("{base}/{}", pointer_key(key)),
-            format!(
-                "unknown option `{key}` for distill; expected one of: {}",
-                known[1..].join(", ")
-            ),
-        );
-    }
+    check_keys(obj, base, "distill", KNOWN, p);
     let has =
         |field: &str| spec.get(field).is_some_and(|v| !v.is_null()) || provided.contains(&field);
     match obj.get("student").map(Value::as_str) {
@@ -128,9 +119,6 @@ pub(super) fn validate(
                 "`keep_every` must be an integer in 2..=64",
             );
         }
-    }
-    if obj.get("output").is_some_and(|v| !v.is_string()) {
-        p.add(format!("{base}/output"), "`output` must be an output name");
     }
     validate_training(obj, base, p);
 }

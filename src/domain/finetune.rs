@@ -1,6 +1,6 @@
 //! Options of the `finetune` stage and their validation.
-use super::training::{needs_train_data, validate_training, TrainingOptions, TRAINING_KEYS};
-use super::validation::{pointer_key, Problems};
+use super::training::{check_keys, needs_train_data, validate_training, TrainingOptions};
+use super::validation::Problems;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -34,16 +34,7 @@ pub(super) fn validate(
     provided: &[&str],
     p: &mut Problems,
 ) {
-    let known: Vec<&str> = KNOWN.iter().chain(TRAINING_KEYS).copied().collect();
-    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
-        p.add(
-            format!("{base}/{}", pointer_key(key)),
-            format!(
-                "unknown option `{key}` for finetune; expected one of: {}",
-                known[1..].join(", ")
-            ),
-        );
-    }
+    check_keys(obj, base, "finetune", KNOWN, p);
     needs_train_data(spec, provided, "finetune", p);
     if let Some(v) = obj.get("temperature") {
         if !v.as_f64().is_some_and(|x| x > 0.0 && x <= 100.0) {
@@ -52,9 +43,6 @@ pub(super) fn validate(
                 "`temperature` must be in (0, 100]",
             );
         }
-    }
-    if obj.get("output").is_some_and(|v| !v.is_string()) {
-        p.add(format!("{base}/output"), "`output` must be an output name");
     }
     validate_training(obj, base, p);
 }

@@ -102,6 +102,30 @@ pub const TRAINING_KEYS: &[&str] = &[
     "validation_share",
 ];
 
+/// Flags keys that are neither the stage's own (`known`, starting with "stage") nor training
+/// options, and checks the `output` name every training stage takes.
+pub(super) fn check_keys(
+    obj: &Map<String, Value>,
+    base: &str,
+    stage: &str,
+    known: &[&str],
+    p: &mut Problems,
+) {
+    let known: Vec<&str> = known.iter().chain(TRAINING_KEYS).copied().collect();
+    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
+        p.add(
+            format!("{base}/{}", super::validation::pointer_key(key)),
+            format!(
+                "unknown option `{key}` for {stage}; expected one of: {}",
+                known[1..].join(", ")
+            ),
+        );
+    }
+    if obj.get("output").is_some_and(|v| !v.is_string()) {
+        p.add(format!("{base}/output"), "`output` must be an output name");
+    }
+}
+
 /// A training stage needs `train_dataset_id`: the job's dataset is kept for evaluation.
 pub(super) fn needs_train_data(
     spec: &Map<String, Value>,
