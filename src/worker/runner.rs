@@ -62,6 +62,46 @@ pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver
     .await
 }
 
+/// Downloads the upload `id` names (when it names one) into `dir`, as `<what>`.
+async fn fetch_optional(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    kind: UploadKind,
+    id: &Option<String>,
+    dir: &std::path::Path,
+    what: &str,
+) -> Result<Option<std::path::PathBuf>, Failure> {
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let noun = if kind == UploadKind::Model {
+        "model"
+    } else {
+        "dataset"
+    };
+    let blob_key = match kind {
+        UploadKind::Model => ctx
+            .db
+            .get_upload::<ModelSummary>(kind, &job.project, id)
+            .await
+            .map(|row| row.blob_key),
+        _ => ctx
+            .db
+            .get_upload::<DatasetSummary>(kind, &job.project, id)
+            .await
+            .map(|row| row.blob_key),
+    }
+    .with_context(|| format!("while looking up the {what} {noun}"))
+    .map_err(Failure::Invalid)?;
+    let path = dir.join(what);
+    ctx.blobs
+        .get_to_file(&blob_key, &path)
+        .await
+        .with_context(|| format!("while downloading the {what} {noun}"))
+        .map_err(Failure::Infrastructure)?;
+    Ok(Some(path))
+}
+
 async fn attempt(
     ctx: &WorkerContext,
     job: &JobRow,
@@ -107,63 +147,36 @@ async fn attempt(
         .context("while downloading the dataset")
         .map_err(infra)?;
 
-    // A calibration dataset, when the spec names one (otherwise the pipeline splits the dataset).
-    let calib_path = match &spec.calibration_dataset_id {
-        Some(id) => {
-            let row = ctx
-                .db
-                .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, id)
-                .await
-                .context("while looking up the calibration dataset")
-                .map_err(Failure::Invalid)?;
-            let path = dir.path().join("calibration");
-            ctx.blobs
-                .get_to_file(&row.blob_key, &path)
-                .await
-                .context("while downloading the calibration dataset")
-                .map_err(infra)?;
-            Some(path)
-        }
-        None => None,
-    };
-
-    // A distill stage's training rows and uploaded student.
-    let train_path = match &spec.train_dataset_id {
-        Some(id) => {
-            let row = ctx
-                .db
-                .get_upload::<DatasetSummary>(UploadKind::Dataset, &job.project, id)
-                .await
-                .context("while looking up the training dataset")
-                .map_err(Failure::Invalid)?;
-            let path = dir.path().join("train");
-            ctx.blobs
-                .get_to_file(&row.blob_key, &path)
-                .await
-                .context("while downloading the training dataset")
-                .map_err(infra)?;
-            Some(path)
-        }
-        None => None,
-    };
-    let student_path = match &spec.student_model_id {
-        Some(id) => {
-            let row = ctx
-                .db
-                .get_upload::<ModelSummary>(UploadKind::Model, &job.project, id)
-                .await
-                .context("while looking up the student model")
-                .map_err(Failure::Invalid)?;
-            let path = dir.path().join("student.onnx");
-            ctx.blobs
-                .get_to_file(&row.blob_key, &path)
-                .await
-                .context("while downloading the student model")
-                .map_err(infra)?;
-            Some(path)
-        }
-        None => None,
-    };
+    // Optional inputs the spec names: a calibration dataset (otherwise the pipeline splits the
+    // dataset), and a distill stage's training rows and uploaded student.
+    let dir_path = dir.path();
+    let calib_path = fetch_optional(
+        ctx,
+        job,
+        UploadKind::Dataset,
+        &spec.calibration_dataset_id,
+        dir_path,
+        "calibration",
+    )
+    .await?;
+    let train_path = fetch_optional(
+        ctx,
+        job,
+        UploadKind::Dataset,
+        &spec.train_dataset_id,
+        dir_path,
+        "training",
+    )
+    .await?;
+    let student_path = fetch_optional(
+        ctx,
+        job,
+        UploadKind::Model,
+        &spec.student_model_id,
+        dir_path,
+        "student",
+    )
+    .await?;
 
     let hashes = InputHashes {
         spec: hex::encode(Sha256::digest(job.spec.as_bytes())),

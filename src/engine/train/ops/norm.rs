@@ -1,0 +1,53 @@
+//! BatchNormalization (running statistics in eval mode, batch statistics in train mode) and
+//! LayerNormalization, composed so that gradients flow.
+use super::attrs::{attr_f, attr_i, axis, input, optional};
+use super::Ctx;
+use crate::engine::onnx::proto::NodeProto;
+use crate::engine::train::graph::Mode;
+use candle_core::{Result, Tensor};
+
+pub(super) fn batch_norm(n: &NodeProto, inputs: &[Option<Tensor>], ctx: &Ctx) -> Result<Tensor> {
+    let x = input(inputs, 0)?;
+    let (scale, bias) = (input(inputs, 1)?, input(inputs, 2)?);
+    let (mean, var) = (input(inputs, 3)?, input(inputs, 4)?);
+    let eps = attr_f(n, "epsilon", 1e-5) as f64;
+    let c = x.dim(1)?;
+    let mut shape = vec![1; x.rank()];
+    shape[1] = c;
+    let per_channel = |t: &Tensor| t.reshape(shape.clone());
+    let (mean, var) = if ctx.mode == Mode::Train {
+        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
+        let m = x.mean_keepdim(dims.clone())?;
+        let v = x.broadcast_sub(&m)?.sqr()?.mean_keepdim(dims)?;
+        let momentum = attr_f(n, "momentum", 0.9) as f64;
+        let mut running = ctx.running.lock().expect("running statistics lock");
+        for (name, batch) in [(&n.input[3], &m), (&n.input[4], &v)] {
+            if let Some(r) = running.get_mut(name) {
+                let b = batch.detach().flatten_all()?;
+                *r = ((&*r * momentum)? + (b * (1.0 - momentum))?)?;
+            }
+        }
+        (m, v)
+    } else {
+        (per_channel(mean)?, per_channel(var)?)
+    };
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    x.broadcast_sub(&mean)?
+        .broadcast_mul(&inv.broadcast_mul(&per_channel(scale)?)?)?
+        .broadcast_add(&per_channel(bias)?)
+}
+
+pub(super) fn layer_norm(n: &NodeProto, inputs: &[Option<Tensor>]) -> Result<Tensor> {
+    let x = input(inputs, 0)?;
+    let from = axis(attr_i(n, "axis", -1), x.rank())?;
+    let dims: Vec<usize> = (from..x.rank()).collect();
+    let eps = attr_f(n, "epsilon", 1e-5) as f64;
+    let centred = x.broadcast_sub(&x.mean_keepdim(dims.clone())?)?;
+    let var = centred.sqr()?.mean_keepdim(dims)?;
+    let mut y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y = y.broadcast_mul(input(inputs, 1)?)?;
+    if let Some(b) = optional(inputs, 2) {
+        y = y.broadcast_add(b)?;
+    }
+    Ok(y)
+}

@@ -1,0 +1,196 @@
+//! Convolution and pooling over 2-D windows (1-D convolutions run as 2-D ones).
+use super::attrs::{attr_i, attr_ints, attr_s};
+use crate::engine::onnx::proto::NodeProto;
+use candle_core::{bail, DType, Result, Tensor};
+
+/// Pads dims 2 and 3 with `value` (top, left, bottom, right).
+pub(super) fn pad2d(x: &Tensor, pads: [usize; 4], value: f32) -> Result<Tensor> {
+    if pads == [0; 4] {
+        return Ok(x.clone());
+    }
+    if value == 0.0 {
+        return x
+            .pad_with_zeros(2, pads[0], pads[2])?
+            .pad_with_zeros(3, pads[1], pads[3]);
+    }
+    let mut x = x.clone();
+    for (dim, lo, hi) in [(2, pads[0], pads[2]), (3, pads[1], pads[3])] {
+        let mut parts = Vec::new();
+        let mut shape = x.dims().to_vec();
+        if lo > 0 {
+            shape[dim] = lo;
+            parts.push(Tensor::full(value, shape.clone(), x.device())?.to_dtype(x.dtype())?);
+        }
+        parts.push(x.clone());
+        if hi > 0 {
+            shape[dim] = hi;
+            parts.push(Tensor::full(value, shape, x.device())?.to_dtype(x.dtype())?);
+        }
+        x = Tensor::cat(&parts, dim)?;
+    }
+    Ok(x)
+}
+
+/// Spatial attributes of Conv and the pools for a 2-D window: strides, dilations, pads.
+pub(super) struct Window {
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    pads: [usize; 4],
+}
+
+pub(super) fn window(n: &NodeProto, kernel: [usize; 2], hw: [usize; 2]) -> Result<Window> {
+    let two = |name: &str| -> Result<[usize; 2]> {
+        match attr_ints(n, name).as_deref() {
+            None | Some([]) => Ok([1, 1]),
+            Some([a, b]) => Ok([*a as usize, *b as usize]),
+            Some(v) => bail!("`{name}` {v:?} is not 2-D"),
+        }
+    };
+    let (strides, dilations) = (two("strides")?, two("dilations")?);
+    let mut pads = match attr_ints(n, "pads").as_deref() {
+        None | Some([]) => [0; 4],
+        Some([t, l, b, r]) => [*t as usize, *l as usize, *b as usize, *r as usize],
+        Some(v) => bail!("`pads` {v:?} is not 2-D"),
+    };
+    match attr_s(n, "auto_pad").as_deref() {
+        Some("SAME_UPPER") | Some("SAME_LOWER") => {
+            let upper = attr_s(n, "auto_pad").as_deref() == Some("SAME_UPPER");
+            for d in 0..2 {
+                let out = hw[d].div_ceil(strides[d]);
+                let span = (kernel[d] - 1) * dilations[d] + 1;
+                let total = ((out - 1) * strides[d] + span).saturating_sub(hw[d]);
+                let (small, big) = (total / 2, total - total / 2);
+                let (lo, hi) = if upper { (small, big) } else { (big, small) };
+                pads[d] = lo;
+                pads[d + 2] = hi;
+            }
+        }
+        Some("VALID") => pads = [0; 4],
+        _ => {}
+    }
+    Ok(Window {
+        strides,
+        dilations,
+        pads,
+    })
+}
+
+pub(super) fn conv(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    // 1-D convolutions run as 2-D ones over a height of 1.
+    let one_d = x.rank() == 3;
+    let (x, w) = if one_d {
+        (x.unsqueeze(2)?, w.unsqueeze(2)?)
+    } else {
+        (x.clone(), w.clone())
+    };
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let mut win = window(n, [kh, kw], [h, wd])?;
+    if one_d {
+        // The 1-D attributes describe the width.
+        let ints = |k| attr_ints(n, k).unwrap_or_default();
+        let s = ints("strides").first().copied().unwrap_or(1) as usize;
+        let d = ints("dilations").first().copied().unwrap_or(1) as usize;
+        let p = ints("pads");
+        win.strides = [1, s];
+        win.dilations = [1, d];
+        win.pads = [
+            0,
+            *p.first().unwrap_or(&0) as usize,
+            0,
+            *p.get(1).unwrap_or(&0) as usize,
+        ];
+    }
+    if win.strides[0] != win.strides[1] || win.dilations[0] != win.dilations[1] {
+        bail!("Conv with different strides or dilations per axis is not supported for training")
+    }
+    let p = win.pads;
+    let (x, padding) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
+        (x, p[0])
+    } else {
+        (pad2d(&x, p, 0.0)?, 0)
+    };
+    let groups = attr_i(n, "group", 1) as usize;
+    let mut y = x.conv2d(
+        &w.contiguous()?,
+        padding,
+        win.strides[0],
+        win.dilations[0],
+        groups,
+    )?;
+    if let Some(b) = b {
+        y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+    }
+    if one_d {
+        y = y.squeeze(2)?;
+    }
+    Ok(y)
+}
+
+/// Max and average pooling of any kernel, stride and padding: the window's k x k strided views
+/// taken with `index_select` (which has a backward pass) and reduced elementwise.
+pub(super) fn pool(n: &NodeProto, x: &Tensor, max: bool) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let k = match attr_ints(n, "kernel_shape").as_deref() {
+        Some([a, b]) => [*a as usize, *b as usize],
+        v => bail!("kernel_shape {v:?} is not 2-D"),
+    };
+    let win = window(n, k, [h, w])?;
+    if attr_i(n, "ceil_mode", 0) != 0 {
+        bail!("ceil_mode pooling is not supported for training")
+    }
+    let p = win.pads;
+    let padded = pad2d(x, p, if max { f32::NEG_INFINITY } else { 0.0 })?;
+    let span = |d: usize| (k[d] - 1) * win.dilations[d] + 1;
+    let (ph, pw) = (h + p[0] + p[2], w + p[1] + p[3]);
+    if ph < span(0) || pw < span(1) {
+        bail!("the pooling window is larger than the padded input")
+    }
+    let out = [
+        (ph - span(0)) / win.strides[0] + 1,
+        (pw - span(1)) / win.strides[1] + 1,
+    ];
+    let index = |d: usize, offset: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..out[d])
+            .map(|o| (o * win.strides[d] + offset * win.dilations[d]) as u32)
+            .collect();
+        Tensor::from_vec(v, out[d], x.device())
+    };
+    let view = |t: &Tensor, i: usize, j: usize| -> Result<Tensor> {
+        t.index_select(&index(0, i)?, 2)?
+            .index_select(&index(1, j)?, 3)
+    };
+    let mut acc: Option<Tensor> = None;
+    for i in 0..k[0] {
+        for j in 0..k[1] {
+            let v = view(&padded, i, j)?;
+            acc = Some(match acc {
+                None => v,
+                Some(a) if max => a.maximum(&v)?,
+                Some(a) => (a + v)?,
+            });
+        }
+    }
+    let acc = acc.expect("kernels have at least one element");
+    if max {
+        return Ok(acc);
+    }
+    let include_pad = attr_i(n, "count_include_pad", 0) != 0;
+    if include_pad || p == [0; 4] {
+        return acc / (k[0] * k[1]) as f64;
+    }
+    // Each window's count of real (unpadded) elements.
+    let ones = pad2d(&Tensor::ones((1, 1, h, w), DType::F32, x.device())?, p, 0.0)?;
+    let mut count: Option<Tensor> = None;
+    for i in 0..k[0] {
+        for j in 0..k[1] {
+            let v = view(&ones, i, j)?;
+            count = Some(match count {
+                None => v,
+                Some(c) => (c + v)?,
+            });
+        }
+    }
+    let count = count.expect("kernels have at least one element");
+    acc.broadcast_div(&count.to_dtype(acc.dtype())?)
+}
