@@ -54,9 +54,8 @@ fn needed_nodes(graph: &GraphProto, outputs: &[String]) -> BTreeSet<usize> {
     needed
 }
 
-fn unsupported_among(nodes: &[NodeProto]) -> BTreeSet<String> {
+fn unsupported_among<'n>(nodes: impl Iterator<Item = &'n NodeProto>) -> BTreeSet<String> {
     nodes
-        .iter()
         .filter(|n| {
             n.domain
                 .as_deref()
@@ -81,8 +80,7 @@ pub fn untrainable_ops(graph: &GraphProto) -> BTreeMap<String, Vec<String>> {
         .filter_map(|o| o.name.clone())
         .filter_map(|o| {
             let needed = needed_nodes(graph, std::slice::from_ref(&o));
-            let nodes: Vec<NodeProto> = needed.iter().map(|&i| graph.node[i].clone()).collect();
-            let bad = unsupported_among(&nodes);
+            let bad = unsupported_among(needed.iter().map(|&i| &graph.node[i]));
             (!bad.is_empty()).then(|| (o, bad.into_iter().collect()))
         })
         .collect()
@@ -127,7 +125,7 @@ impl TrainGraph {
         }
         let needed = needed_nodes(graph, &outputs);
         let nodes: Vec<NodeProto> = needed.iter().map(|&i| graph.node[i].clone()).collect();
-        let unsupported = unsupported_among(&nodes);
+        let unsupported = unsupported_among(nodes.iter());
         if !unsupported.is_empty() {
             return Err(EngineError::InvalidModel(format!(
                 "training does not support the op(s) {}; supported: {}",
