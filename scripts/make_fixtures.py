@@ -185,6 +185,24 @@ def outlier_mlp(src, out):
     return path
 
 
+def coarse_mlp(out):
+    """A 64-16-10 digits MLP whose first-layer weights int8 cannot hold finely: the rows of the
+    three pixels that are zero in every digits image (0, 32, 39) get weights 40x the largest of
+    their column. The function is unchanged on any digit, but each column's int8 scale is 40x
+    coarser, so static PTQ loses points that quantization-aware training can win back."""
+    path, *_ = digits_mlp(out, (16,), "digits_mlp_coarse", 300)
+    m = onnx.load(path)
+    inits = {t.name: t for t in m.graph.initializer}
+    w = numpy_helper.to_array(inits["coefficient"]).copy()
+    top = np.abs(w).max(axis=0)
+    rng = np.random.default_rng(0)
+    for row in (0, 32, 39):
+        w[row, :] = 40.0 * top * rng.choice([-1.0, 1.0], w.shape[1])
+    inits["coefficient"].CopyFrom(numpy_helper.from_array(w.astype(np.float32), "coefficient"))
+    onnx.save(m, path)
+    return path
+
+
 def constant_weights(out):
     """two_input with its weight in a Constant node instead of an initializer."""
     rng = np.random.default_rng(1)
@@ -262,6 +280,7 @@ def main(out):
     # A slower model for cancellation and crash tests (random weights, 64-1024-1024-10).
     big, *_ = digits_mlp(out, (1024, 1024), "digits_mlp_big", 3)
 
+    coarse_mlp(out)
     outlier = outlier_mlp(path, out)
     refs["digits_mlp_outlier"], _ = reference(outlier, {"input": X_te}, y_te, "probabilities")
     constant_weights(out)

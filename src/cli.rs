@@ -89,6 +89,15 @@ pub struct QuantizeArgs {
     /// Data for the latency gate and the accuracy budget (default: the calibration samples).
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// Training rows for `--mode qat`.
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// `--mode qat`: training epochs.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u32,
+    /// `--mode qat`: peak AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub learning_rate: f64,
     /// The classifier output the accuracy budget scores (inferred when unambiguous).
     #[arg(long = "output")]
     pub classifier: Option<String>,
@@ -202,13 +211,22 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.max_accuracy_drop {
         options.insert("max_accuracy_drop".into(), d.into());
     }
+    if options["mode"] == "qat" {
+        let training =
+            serde_json::json!({"epochs": args.epochs, "learning_rate": args.learning_rate});
+        options.insert("qat".into(), training);
+    }
     let mut evaluate = serde_json::json!({"stage": "evaluate"});
     if let Some(o) = &args.classifier {
         evaluate["output"] = o.clone().into();
     }
     let spec = crate::domain::spec::JobSpec::parse(
         &serde_json::json!({"pipeline": [options, evaluate]}),
-        &["model_id", "dataset_id"],
+        if args.train.is_some() {
+            &["model_id", "dataset_id", "train_dataset_id"]
+        } else {
+            &["model_id", "dataset_id"]
+        },
     )
     .map_err(|problems| {
         let text: Vec<String> = problems
@@ -236,12 +254,14 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         Some(p) if needed => Some(load(p)?),
         _ => None,
     };
+    let train = args.train.as_deref().map(load).transpose()?;
     let out = crate::worker::quantize_stage::run(
         &rt,
         q,
         crate::worker::quantize_stage::StageInputs {
             current: &model,
             calibration: Some(&data),
+            train: train.as_ref(),
             eval_data: eval.as_ref().unwrap_or(&data),
             spec: &spec,
             eval_opts: &eval_opts,

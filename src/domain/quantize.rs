@@ -1,14 +1,12 @@
 //! Options of the `quantize` stage and their validation.
+use super::training::{check_keys, needs_train_data, validate_training, TrainingOptions};
 use super::validation::{pointer_key, Problems};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 /// Quantization modes this version can run.
-pub const AVAILABLE_MODES: &[&str] = &["auto", "static", "dynamic", "weight_only", "fp16"];
-/// Modes the spec language names that are not built yet (quantization-aware training needs the
-/// training engine).
-pub const PLANNED_MODES: &[&str] = &["qat"];
+pub const AVAILABLE_MODES: &[&str] = &["auto", "static", "dynamic", "weight_only", "fp16", "qat"];
 /// Operators quantized by default: the ones with integer kernels that make models faster.
 pub const DEFAULT_OP_TYPES: &[&str] = &["Conv", "MatMul", "Gemm"];
 /// Operators that can be named in `op_types` (Gather: embedding tables, int8 rows).
@@ -30,6 +28,46 @@ pub enum QuantizeMode {
     WeightOnly,
     /// Half-precision weights and activations.
     Fp16,
+    /// Quantization-aware training: static int8 QDQ whose weights were trained on
+    /// `train_dataset_id` with every quantized tensor fake-quantized (see `qat`).
+    Qat,
+}
+
+/// Training of `mode: qat`: α·CE(labels) + (1−α)·T²·KL(float model ‖ fake-quantized model), KL
+/// alone when the training data has no labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QatOptions {
+    /// Weight of the label cross-entropy (ignored without labels).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Softmax temperature of the KL term.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// The classifier output (inferred when the model has one output or an evaluate stage
+    /// names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(flatten)]
+    pub training: TrainingOptions,
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+impl Default for QatOptions {
+    fn default() -> Self {
+        Self {
+            alpha: default_alpha(),
+            temperature: default_temperature(),
+            output: None,
+            training: TrainingOptions::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -157,6 +195,9 @@ pub struct QuantizeOptions {
     /// the stage returns its input when nothing helps.
     #[serde(default)]
     pub allow_slower: bool,
+    /// `mode: qat`: how the model trains.
+    #[serde(default)]
+    pub qat: QatOptions,
 }
 
 fn default_op_types() -> Vec<String> {
@@ -177,9 +218,18 @@ const KNOWN: &[&str] = &[
     "keep_io_types",
     "max_accuracy_drop",
     "allow_slower",
+    "qat",
 ];
 
-pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
+const QAT_KEYS: &[&str] = &["qat", "alpha", "temperature", "output"];
+
+pub(super) fn validate(
+    obj: &Map<String, Value>,
+    base: &str,
+    spec: &Map<String, Value>,
+    provided: &[&str],
+    p: &mut Problems,
+) {
     for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
         p.add(
             format!("{base}/{}", pointer_key(key)),
@@ -191,20 +241,46 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
     }
     let mode = obj.get("mode").map(|m| m.as_str());
     match mode {
-        None | Some(Some("auto" | "static" | "dynamic" | "weight_only" | "fp16")) => {}
-        Some(Some(m)) if PLANNED_MODES.contains(&m) => p.add(
-            format!("{base}/mode"),
-            format!(
-                "quantization mode `{m}` is not available in this version; available: {}",
-                AVAILABLE_MODES.join(", ")
-            ),
-        ),
+        None => {}
+        Some(Some(m)) if AVAILABLE_MODES.contains(&m) => {}
         _ => p.add(
             format!("{base}/mode"),
             format!("`mode` must be one of: {}", AVAILABLE_MODES.join(", ")),
         ),
     }
     let mode = mode.flatten().unwrap_or("auto");
+    if mode == "qat" {
+        needs_train_data(spec, provided, "quantization-aware (mode qat)", p);
+    }
+    match obj.get("qat") {
+        Some(_) if mode != "qat" => p.add(
+            format!("{base}/qat"),
+            "`qat` holds the training options of `mode: qat`",
+        ),
+        Some(Value::Object(q)) => {
+            let at = format!("{base}/qat");
+            check_keys(q, &at, "qat", QAT_KEYS, p);
+            if q.get("alpha")
+                .is_some_and(|v| !v.as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)))
+            {
+                p.add(format!("{at}/alpha"), "`alpha` must be in [0, 1]");
+            }
+            if q.get("temperature")
+                .is_some_and(|v| !v.as_f64().is_some_and(|t| t > 0.0 && t <= 100.0))
+            {
+                p.add(
+                    format!("{at}/temperature"),
+                    "`temperature` must be in (0, 100]",
+                );
+            }
+            validate_training(q, &at, p);
+        }
+        Some(_) => p.add(
+            format!("{base}/qat"),
+            "`qat` must be an object of training options",
+        ),
+        None => {}
+    }
     let one_of = |key: &str, allowed: &[&str], p: &mut Problems| {
         if let Some(v) = obj.get(key) {
             if !v.as_str().is_some_and(|s| allowed.contains(&s)) {
@@ -280,7 +356,7 @@ pub(super) fn validate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
         } else if mode == "fp16" || mode == "weight_only" {
             p.add(
                 format!("{base}/max_accuracy_drop"),
-                "the accuracy budget chooses int8 layers: use it with mode auto, static or dynamic",
+                "the accuracy budget chooses int8 layers: use it with mode auto, static, dynamic or qat",
             );
         }
     }

@@ -106,6 +106,29 @@ pub struct StageReport {
     /// Per-layer decisions of stages that treat layers differently (quantization precision).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerReport>,
+    /// Quantization-aware training's export parity (`mode: qat`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qat: Option<QatParity>,
+}
+
+/// The fake-quantized training model against the QDQ model it exported (every layer int8), on
+/// the same evaluation rows: the export is faithful when the two scores match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QatParity {
+    pub samples: u64,
+    /// `top-1 accuracy` (labels) or `top-1 agreement with the float model`.
+    pub metric: String,
+    /// Score of the fake-quantized model (candle, the training graph).
+    pub fake_quant: f64,
+    /// Score of the exported QDQ model in ONNX Runtime.
+    pub onnx_runtime: f64,
+    /// |fake_quant − onnx_runtime| in percentage points.
+    pub difference_points: f64,
+    /// Share of rows on which both predict the same class.
+    pub agreement: f64,
+    /// Score of the same QDQ export with the weights before training (static PTQ), for what
+    /// the training recovered.
+    pub before_training: f64,
 }
 
 /// What a stage did to one layer, and why.

@@ -321,7 +321,7 @@ fn validate_pipeline(
         };
         match obj.get("stage").and_then(Value::as_str) {
             Some("evaluate") => validate_evaluate(obj, &base, p),
-            Some("quantize") => super::quantize::validate(obj, &base, p),
+            Some("quantize") => super::quantize::validate(obj, &base, spec, provided, p),
             Some("distill") => super::distill::validate(obj, &base, spec, provided, p),
             Some("finetune") => super::finetune::validate(obj, &base, spec, provided, p),
             Some(name) if PLANNED_STAGES.contains(&name) => p.add(

@@ -8,6 +8,7 @@ use crate::domain::dataset::DatasetSummary;
 use crate::domain::ids::{JobId, DEFAULT_PROJECT};
 use crate::domain::job::{Job, JobStatus};
 use crate::domain::model::ModelSummary;
+use crate::domain::quantize::QuantizeMode;
 use crate::domain::report::Report;
 use crate::domain::spec::{JobSpec, RefKind, Stage, REFERENCE_FIELDS};
 use crate::domain::validation::Problems;
@@ -297,6 +298,9 @@ async fn check_references(
             let training_output = match stage {
                 Stage::Distill(d) => Some((d.output.clone(), models.get("student_model_id"))),
                 Stage::Finetune(f) => Some((f.output.clone(), None)),
+                Stage::Quantize(q) if q.mode == QuantizeMode::Qat => {
+                    Some((q.qat.output.clone(), None))
+                }
                 _ => None,
             };
             if let Some((output, student)) = training_output {

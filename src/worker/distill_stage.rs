@@ -137,7 +137,11 @@ pub fn run(
 
 /// A seeded share of the training rows that picks the epoch (the job's dataset stays unseen):
 /// (fit rows, validation rows, their counts).
-fn split_validation(train: &Dataset, share: f64, seed: u64) -> (Dataset, Dataset, usize, usize) {
+pub(super) fn split_validation(
+    train: &Dataset,
+    share: f64,
+    seed: u64,
+) -> (Dataset, Dataset, usize, usize) {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     let rows = train.summary.samples as usize;
@@ -155,7 +159,7 @@ fn split_validation(train: &Dataset, share: f64, seed: u64) -> (Dataset, Dataset
     )
 }
 
-fn epoch_notes(report: &fit::FitReport) -> Vec<String> {
+pub(super) fn epoch_notes(report: &fit::FitReport) -> Vec<String> {
     let mut notes = Vec::new();
     for e in &report.epochs {
         notes.push(format!(

@@ -153,6 +153,7 @@ pub fn run(
         let started = Instant::now();
         let (mut notes, mut layers, mut artifact) = (Vec::new(), Vec::new(), None);
         let mut stage_budget = None;
+        let mut qat = None;
         if let Stage::Quantize(q) = stage {
             let sub = crate::engine::SubProgress {
                 parent: progress,
@@ -166,6 +167,7 @@ pub fn run(
                 super::quantize_stage::StageInputs {
                     current: &current,
                     calibration: calibration.as_ref().filter(|_| needs),
+                    train: train.as_ref(),
                     eval_data: &eval_data,
                     spec,
                     eval_opts: &opts,
@@ -175,6 +177,7 @@ pub fn run(
             notes.extend(out.notes);
             layers = out.layers;
             stage_budget = out.budget;
+            qat = out.qat;
             if let Some(model) = out.model {
                 let name = format!("stage-{i}-quantize.onnx");
                 stage_models.push((name.clone(), model.bytes.clone()));
@@ -229,6 +232,7 @@ pub fn run(
             notes,
             artifact,
             layers,
+            qat,
         });
     }
 

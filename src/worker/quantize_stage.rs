@@ -3,7 +3,7 @@
 use crate::domain::quantize::{
     ActivationType, CalibrationMethod, Granularity, QuantizeMode, QuantizeOptions,
 };
-use crate::domain::report::LayerReport;
+use crate::domain::report::{LayerReport, QatParity};
 use crate::domain::spec::{EvaluateOptions, JobSpec};
 use crate::engine::dataset::Dataset;
 use crate::engine::onnx::{summarize, LoadedModel};
@@ -23,7 +23,7 @@ pub const DEFAULT_ACCURACY_BUDGET: f64 = 0.005;
 /// Whether the stage needs calibration rows for this model.
 pub fn needs_calibration(q: &QuantizeOptions, model: &LoadedModel) -> bool {
     match q.mode {
-        QuantizeMode::Static => true,
+        QuantizeMode::Static | QuantizeMode::Qat => true,
         QuantizeMode::Auto => quantize::prefers_static(&model.proto),
         _ => false,
     }
@@ -48,27 +48,34 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
         m => m,
     };
     match mode {
-        QuantizeMode::Static | QuantizeMode::Auto => Scheme::Static(StaticOptions {
-            per_channel,
-            auto_granularity,
-            tables_per_row: per_channel,
-            activation: match q.activation_type {
-                ActivationType::Uint8 => params::ActivationType::Uint8,
-                ActivationType::Int8 => params::ActivationType::Int8,
-            },
-            symmetric: q.symmetric,
-            op_types: with_gather(&q.op_types),
-            exclude: q.exclude.clone(),
-            calibration: range_method(q.calibration.method, q.calibration.percentile),
-            also_try: match q.calibration.method {
-                CalibrationMethod::Auto => vec![
-                    RangeMethod::Percentile(q.calibration.percentile),
-                    RangeMethod::Entropy,
-                    RangeMethod::Mse,
-                ],
-                _ => Vec::new(),
-            },
-        }),
+        QuantizeMode::Static | QuantizeMode::Auto | QuantizeMode::Qat => {
+            Scheme::Static(StaticOptions {
+                per_channel,
+                auto_granularity,
+                tables_per_row: per_channel,
+                activation: match q.activation_type {
+                    ActivationType::Uint8 => params::ActivationType::Uint8,
+                    ActivationType::Int8 => params::ActivationType::Int8,
+                },
+                symmetric: q.symmetric,
+                // Training does not simulate int8 embedding tables, so QAT leaves them float.
+                op_types: if mode == QuantizeMode::Qat {
+                    q.op_types.clone()
+                } else {
+                    with_gather(&q.op_types)
+                },
+                exclude: q.exclude.clone(),
+                calibration: range_method(q.calibration.method, q.calibration.percentile),
+                also_try: match q.calibration.method {
+                    CalibrationMethod::Auto => vec![
+                        RangeMethod::Percentile(q.calibration.percentile),
+                        RangeMethod::Entropy,
+                        RangeMethod::Mse,
+                    ],
+                    _ => Vec::new(),
+                },
+            })
+        }
         QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
             per_channel,
             auto_granularity,
@@ -130,11 +137,15 @@ pub struct Outcome {
     pub layers: Vec<LayerReport>,
     /// The stage's own accuracy budget, which gets a verdict of its own.
     pub budget: Option<f64>,
+    /// `mode: qat`: the export parity.
+    pub qat: Option<QatParity>,
 }
 
 pub struct StageInputs<'a> {
     pub current: &'a LoadedModel,
     pub calibration: Option<&'a Dataset>,
+    /// Training rows (`mode: qat`).
+    pub train: Option<&'a Dataset>,
     pub eval_data: &'a Dataset,
     pub spec: &'a JobSpec,
     pub eval_opts: &'a EvaluateOptions,
@@ -149,6 +160,7 @@ pub fn run(
     let StageInputs {
         current,
         calibration,
+        train,
         eval_data,
         spec,
         eval_opts,
@@ -180,14 +192,33 @@ pub fn run(
         Scheme::Static(_) => format!("{}, {}", scheme.describe(), calibration_note(&prepared)),
         _ => scheme.describe(),
     });
-    let (proto, mut layers, float) = match measured {
-        Some(max_drop) => {
-            let scorer = budget::Scorer::new(rt, current, eval_data, eval_opts)?;
-            let (chosen, note) = budget::choose_calibration(prepared, &scorer)?;
-            (prepared, notes) = (chosen, [notes, note].concat());
+    let scorer = match measured {
+        Some(_) => Some(budget::Scorer::new(rt, current, eval_data, eval_opts)?),
+        None => None,
+    };
+    if let Some(scorer) = &scorer {
+        // Before any training: QAT trains on the activation scales chosen here.
+        let (chosen, note) = budget::choose_calibration(prepared, scorer)?;
+        (prepared, notes) = (chosen, [notes, note].concat());
+    }
+    let mut qat = None;
+    if q.mode == QuantizeMode::Qat {
+        let inputs = super::qat_stage::QatInputs {
+            current,
+            train,
+            eval_data,
+            spec,
+        };
+        let trained = super::qat_stage::run(rt, &q.qat, &prepared, inputs, &part(0.3, 0.3))?;
+        notes.extend(trained.notes);
+        prepared = trained.prepared;
+        qat = Some(trained.parity);
+    }
+    let (proto, mut layers, float) = match (measured, &scorer) {
+        (Some(max_drop), Some(scorer)) => {
             let choice = budget::search(
                 &prepared,
-                &scorer,
+                scorer,
                 max_drop,
                 budget::MAX_TRIALS,
                 &part(0.3, 0.4),
@@ -200,7 +231,7 @@ pub fn run(
             let (mut model, mut layers) = (choice.model, choice.layers);
             if choice.holds {
                 let (smaller, note) =
-                    budget::prefer_per_tensor(&prepared, &scorer, &choice.float, &model, max_drop)?;
+                    budget::prefer_per_tensor(&prepared, scorer, &choice.float, &model, max_drop)?;
                 notes.extend(note);
                 if let Some(p) = smaller {
                     merge_reasons(&mut layers, p.layers);
@@ -209,7 +240,7 @@ pub fn run(
             }
             (model, layers, choice.float)
         }
-        None => {
+        _ => {
             let (p, l) = prepared.build(&HashSet::new())?;
             (p, l, HashSet::new())
         }
@@ -278,6 +309,7 @@ pub fn run(
         notes,
         layers: layers.into_iter().map(report_row).collect(),
         budget: q.max_accuracy_drop.filter(|_| int8),
+        qat,
     })
 }
 

@@ -156,17 +156,22 @@ async fn a_model_whose_output_needs_ops_outside_the_training_subset_is_refused_a
     );
     let d = app.dataset("digits_val.npz").await;
     let t = app.dataset("digits_train.npz").await;
-    let r = app
-        .post_job(
-            &json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
-                          "pipeline": [{"stage": "distill", "output": "label"}]}),
-        )
-        .await;
-    assert_eq!(r.status(), 422);
-    let body: Value = r.json().await.unwrap();
-    let e = &body["errors"][0];
-    assert_eq!(e["pointer"], "/model_id", "{body}");
-    assert!(e["detail"].as_str().unwrap().contains("ArgMax"), "{body}");
+    for stage in [
+        json!({"stage": "distill", "output": "label"}),
+        json!({"stage": "quantize", "mode": "qat", "qat": {"output": "label"}}),
+    ] {
+        let r = app
+            .post_job(
+                &json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+                              "pipeline": [stage]}),
+            )
+            .await;
+        assert_eq!(r.status(), 422);
+        let body: Value = r.json().await.unwrap();
+        let e = &body["errors"][0];
+        assert_eq!(e["pointer"], "/model_id", "{body}");
+        assert!(e["detail"].as_str().unwrap().contains("ArgMax"), "{body}");
+    }
 }
 
 #[tokio::test]

@@ -709,11 +709,6 @@ async fn quantize_options_are_validated_with_pointers() {
     let d = app.dataset("digits_val.npz").await;
     for (stage, pointer, needle) in [
         (
-            json!({"stage": "quantize", "mode": "qat"}),
-            "/pipeline/0/mode",
-            "not available",
-        ),
-        (
             json!({"stage": "quantize", "mode": "int2"}),
             "/pipeline/0/mode",
             "weight_only",
@@ -731,7 +726,7 @@ async fn quantize_options_are_validated_with_pointers() {
         (
             json!({"stage": "quantize", "mode": "fp16", "max_accuracy_drop": 0.01}),
             "/pipeline/0/max_accuracy_drop",
-            "auto, static or dynamic",
+            "auto, static, dynamic or qat",
         ),
         (
             json!({"stage": "quantize", "max_accuracy_drop": 2}),

@@ -165,3 +165,127 @@ async fn mode_auto_quantizes_an_mlp_dynamically_and_a_cnn_statically() {
     assert!(notes.contains("kept "), "{notes}");
     assert_eq!(report["calibration"]["source"], "split_of_dataset");
 }
+
+#[tokio::test]
+async fn a_qat_job_wins_back_what_static_ptq_loses_and_reports_its_export_parity() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp_coarse.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let c = app.dataset("digits_train.npz").await;
+    let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+        "calibration_dataset_id": c["id"], "seed": 7,
+        "pipeline": [{"stage": "quantize", "mode": "qat", "max_accuracy_drop": 1, "allow_slower": true,
+                      "calibration": {"method": "minmax"},
+                      "qat": {"epochs": 8, "learning_rate": 0.001, "patience": 0}}]});
+    let report = run_job(&app, spec.clone()).await;
+    let stage = &report["stages"][0];
+    let parity = &stage["qat"];
+    assert_eq!(parity["metric"], "top-1 accuracy", "{stage}");
+    let (fq, ort, before) = (
+        parity["fake_quant"].as_f64().unwrap(),
+        parity["onnx_runtime"].as_f64().unwrap(),
+        parity["before_training"].as_f64().unwrap(),
+    );
+    assert!(
+        parity["difference_points"].as_f64().unwrap() <= 0.1,
+        "{parity}"
+    );
+    assert!((fq - ort).abs() <= 0.001, "{parity}");
+    let float = report["baseline"]["task"]["top1_accuracy"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        float - before >= 0.01,
+        "the fixture makes PTQ lose a point: {parity}"
+    );
+    assert!(
+        ort - before >= (float - before) / 2.0,
+        "float {float}: {parity}"
+    );
+    // The stage's model is the exported QDQ model, and ONNX Runtime in Python agrees.
+    let top1 = stage["metrics"]["task"]["top1_accuracy"].as_f64().unwrap();
+    assert_eq!(top1, ort, "{stage}");
+    let py = artifact_in_python(&app, &report, "digits_val.npz", "probabilities").await;
+    assert_eq!(py["top1"].as_f64().unwrap(), top1);
+    assert!(
+        py["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "QuantizeLinear"),
+        "{py}"
+    );
+    let notes = stage["notes"].to_string();
+    assert!(notes.contains("quantization-aware training"), "{notes}");
+    assert!(notes.contains("epoch 8:"), "{notes}");
+    // Determinism: the same spec and seed give the same report.
+    let again = run_job(&app, spec).await;
+    assert_eq!(again["stages"][0]["qat"], stage["qat"]);
+    assert_eq!(
+        again["stages"][0]["metrics"]["task"],
+        stage["metrics"]["task"]
+    );
+}
+
+#[tokio::test]
+async fn qat_specs_are_validated_with_pointers() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    for (stage, train, pointer) in [
+        (
+            json!({"stage": "quantize", "mode": "qat"}),
+            false,
+            "/train_dataset_id",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "static", "qat": {"epochs": 2}}),
+            true,
+            "/pipeline/0/qat",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "qat": {"alpha": 2}}),
+            true,
+            "/pipeline/0/qat/alpha",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "qat": {"epochs": 0}}),
+            true,
+            "/pipeline/0/qat/epochs",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "qat": {"epoch": 3}}),
+            true,
+            "/pipeline/0/qat/epoch",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "qat": 3}),
+            true,
+            "/pipeline/0/qat",
+        ),
+    ] {
+        let mut spec = json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]});
+        if train {
+            spec["train_dataset_id"] = t["id"].clone();
+        }
+        let r = app.post_job(&spec).await;
+        assert_eq!(r.status(), 422, "{spec}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["pointer"] == pointer),
+            "{spec}: {body}"
+        );
+    }
+    let (_, jobs) = app.get_json("/jobs").await;
+    assert_eq!(
+        jobs["items"].as_array().map_or(0, Vec::len),
+        0,
+        "nothing stored"
+    );
+}

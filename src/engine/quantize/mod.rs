@@ -10,6 +10,7 @@ pub mod layers;
 pub mod opset;
 pub mod params;
 pub mod prepare;
+pub mod qat;
 pub mod qdq;
 pub mod rewrite;
 pub mod weight_only;
@@ -347,6 +348,24 @@ impl Prepared {
             alternatives: self.alternatives.clone(),
             calibration_samples: self.calibration_samples,
         })
+    }
+
+    /// The same preparation (scheme, calibrated ranges) over `model`, a model with the same
+    /// graph and other weights (quantization-aware training's).
+    pub fn with_model(&self, model: ModelProto) -> Prepared {
+        Prepared {
+            scheme: self.scheme.clone(),
+            model,
+            notes: self.notes.clone(),
+            ranges: self.ranges.clone(),
+            alternatives: Vec::new(),
+            calibration_samples: self.calibration_samples,
+        }
+    }
+
+    /// The calibrated activation ranges (static schemes).
+    pub fn ranges(&self) -> Option<&calibrate::Ranges> {
+        self.ranges.as_ref()
     }
 
     /// Layers the scheme quantizes when nothing is kept float.

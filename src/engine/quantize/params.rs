@@ -195,6 +195,26 @@ pub struct QuantizedWeights {
     pub per_channel: bool,
 }
 
+impl QuantizedWeights {
+    /// The float values DequantizeLinear gives back (`shape` and `axis` as quantized).
+    pub fn dequantize(&self, shape: &[usize], axis: usize) -> Vec<f32> {
+        if !self.per_channel {
+            return self
+                .values
+                .iter()
+                .map(|&q| q as f32 * self.scales[0])
+                .collect();
+        }
+        let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
+        let channels = self.scales.len();
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as f32 * self.scales[(i / inner) % channels])
+            .collect()
+    }
+}
+
 /// Quantizes weights per channel along `axis` when `per_channel` asks for it, except when `auto`
 /// finds the channels' ranges close (then one scale serves, see [`per_tensor_is_enough`]); else
 /// per tensor. The channel maxima are computed once for both the choice and the scales.

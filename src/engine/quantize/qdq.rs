@@ -248,6 +248,22 @@ pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
     }
 }
 
+/// uint8 parameters of a constant read by a chained op: its whole range, and zero.
+pub fn constant_params(values: &[f32]) -> QParams {
+    let (lo, hi) = values
+        .iter()
+        .fold((0.0f32, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
+    activation_params(lo, hi, ActivationType::Uint8, false)
+}
+
+/// The integer range QuantizeLinear saturates to for activations of type `ty`.
+pub fn activation_limits(ty: ActivationType) -> (i32, i32) {
+    match ty {
+        ActivationType::Uint8 => (0, 255),
+        ActivationType::Int8 => (-128, 127),
+    }
+}
+
 /// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of DequantizeLinear).
 pub fn rewrite(
     model: &ModelProto,
@@ -396,10 +412,7 @@ pub fn rewrite(
     // Constants read by chained ops (biases of Add): uint8 per tensor, like the activation beside them.
     for c in constants {
         let values = f32_values(&inits[&c.name]).expect("chained constants are float");
-        let (lo, hi) = values
-            .iter()
-            .fold((0.0f32, 0.0f32), |(l, h), v| (l.min(*v), h.max(*v)));
-        let p = activation_params(lo, hi, ActivationType::Uint8, false);
+        let p = constant_params(&values);
         let q: Vec<u8> = values
             .iter()
             .map(|v| quantize(*v, p, 0, 255) as u8)

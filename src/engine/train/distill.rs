@@ -79,7 +79,7 @@ pub fn teacher_logits(
         .map_err(|e| candle_error("teacher logits", e))
 }
 
-fn labels_of(data: &Dataset, model: &ModelProto) -> Result<Option<Tensor>> {
+pub fn labels_of(data: &Dataset, model: &ModelProto) -> Result<Option<Tensor>> {
     let binding = bind(&summarize(model), &data.summary)?;
     let Some(name) = binding.labels else {
         return Ok(None);
@@ -144,16 +144,15 @@ impl Objective for Distillation<'_> {
     }
 }
 
-/// Top-1 accuracy of the graph's first output against `target` class indices.
-fn accuracy(
+/// The class (argmax of the graph's first output) the graph predicts for every row of `data`.
+pub fn predict(
     graph: &TrainGraph,
     data: &Dataset,
     binding: &[(String, String)],
-    target: &Tensor,
-) -> Result<f64> {
-    let ce = |e| candle_error("validation", e);
-    let rows = target.elem_count();
-    let mut correct = 0usize;
+) -> Result<Vec<i64>> {
+    let ce = |e| candle_error("prediction", e);
+    let rows = data.summary.samples as usize;
+    let mut classes = Vec::with_capacity(rows);
     for start in (0..rows).step_by(256) {
         let idx: Vec<usize> = (start..(start + 256).min(rows)).collect();
         let feeds = tensors::feeds(data, binding, &idx, graph.device())?;
@@ -163,18 +162,24 @@ fn accuracy(
             .map_err(ce)?
             .to_dtype(DType::I64)
             .map_err(ce)?;
-        let want = pick(target, &idx).map_err(ce)?;
-        correct += pred
-            .eq(&want)
-            .map_err(ce)?
-            .to_dtype(DType::F32)
-            .map_err(ce)?
-            .sum_all()
-            .map_err(ce)?
-            .to_scalar::<f32>()
-            .map_err(ce)? as usize;
+        classes.extend(pred.to_vec1::<i64>().map_err(ce)?);
     }
-    Ok(correct as f64 / rows.max(1) as f64)
+    Ok(classes)
+}
+
+/// Top-1 accuracy of the graph's first output against `target` class indices.
+fn accuracy(
+    graph: &TrainGraph,
+    data: &Dataset,
+    binding: &[(String, String)],
+    target: &Tensor,
+) -> Result<f64> {
+    let want = target
+        .to_vec1::<i64>()
+        .map_err(|e| candle_error("validation", e))?;
+    let got = predict(graph, data, binding)?;
+    let correct = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+    Ok(correct as f64 / want.len().max(1) as f64)
 }
 
 /// The outcome of a distillation.
@@ -204,6 +209,17 @@ pub fn distill(
     opts: &DistillOptions,
     progress: &dyn Progress,
 ) -> Result<Distilled> {
+    distill_with(pair, None, opts, progress)
+}
+
+/// [`distill`] with every value of the student's forward pass run through `hook` (fake
+/// quantization makes this quantization-aware training).
+pub fn distill_with(
+    pair: Pair<'_>,
+    hook: Option<std::sync::Arc<dyn super::ValueHook>>,
+    opts: &DistillOptions,
+    progress: &dyn Progress,
+) -> Result<Distilled> {
     let Pair {
         rt,
         teacher,
@@ -213,7 +229,10 @@ pub fn distill(
         validation,
     } = pair;
     let (logits, _) = logits_of(student, output);
-    let graph = TrainGraph::new(student, &[logits])?;
+    let mut graph = TrainGraph::new(student, &[logits])?;
+    if let Some(h) = hook {
+        graph.set_hook(h);
+    }
     let binding = bind(&summarize(student), &train.summary)?;
     let validation = match validation {
         Some(v) => {

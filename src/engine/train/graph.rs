@@ -7,7 +7,7 @@ use crate::engine::onnx::tensor::{dims, f32_tensor};
 use crate::engine::{EngineError, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Forward-pass mode: `Train` normalises BatchNormalization with batch statistics (and updates
 /// the running ones); `Eval` runs the model as ONNX Runtime does.
@@ -26,6 +26,15 @@ fn weight_inputs(op: &str) -> &'static [usize] {
         "Gather" => &[0],
         _ => &[],
     }
+}
+
+/// Rewrites named values as the forward pass produces them: weights and constants as they are
+/// read, graph inputs as they are fed, node outputs as they are computed. Fake quantization
+/// (quantization-aware training) is one.
+pub trait ValueHook: Send + Sync {
+    /// The value nodes should read instead of `value`; the hook returns it unchanged for names it
+    /// does not know.
+    fn apply(&self, name: &str, value: Tensor, mode: Mode) -> Result<Tensor>;
 }
 
 /// Saved weights (see [`TrainGraph::snapshot`]).
@@ -98,6 +107,8 @@ pub struct TrainGraph {
     outputs: Vec<String>,
     opset: i64,
     device: Device,
+    /// Applied to every value of the forward pass (see [`ValueHook`]).
+    hook: Option<Arc<dyn ValueHook>>,
 }
 
 impl TrainGraph {
@@ -183,7 +194,13 @@ impl TrainGraph {
             outputs,
             opset,
             device,
+            hook: None,
         })
+    }
+
+    /// Runs every forward value through `hook` from now on.
+    pub fn set_hook(&mut self, hook: Arc<dyn ValueHook>) {
+        self.hook = Some(hook);
     }
 
     pub fn device(&self) -> &Device {
@@ -221,6 +238,15 @@ impl TrainGraph {
         for (name, t) in feeds {
             values.insert(name, t.clone());
         }
+        let hook = |name: &str, t: Tensor| match &self.hook {
+            Some(h) => h.apply(name, t, mode),
+            None => Ok(t),
+        };
+        if self.hook.is_some() {
+            for (name, t) in values.iter_mut() {
+                *t = hook(name, t.clone())?;
+            }
+        }
         let ctx = Ctx {
             mode,
             opset: self.opset,
@@ -249,7 +275,7 @@ impl TrainGraph {
             let out = ops::run(n, &inputs, &ctx).map_err(|e| candle_error(&context(), e))?;
             for (name, t) in n.output.iter().zip(out) {
                 if !name.is_empty() {
-                    values.insert(name, t);
+                    values.insert(name, hook(name, t)?);
                 }
             }
         }

@@ -7,13 +7,14 @@
 //! covers kernel == stride, so neither is used).
 pub mod depth;
 pub mod distill;
+pub mod fake_quant;
 pub mod fit;
 pub mod graph;
 pub mod loss;
 mod ops;
 mod tensors;
 
-pub use graph::{Mode, TrainGraph};
+pub use graph::{Mode, TrainGraph, ValueHook};
 pub use tensors::feeds;
 
 use crate::engine::EngineError;
@@ -70,6 +71,6 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Where",
 ];
 
-fn candle_error(context: &str, e: candle_core::Error) -> EngineError {
+pub(crate) fn candle_error(context: &str, e: candle_core::Error) -> EngineError {
     EngineError::InvalidModel(format!("{context}: {e}"))
 }
