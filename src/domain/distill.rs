@@ -48,6 +48,26 @@ pub struct DistillOptions {
     /// names it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Intermediate-feature hints added to the loss: weight · MSE(student tensor, teacher tensor).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<FeatureHint>,
+}
+
+/// One intermediate-feature hint: the student's tensor learns the teacher's (same shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FeatureHint {
+    /// A tensor the teacher computes (a node output).
+    pub teacher: String,
+    /// The student's tensor; the teacher's name when absent (derived students keep names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student: Option<String>,
+    /// Weight of this term in the loss.
+    #[serde(default = "default_hint_weight")]
+    pub weight: f64,
+}
+
+fn default_hint_weight() -> f64 {
+    1.0
 }
 
 fn default_width() -> f64 {
@@ -71,6 +91,7 @@ const KNOWN: &[&str] = &[
     "alpha",
     "temperature",
     "output",
+    "features",
 ];
 
 /// Checks a `distill` stage object; `spec` is the whole job spec (for the references it needs).
@@ -120,5 +141,59 @@ pub(super) fn validate(
             );
         }
     }
+    if let Some(v) = obj.get("features") {
+        validate_features(v, &format!("{base}/features"), p);
+    }
     validate_training(obj, base, p);
+}
+
+fn validate_features(v: &Value, at: &str, p: &mut Problems) {
+    let Some(hints) = v.as_array() else {
+        p.add(
+            at,
+            "`features` must be a list of {teacher, student, weight} objects",
+        );
+        return;
+    };
+    for (i, h) in hints.iter().enumerate() {
+        let at = format!("{at}/{i}");
+        let Some(h) = h.as_object() else {
+            p.add(
+                at,
+                "each feature hint must be an object with a `teacher` tensor name",
+            );
+            continue;
+        };
+        for key in h
+            .keys()
+            .filter(|k| !["teacher", "student", "weight"].contains(&k.as_str()))
+        {
+            p.add(
+                format!("{at}/{}", super::validation::pointer_key(key)),
+                format!("unknown option `{key}`; expected teacher, student, weight"),
+            );
+        }
+        if !h
+            .get("teacher")
+            .is_some_and(|t| t.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            p.add(
+                format!("{at}/teacher"),
+                "`teacher` must name a tensor of the teacher",
+            );
+        }
+        if h.get("student")
+            .is_some_and(|s| !s.as_str().is_some_and(|s| !s.is_empty()))
+        {
+            p.add(
+                format!("{at}/student"),
+                "`student` must name a tensor of the student",
+            );
+        }
+        if h.get("weight")
+            .is_some_and(|w| !w.as_f64().is_some_and(|w| w > 0.0 && w <= 1000.0))
+        {
+            p.add(format!("{at}/weight"), "`weight` must be in (0, 1000]");
+        }
+    }
 }

@@ -110,6 +110,15 @@ pub fn run(
         alpha: d.alpha,
         temperature: d.temperature,
         fit: fit_options(&d.training, spec.seed),
+        features: d
+            .features
+            .iter()
+            .map(|h| distill::FeatureHint {
+                teacher: h.teacher.clone(),
+                student: h.student.clone().unwrap_or_else(|| h.teacher.clone()),
+                weight: h.weight,
+            })
+            .collect(),
     };
     let pair = distill::Pair {
         rt,
@@ -130,6 +139,12 @@ pub fn run(
         1.0 - d.alpha,
         d.temperature
     ));
+    for h in &opts.features {
+        notes.push(format!(
+            "feature hint: + {}·MSE(student `{}`, teacher `{}`)",
+            h.weight, h.student, h.teacher
+        ));
+    }
     notes.extend(epoch_notes(&out.report));
     let model = quantize::finish(rt, &out.model)?;
     Ok(Outcome { model, notes })
@@ -210,6 +225,7 @@ pub fn finetune(
         alpha: if labelled { 1.0 } else { 0.0 },
         temperature: f.temperature,
         fit: fit_options(&f.training, spec.seed),
+        features: Vec::new(),
     };
     let pair = distill::Pair {
         rt,

@@ -57,6 +57,7 @@ pub fn run(
         alpha: if labelled { o.alpha } else { 0.0 },
         temperature: o.temperature,
         fit: fit_options(&o.training, spec.seed),
+        features: Vec::new(),
     };
     let data = qat::QatData {
         rt,

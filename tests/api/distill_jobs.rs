@@ -117,6 +117,22 @@ async fn distill_specs_are_validated_with_pointers() {
             json!({"stage": "distill", "schedule": "step"}),
             "/pipeline/0/schedule",
         ),
+        (
+            json!({"stage": "distill", "features": {"teacher": "h"}}),
+            "/pipeline/0/features",
+        ),
+        (
+            json!({"stage": "distill", "features": [{"student": "r1"}]}),
+            "/pipeline/0/features/0/teacher",
+        ),
+        (
+            json!({"stage": "distill", "features": [{"teacher": "h", "weight": 0}]}),
+            "/pipeline/0/features/0/weight",
+        ),
+        (
+            json!({"stage": "distill", "features": [{"teacher": "h", "layer": 2}]}),
+            "/pipeline/0/features/0/layer",
+        ),
     ] {
         let r = app
             .post_job(&json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]}))
@@ -247,4 +263,44 @@ async fn finetuning_with_labels_recovers_accuracy_and_without_labels_keeps_it() 
     let (before, after) = (top1(&report["baseline"]), top1(&stage["metrics"]));
     eprintln!("finetune without labels: {before} -> {after}");
     assert!(after >= before - 0.01, "{before} -> {after}");
+}
+
+#[tokio::test]
+async fn a_feature_hint_trains_through_the_api_and_a_wrong_tensor_fails_the_job_naming_it() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let s = app.model("digits_student.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let spec = |teacher: &str| {
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+               "student_model_id": s["id"], "seed": 4,
+               "pipeline": [{"stage": "distill", "epochs": 10, "patience": 0,
+                             "features": [{"teacher": teacher, "student": "r1", "weight": 0.5}]}]})
+    };
+    let (_, report) = run_job(&app, spec("next_activations1")).await;
+    let stage = &report["stages"][0];
+    let notes = stage["notes"].to_string();
+    assert!(
+        notes.contains("feature hint: + 0.5·MSE(student `r1`, teacher `next_activations1`)"),
+        "{notes}"
+    );
+    let (tb, ts) = (top1(&report["baseline"]), top1(&stage["metrics"]));
+    assert!(ts >= 0.97 * tb, "teacher {tb}, student {ts}");
+
+    let r = app.post_job(&spec("next_activations")).await;
+    assert_eq!(
+        r.status(),
+        202,
+        "tensor shapes are known only to the worker"
+    );
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let (_, j) = app
+        .get_json(&format!("/jobs/{}", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["error"]["type"], "invalid_input", "{j}");
+    let text = j["error"].to_string();
+    assert!(text.contains("features") && text.contains("shape"), "{j}");
 }

@@ -69,6 +69,7 @@ fn qat_options(seed: u64) -> DistillOptions {
             seed,
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 

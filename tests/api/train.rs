@@ -538,3 +538,119 @@ fn a_three_layer_minilm_student_distilled_on_gensim_text_is_closer_to_its_teache
     eprintln!("MiniLM 3 of 6 layers: cosine to the teacher {before:.4} untrained, {after:.4} distilled; {:?}", out.report);
     assert!(after > before, "untrained {before}, distilled {after}");
 }
+
+/// Mean squared difference between the student's `r1` and the teacher's second hidden layer on
+/// the digits validation rows.
+fn hidden_gap(student: &LoadedModel, teacher: &LoadedModel, val: &Dataset) -> f64 {
+    let rows = val.summary.samples as usize;
+    let graph = TrainGraph::new(&student.proto, &["r1".to_string()]).unwrap();
+    let got = graph
+        .forward(&candle_feeds(student, val, rows), Mode::Eval)
+        .unwrap()
+        .remove(0);
+    let hint = train::distill::FeatureHint {
+        teacher: "next_activations1".into(),
+        student: "r1".into(),
+        weight: 1.0,
+    };
+    let want = train::distill::feature_targets(&rt(), teacher, val, &[hint])
+        .unwrap()
+        .remove(0);
+    (got - want)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+}
+
+#[test]
+fn a_feature_hint_pulls_the_students_hidden_layer_toward_the_teachers_and_keeps_its_accuracy() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    let (train_data, val) = (
+        dataset::load(&fixture("digits_train.npz")).unwrap(),
+        dataset::load(&fixture("digits_val.npz")).unwrap(),
+    );
+    let runtime = rt();
+    let distil = |features: Vec<train::distill::FeatureHint>| {
+        let opts = train::distill::DistillOptions {
+            fit: train::fit::FitOptions {
+                epochs: 15,
+                learning_rate: 3e-3,
+                seed: 2,
+                patience: None,
+                ..Default::default()
+            },
+            features,
+            ..Default::default()
+        };
+        let pair = train::distill::Pair {
+            rt: &runtime,
+            teacher: &teacher,
+            student: &student.proto,
+            output: "probabilities",
+            train: &train_data,
+            validation: None,
+        };
+        let out = train::distill::distill(pair, &opts, &shrink::engine::NoProgress).unwrap();
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
+            .unwrap()
+    };
+    let hint = train::distill::FeatureHint {
+        teacher: "next_activations1".into(),
+        student: "r1".into(),
+        weight: 1.0,
+    };
+    let (plain, hinted) = (distil(vec![]), distil(vec![hint]));
+    let (gap_plain, gap_hinted) = (
+        hidden_gap(&plain, &teacher, &val),
+        hidden_gap(&hinted, &teacher, &val),
+    );
+    assert!(
+        gap_hinted < 0.5 * gap_plain,
+        "MSE to the teacher's hidden layer: {gap_plain} without the hint, {gap_hinted} with it"
+    );
+    let (t, s) = (ort_top1(&teacher, &val), ort_top1(&hinted, &val));
+    assert!(s >= 0.97 * t, "teacher {t}, hinted student {s}");
+}
+
+#[test]
+fn a_feature_hint_between_tensors_of_different_shapes_or_a_missing_tensor_is_refused() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
+    let data = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let runtime = rt();
+    for (name, needle) in [
+        ("next_activations", "shape"),
+        ("no_such_tensor", "computes no tensor `no_such_tensor`"),
+    ] {
+        let opts = train::distill::DistillOptions {
+            fit: train::fit::FitOptions {
+                epochs: 1,
+                ..Default::default()
+            },
+            features: vec![train::distill::FeatureHint {
+                teacher: name.into(),
+                student: "r1".into(),
+                weight: 1.0,
+            }],
+            ..Default::default()
+        };
+        let pair = train::distill::Pair {
+            rt: &runtime,
+            teacher: &teacher,
+            student: &student.proto,
+            output: "probabilities",
+            train: &data,
+            validation: None,
+        };
+        let err = train::distill::distill(pair, &opts, &shrink::engine::NoProgress)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains(needle) && err.contains("features"), "{err}");
+    }
+}

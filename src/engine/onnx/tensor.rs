@@ -1,5 +1,5 @@
 //! Reading and building initializer tensors.
-use super::proto::{tensor_proto::DataType, TensorProto};
+use super::proto::{tensor_proto::DataType, TensorProto, ValueInfoProto};
 use bytes::Bytes;
 use std::borrow::Cow;
 
@@ -148,5 +148,21 @@ mod tests {
         let read: Vec<f32> = f32_le(&typed).unwrap().iter().map(|b| b.get()).collect();
         assert_eq!(read, values);
         assert!(f32_le(&i8_tensor("q", &[1], &[1])).is_none());
+    }
+}
+
+/// A float32 graph output of unknown shape: exposes an intermediate tensor to ONNX Runtime.
+pub fn float_value_info(name: &str) -> ValueInfoProto {
+    use crate::engine::onnx::proto::{type_proto, TypeProto};
+    ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }

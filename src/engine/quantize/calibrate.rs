@@ -1,7 +1,6 @@
 //! Calibration: run the float model on calibration samples with the activations to quantize
 //! exposed as extra graph outputs, and record each one's range.
 use crate::engine::dataset::{bind, Binding, Dataset};
-use crate::engine::onnx::proto::{type_proto, TypeProto, ValueInfoProto};
 use crate::engine::onnx::{summarize, LoadedModel};
 use crate::engine::runtime::{self, Runtime};
 use crate::engine::{EngineError, Progress, Result, SubProgress};
@@ -68,17 +67,9 @@ impl<'a> Calibrator<'a> {
             .ok_or_else(|| EngineError::InvalidModel("no graph".into()))?;
         let existing: Vec<String> = graph.output.iter().filter_map(|o| o.name.clone()).collect();
         for name in names.iter().filter(|n| !existing.contains(n)) {
-            graph.output.push(ValueInfoProto {
-                name: Some(name.clone()),
-                r#type: Some(TypeProto {
-                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                        elem_type: Some(1),
-                        shape: None,
-                    })),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
+            graph
+                .output
+                .push(crate::engine::onnx::tensor::float_value_info(name));
         }
         let session = rt.session(&augmented.encode_to_vec(), 1)?;
         let binding = bind(&summarize(&model.proto), &data.summary)?;

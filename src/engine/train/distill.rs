@@ -10,6 +10,16 @@ use crate::engine::onnx::{summarize, LoadedModel};
 use crate::engine::runtime::{self, Runtime};
 use crate::engine::{EngineError, Progress, Result};
 use candle_core::{DType, Tensor};
+use prost::Message;
+
+/// An intermediate-feature hint: the student's tensor `student` learns the teacher's tensor
+/// `teacher` (same shape) by mean squared error, weighted by `weight`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureHint {
+    pub teacher: String,
+    pub student: String,
+    pub weight: f64,
+}
 
 #[derive(Debug, Clone)]
 pub struct DistillOptions {
@@ -17,6 +27,8 @@ pub struct DistillOptions {
     pub alpha: f64,
     pub temperature: f64,
     pub fit: FitOptions,
+    /// Intermediate-feature MSE terms added to the loss.
+    pub features: Vec<FeatureHint>,
 }
 
 impl Default for DistillOptions {
@@ -25,6 +37,7 @@ impl Default for DistillOptions {
             alpha: 0.5,
             temperature: 4.0,
             fit: FitOptions::default(),
+            features: Vec::new(),
         }
     }
 }
@@ -109,6 +122,8 @@ struct Distillation<'a> {
     labels: Option<Tensor>,
     validation: Option<Validation<'a>>,
     opts: &'a DistillOptions,
+    /// The teacher's value of each feature hint on every training row.
+    hints: Vec<Tensor>,
 }
 
 fn pick(t: &Tensor, rows: &[usize]) -> candle_core::Result<Tensor> {
@@ -120,20 +135,39 @@ fn pick(t: &Tensor, rows: &[usize]) -> candle_core::Result<Tensor> {
 impl Objective for Distillation<'_> {
     fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor> {
         let feeds = tensors::feeds(self.train, &self.binding, rows, graph.device())?;
-        let student = graph.forward(&feeds, Mode::Train)?.remove(0);
+        let mut outputs = graph.forward(&feeds, Mode::Train)?;
+        let student = outputs.remove(0);
         let ce = |e| candle_error("distillation loss", e);
         let teacher = pick(&self.teacher, rows).map_err(ce)?;
         let kl = loss::distillation_kl(&student, &teacher, self.opts.temperature).map_err(ce)?;
-        match &self.labels {
+        let mut total = match &self.labels {
             Some(labels) if self.opts.alpha > 0.0 => {
                 let hard =
                     loss::cross_entropy(&student, &pick(labels, rows).map_err(ce)?).map_err(ce)?;
                 ((hard * self.opts.alpha).map_err(ce)?
                     + (kl * (1.0 - self.opts.alpha)).map_err(ce)?)
-                .map_err(ce)
+                .map_err(ce)?
             }
-            _ => Ok(kl),
+            _ => kl,
+        };
+        for ((hint, value), target) in self.opts.features.iter().zip(outputs).zip(&self.hints) {
+            let target = pick(target, rows).map_err(ce)?;
+            if value.dims() != target.dims() {
+                return Err(EngineError::InvalidOption {
+                    option: "features".into(),
+                    problem: format!(
+                        "the student's `{}` has shape {:?} but the teacher's `{}` has {:?}",
+                        hint.student,
+                        value.dims(),
+                        hint.teacher,
+                        target.dims()
+                    ),
+                });
+            }
+            let mse = loss::feature_mse(&value, &target).map_err(ce)?;
+            total = (total + (mse * hint.weight).map_err(ce)?).map_err(ce)?;
         }
+        Ok(total)
     }
 
     fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>> {
@@ -180,6 +214,47 @@ fn accuracy(
     let got = predict(graph, data, binding)?;
     let correct = got.iter().zip(&want).filter(|(a, b)| a == b).count();
     Ok(correct as f64 / want.len().max(1) as f64)
+}
+
+/// The teacher's value of each hint's tensor on every row of `data` (ONNX Runtime, with the
+/// tensors exposed as extra graph outputs).
+pub fn feature_targets(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    data: &Dataset,
+    hints: &[FeatureHint],
+) -> Result<Vec<Tensor>> {
+    if hints.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut proto = teacher.proto.clone();
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| EngineError::InvalidModel("no graph".into()))?;
+    for h in hints {
+        let produced = graph.node.iter().any(|n| n.output.contains(&h.teacher));
+        if !produced {
+            return Err(EngineError::InvalidOption {
+                option: "features".into(),
+                problem: format!("the teacher computes no tensor `{}`", h.teacher),
+            });
+        }
+        if !graph
+            .output
+            .iter()
+            .any(|o| o.name.as_ref() == Some(&h.teacher))
+        {
+            graph
+                .output
+                .push(crate::engine::onnx::tensor::float_value_info(&h.teacher));
+        }
+    }
+    let exposed = crate::engine::onnx::load_model_bytes(proto.encode_to_vec().into())?;
+    hints
+        .iter()
+        .map(|h| teacher_outputs(rt, &exposed, data, &h.teacher))
+        .collect()
 }
 
 /// The outcome of a distillation.
@@ -229,7 +304,9 @@ pub fn distill_with(
         validation,
     } = pair;
     let (logits, _) = logits_of(student, output);
-    let mut graph = TrainGraph::new(student, &[logits])?;
+    let mut computed = vec![logits];
+    computed.extend(opts.features.iter().map(|f| f.student.clone()));
+    let mut graph = TrainGraph::new(student, &computed)?;
     if let Some(h) = hook {
         graph.set_hook(h);
     }
@@ -259,6 +336,7 @@ pub fn distill_with(
         labels: labels_of(train, student)?,
         validation,
         opts,
+        hints: feature_targets(rt, teacher, train, &opts.features)?,
     };
     let report = fit(
         &graph,
