@@ -173,18 +173,18 @@ fn validate_features(v: &Value, at: &str, p: &mut Problems) {
                 format!("unknown option `{key}`; expected teacher, student, weight"),
             );
         }
-        if !h
-            .get("teacher")
-            .is_some_and(|t| t.as_str().is_some_and(|s| !s.is_empty()))
-        {
+        let named = |key: &str| {
+            h.get(key)
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+        };
+        if !named("teacher") {
             p.add(
                 format!("{at}/teacher"),
                 "`teacher` must name a tensor of the teacher",
             );
         }
-        if h.get("student")
-            .is_some_and(|s| !s.as_str().is_some_and(|s| !s.is_empty()))
-        {
+        if h.get("student").is_some() && !named("student") {
             p.add(
                 format!("{at}/student"),
                 "`student` must name a tensor of the student",

@@ -124,6 +124,22 @@ pub fn i32_tensor(name: &str, dims: &[usize], values: &[i32]) -> TensorProto {
     )
 }
 
+/// A float32 graph output of unknown shape: exposes an intermediate tensor to ONNX Runtime.
+pub fn float_value_info(name: &str) -> ValueInfoProto {
+    use crate::engine::onnx::proto::{type_proto, TypeProto};
+    ValueInfoProto {
+        name: Some(name.to_string()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: None,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,21 +164,5 @@ mod tests {
         let read: Vec<f32> = f32_le(&typed).unwrap().iter().map(|b| b.get()).collect();
         assert_eq!(read, values);
         assert!(f32_le(&i8_tensor("q", &[1], &[1])).is_none());
-    }
-}
-
-/// A float32 graph output of unknown shape: exposes an intermediate tensor to ONNX Runtime.
-pub fn float_value_info(name: &str) -> ValueInfoProto {
-    use crate::engine::onnx::proto::{type_proto, TypeProto};
-    ValueInfoProto {
-        name: Some(name.to_string()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(1),
-                shape: None,
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
