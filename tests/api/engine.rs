@@ -471,7 +471,7 @@ fn folding_batch_norm_into_conv_keeps_a_real_cnns_outputs() {
 }
 
 #[test]
-fn folding_conv_bias_adds_and_splitting_hard_swish_keep_a_real_cnns_outputs() {
+fn folding_conv_bias_adds_and_splitting_hard_activations_keep_a_real_cnns_outputs() {
     use prost::Message;
     use shrink::engine::quantize::prepare;
     let m = orientation_model();
@@ -482,9 +482,16 @@ fn folding_conv_bias_adds_and_splitting_hard_swish_keep_a_real_cnns_outputs() {
         4,
         "four Conv -> Add(constant [1,C,1,1]) pairs"
     );
-    assert_eq!(prepare::decompose_hard_swish(&mut p), 28);
+    assert_eq!(
+        prepare::decompose_hard_activations(&mut p),
+        30,
+        "28 HardSwish, 2 HardSigmoid"
+    );
     let ops = shrink::engine::onnx::summarize(&p).op_counts;
-    assert!(!ops.contains_key("HardSwish"), "{ops:?}");
+    assert!(
+        !ops.contains_key("HardSwish") && !ops.contains_key("HardSigmoid"),
+        "{ops:?}"
+    );
     let p = load_model_bytes(p.encode_to_vec().into()).unwrap();
     let data = random_images(4);
     let a = eval(&m, &data, None);

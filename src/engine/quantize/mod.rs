@@ -165,10 +165,10 @@ impl Prepared {
                     "folded {adds} per-channel Add(s) into the preceding Conv's bias"
                 ));
             }
-            let split = prepare::decompose_hard_swish(&mut proto);
+            let split = prepare::decompose_hard_activations(&mut proto);
             if split > 0 {
                 notes.push(format!(
-                    "rewrote {split} HardSwish node(s) as x * HardSigmoid(x), which ONNX Runtime runs as QLinearMul"
+                    "rewrote {split} HardSwish/HardSigmoid node(s) as Add, Clip and Mul, which ONNX Runtime runs in integers (QLinearAdd, QLinearMul)"
                 ));
             }
         }

@@ -175,43 +175,79 @@ pub fn constants_to_initializers(model: &mut ModelProto) -> usize {
     count
 }
 
-/// Rewrites HardSwish(x) as x * HardSigmoid(x) (alpha 1/6, beta 1/2: the same function). ONNX
-/// Runtime has no integer HardSwish, but runs the Mul as QLinearMul, so static QDQ keeps the
-/// integer chain through MobileNetV3-style blocks. Returns how many were rewritten.
-pub fn decompose_hard_swish(model: &mut ModelProto) -> usize {
+/// Rewrites HardSigmoid(x; α, β) = clip(αx + β, 0, 1) as Mul(Clip(Add(x, β/α), 0, 1/α), α), and
+/// HardSwish(x) as x · HardSigmoid(x; 1/6, 1/2) so decomposed (the same functions, α > 0). Left
+/// whole, each runs in float between a DequantizeLinear and a QuantizeLinear, which on a
+/// MobileNetV3 cost more than the convolution before them; decomposed, static QDQ runs them as
+/// QLinearAdd and QLinearMul, and the Clip vanishes into the quantization range before it.
+/// Constants of equal value are one initializer. Returns how many nodes were rewritten.
+pub fn decompose_hard_activations(model: &mut ModelProto) -> usize {
     use super::rewrite::node;
-    use crate::engine::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    let opset = super::rewrite::default_opset(model);
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
-    let float_attr = |name: &str, f: f32| AttributeProto {
+    let mut consts: HashMap<u32, TensorProto> = HashMap::new();
+    let mut constant = |v: f32| {
+        let name = format!("hc{:08x}", v.to_bits());
+        consts
+            .entry(v.to_bits())
+            .or_insert_with(|| f32_tensor(&name, &[], &[v]));
+        name
+    };
+    let mut count = 0;
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for n in std::mem::take(&mut graph.node) {
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let (alpha, beta) = match op {
+            "HardSwish" => (1.0 / 6.0, 0.5),
+            "HardSigmoid" => (
+                attr_f(&n, "alpha").unwrap_or(0.2),
+                attr_f(&n, "beta").unwrap_or(0.5),
+            ),
+            _ => (0.0, 0.0),
+        };
+        if alpha <= 0.0 || n.input.len() != 1 || n.output.len() != 1 {
+            nodes.push(n);
+            continue;
+        }
+        count += 1;
+        // Short generated names: every tensor name is stored again in each Q/DQ around it.
+        let tag = format!("h{count}");
+        let (x, y) = (n.input[0].clone(), n.output[0].clone());
+        let (shifted, clipped) = (format!("{tag}a"), format!("{tag}c"));
+        let gate = if op == "HardSwish" { format!("{tag}g") } else { y.clone() };
+        let shift = constant(beta / alpha);
+        nodes.push(node("Add", format!("{tag}A"), vec![x.clone(), shift], shifted.clone(), vec![]));
+        let (lo, hi) = (0.0, 1.0 / alpha);
+        nodes.push(if opset >= 11 {
+            let bounds = vec![shifted, constant(lo), constant(hi)];
+            node("Clip", format!("{tag}C"), bounds, clipped.clone(), vec![])
+        } else {
+            let attrs = vec![float_attr("min", lo), float_attr("max", hi)];
+            node("Clip", format!("{tag}C"), vec![shifted], clipped.clone(), attrs)
+        });
+        let scale = constant(alpha);
+        nodes.push(node("Mul", format!("{tag}M"), vec![clipped, scale], gate.clone(), vec![]));
+        if op == "HardSwish" {
+            nodes.push(node("Mul", format!("{tag}X"), vec![x, gate], y, vec![]));
+        }
+    }
+    graph.node = nodes;
+    let mut consts: Vec<TensorProto> = consts.into_values().collect();
+    consts.sort_by(|a, b| a.name.cmp(&b.name));
+    graph.initializer.extend(consts);
+    count
+}
+
+fn float_attr(name: &str, f: f32) -> crate::engine::onnx::proto::AttributeProto {
+    use crate::engine::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    AttributeProto {
         name: Some(name.into()),
         r#type: Some(AttributeType::Float as i32),
         f: Some(f),
         ..Default::default()
-    };
-    let mut count = 0;
-    let mut nodes = Vec::with_capacity(graph.node.len());
-    for (i, n) in std::mem::take(&mut graph.node).into_iter().enumerate() {
-        if n.op_type.as_deref() != Some("HardSwish") || n.input.len() != 1 || n.output.len() != 1 {
-            nodes.push(n);
-            continue;
-        }
-        let name = super::rewrite::layer_name(&n, i);
-        let (x, y) = (n.input[0].clone(), n.output[0].clone());
-        let gate = format!("{y}_hard_sigmoid");
-        nodes.push(node(
-            "HardSigmoid",
-            format!("{name}_hard_sigmoid"),
-            vec![x.clone()],
-            gate.clone(),
-            vec![float_attr("alpha", 1.0 / 6.0), float_attr("beta", 0.5)],
-        ));
-        nodes.push(node("Mul", format!("{name}_mul"), vec![x, gate], y, vec![]));
-        count += 1;
     }
-    graph.node = nodes;
-    count
 }
 
 /// Folds `Add(Conv(x), c)` with a per-channel constant c ([C,1,1] or [1,C,1,1]) into the

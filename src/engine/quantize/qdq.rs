@@ -409,15 +409,21 @@ pub fn rewrite(
             rename.push((t.node, 2, dqname));
         }
     }
-    // Constants read by chained ops (biases of Add): uint8 per tensor, like the activation beside them.
+    // Constants read by chained ops (biases of Add): uint8 per tensor, like the activation beside
+    // them; one quantized copy however many ops read it.
+    let mut emitted: HashSet<&str> = HashSet::new();
     for c in constants {
+        let base = format!("{}_const", c.name);
+        rename.push((c.node, c.slot, format!("{base}_dq")));
+        if !emitted.insert(c.name.as_str()) {
+            continue;
+        }
         let values = f32_values(&inits[&c.name]).expect("chained constants are float");
         let p = constant_params(&values);
         let q: Vec<u8> = values
             .iter()
             .map(|v| quantize(*v, p, 0, 255) as u8)
             .collect();
-        let base = format!("{}_{}_const", c.name, c.node);
         let (qname, sname, zname, dqname) = (
             format!("{base}_q"),
             format!("{base}_s"),
@@ -435,7 +441,6 @@ pub fn rewrite(
             vec![],
         ));
         replaced.insert(c.name.clone());
-        rename.push((c.node, c.slot, dqname));
     }
     for (n, slot, name) in rename {
         graph.node[n].input[slot] = name;

@@ -187,6 +187,15 @@ pub fn int_attr(name: &str, value: i64) -> AttributeProto {
     }
 }
 
+pub fn ints_attr(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: values.to_vec(),
+        ..Default::default()
+    }
+}
+
 pub fn node(
     op: &str,
     name: String,
