@@ -56,7 +56,10 @@ fn calibration_split(
         .pipeline
         .iter()
         .filter_map(|s| match s {
-            Stage::Quantize(q) if super::quantize_stage::needs_calibration(q, model) => {
+            Stage::Quantize(q)
+                if super::quantize_stage::needs_calibration(q, model)
+                    || given.is_some() && super::quantize_stage::auto_compares(q, model) =>
+            {
                 Some(q.calibration.samples as usize)
             }
             _ => None,
@@ -160,7 +163,9 @@ pub fn run(
                 start: (i + 1) as f64 / steps,
                 span: 0.7 / steps,
             };
-            let needs = super::quantize_stage::needs_calibration(q, &current);
+            // auto on an MLP compares static with dynamic when calibration rows are at hand.
+            let needs = super::quantize_stage::needs_calibration(q, &current)
+                || super::quantize_stage::auto_compares(q, &current);
             let out = super::quantize_stage::run(
                 rt,
                 q,

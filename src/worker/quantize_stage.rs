@@ -141,6 +141,7 @@ pub struct Outcome {
     pub qat: Option<QatParity>,
 }
 
+#[derive(Clone, Copy)]
 pub struct StageInputs<'a> {
     pub current: &'a LoadedModel,
     pub calibration: Option<&'a Dataset>,
@@ -151,7 +152,81 @@ pub struct StageInputs<'a> {
     pub eval_opts: &'a EvaluateOptions,
 }
 
+/// Whether `mode: auto` measures both int8 forms: graphs without convolutions or embedding
+/// lookups (MLPs), where ONNX Runtime's static QGemm chain and dynamic DynamicQuantizeMatMul
+/// run close and which is faster depends on the model and the machine. Needs calibration rows,
+/// so it applies when a calibration dataset is given.
+pub fn auto_compares(q: &QuantizeOptions, model: &LoadedModel) -> bool {
+    let has = |op: &str| {
+        model
+            .proto
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.node.iter().any(|n| n.op_type.as_deref() == Some(op)))
+    };
+    q.mode == QuantizeMode::Auto && !has("Conv") && !has("Gather")
+}
+
 pub fn run(
+    rt: &Runtime,
+    q: &QuantizeOptions,
+    inputs: StageInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    if inputs.calibration.is_some() && auto_compares(q, inputs.current) {
+        return fastest_of_both(rt, q, inputs, progress);
+    }
+    run_mode(rt, q, inputs, progress)
+}
+
+/// `mode: auto` on an MLP: the dynamic and the static stage, each with its budget and latency
+/// gate, then the faster of the two results in ONNX Runtime (static only when it also scores
+/// at least as well).
+fn fastest_of_both(
+    rt: &Runtime,
+    q: &QuantizeOptions,
+    inputs: StageInputs<'_>,
+    progress: &dyn Progress,
+) -> Result<Outcome> {
+    let part = |start: f64, span: f64| SubProgress {
+        parent: progress,
+        start,
+        span,
+    };
+    let with = |mode| QuantizeOptions { mode, ..q.clone() };
+    let dynamic = run_mode(rt, &with(QuantizeMode::Dynamic), inputs, &part(0.0, 0.45))?;
+    let fixed = run_mode(rt, &with(QuantizeMode::Static), inputs, &part(0.45, 0.45))?;
+    let (d, s) = match (&dynamic.model, &fixed.model) {
+        (Some(d), Some(s)) => (d, s),
+        (None, Some(_)) => return Ok(chosen(fixed, "static: dynamic int8 kept no int8 model")),
+        _ => return Ok(chosen(dynamic, "dynamic: static int8 kept no int8 model")),
+    };
+    let batch = summarize(&inputs.current.proto)
+        .fixed_batch()
+        .unwrap_or(inputs.eval_opts.batch_size.max(1) as usize);
+    let (td, ts) = latency_gate::compare_latency(rt, d, s, inputs.eval_data, batch, 30)?;
+    let scorer = budget::Scorer::new(rt, inputs.current, inputs.eval_data, inputs.eval_opts)?;
+    let (sd, ss) = (scorer.score(&d.proto)?, scorer.score(&s.proto)?);
+    let note = format!(
+        "ONNX Runtime p50 at batch {batch}: dynamic {td:.3} ms, static {ts:.3} ms; {}: dynamic {sd:.4}, static {ss:.4}",
+        scorer.metric
+    );
+    Ok(if ts < td && ss >= sd {
+        chosen(fixed, &format!("static ({note})"))
+    } else {
+        chosen(dynamic, &format!("dynamic ({note})"))
+    })
+}
+
+fn chosen(mut out: Outcome, why: &str) -> Outcome {
+    out.notes.insert(
+        0,
+        format!("mode auto on a graph without convolutions built both int8 forms and kept {why}"),
+    );
+    out
+}
+
+fn run_mode(
     rt: &Runtime,
     q: &QuantizeOptions,
     inputs: StageInputs<'_>,

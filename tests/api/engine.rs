@@ -538,3 +538,32 @@ fn percentile_calibration_narrows_ranges_and_keeps_the_digits_accuracy() {
     let drop = base.metrics.task.unwrap().top1_accuracy - e.metrics.task.unwrap().top1_accuracy;
     assert!(drop <= 0.01, "accuracy dropped by {drop}");
 }
+
+#[test]
+fn fusing_matmul_and_bias_adds_into_gemm_keeps_an_mlps_outputs() {
+    use prost::Message;
+    use shrink::engine::quantize::prepare;
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let mut p = m.proto.clone();
+    assert_eq!(
+        prepare::fuse_matmul_bias(&mut p),
+        3,
+        "three MatMul + Add layers"
+    );
+    let ops = shrink::engine::onnx::summarize(&p).op_counts;
+    assert_eq!(ops.get("Gemm"), Some(&3), "{ops:?}");
+    assert!(
+        !ops.contains_key("MatMul") && !ops.contains_key("Add"),
+        "{ops:?}"
+    );
+    let fused = load_model_bytes(p.encode_to_vec().into()).unwrap();
+    assert!(
+        fused.bytes.len() <= m.bytes.len(),
+        "biases are not stored twice"
+    );
+    let data = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let a = eval(&m, &data, None);
+    let b = eval(&fused, &data, Some(&a.as_baseline()));
+    let f = &b.metrics.fidelity[0];
+    assert!(f.max_abs_error < 1e-5 && f.top1_agreement == 1.0, "{f:?}");
+}

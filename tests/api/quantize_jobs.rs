@@ -289,3 +289,42 @@ async fn qat_specs_are_validated_with_pointers() {
         "nothing stored"
     );
 }
+
+#[tokio::test]
+async fn mode_auto_on_an_mlp_with_calibration_data_measures_both_int8_forms_and_keeps_one() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp_big.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let c = app.dataset("digits_train.npz").await;
+    let report = run_job(
+        &app,
+        json!({"model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
+               "pipeline": [{"stage": "quantize", "calibration": {"samples": 64}}]}),
+    )
+    .await;
+    let stage = &report["stages"][0];
+    let notes = stage["notes"].to_string();
+    assert!(
+        notes.contains("built both int8 forms and kept")
+            && notes.contains("dynamic ")
+            && notes.contains("static "),
+        "{notes}"
+    );
+    let kept_static = notes.contains("kept static (");
+    let py = artifact_in_python(&app, &report, "digits_val.npz", "probabilities").await;
+    let ops = py["optimized_ops"].to_string();
+    if kept_static {
+        // Every MatMul + bias pair became one Gemm, which ONNX Runtime fuses to QGemm.
+        assert!(
+            ops.contains("QGemm") && !ops.contains("QLinearAdd"),
+            "{ops}"
+        );
+    } else {
+        assert!(ops.contains("DynamicQuantizeMatMul"), "{ops}");
+    }
+    assert_eq!(
+        py["top1"].as_f64().unwrap(),
+        stage["metrics"]["task"]["top1_accuracy"].as_f64().unwrap()
+    );
+    assert_eq!(report["calibration"]["source"], "calibration_dataset");
+}

@@ -165,6 +165,12 @@ impl Prepared {
                     "folded {adds} per-channel Add(s) into the preceding Conv's bias"
                 ));
             }
+            let fused = prepare::fuse_matmul_bias(&mut proto);
+            if fused > 0 {
+                notes.push(format!(
+                    "fused {fused} MatMul + bias Add pair(s) into Gemm, which ONNX Runtime runs as one QGemm"
+                ));
+            }
             let split = prepare::decompose_hard_activations(&mut proto);
             if split > 0 {
                 notes.push(format!(

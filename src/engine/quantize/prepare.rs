@@ -216,19 +216,41 @@ pub fn decompose_hard_activations(model: &mut ModelProto) -> usize {
         let tag = format!("h{count}");
         let (x, y) = (n.input[0].clone(), n.output[0].clone());
         let (shifted, clipped) = (format!("{tag}a"), format!("{tag}c"));
-        let gate = if op == "HardSwish" { format!("{tag}g") } else { y.clone() };
+        let gate = if op == "HardSwish" {
+            format!("{tag}g")
+        } else {
+            y.clone()
+        };
         let shift = constant(beta / alpha);
-        nodes.push(node("Add", format!("{tag}A"), vec![x.clone(), shift], shifted.clone(), vec![]));
+        nodes.push(node(
+            "Add",
+            format!("{tag}A"),
+            vec![x.clone(), shift],
+            shifted.clone(),
+            vec![],
+        ));
         let (lo, hi) = (0.0, 1.0 / alpha);
         nodes.push(if opset >= 11 {
             let bounds = vec![shifted, constant(lo), constant(hi)];
             node("Clip", format!("{tag}C"), bounds, clipped.clone(), vec![])
         } else {
             let attrs = vec![float_attr("min", lo), float_attr("max", hi)];
-            node("Clip", format!("{tag}C"), vec![shifted], clipped.clone(), attrs)
+            node(
+                "Clip",
+                format!("{tag}C"),
+                vec![shifted],
+                clipped.clone(),
+                attrs,
+            )
         });
         let scale = constant(alpha);
-        nodes.push(node("Mul", format!("{tag}M"), vec![clipped, scale], gate.clone(), vec![]));
+        nodes.push(node(
+            "Mul",
+            format!("{tag}M"),
+            vec![clipped, scale],
+            gate.clone(),
+            vec![],
+        ));
         if op == "HardSwish" {
             nodes.push(node("Mul", format!("{tag}X"), vec![x, gate], y, vec![]));
         }
@@ -311,4 +333,126 @@ pub fn fold_conv_bias_adds(model: &mut ModelProto) -> usize {
     }
     remove_folded(graph, &remove, new_inits);
     folded
+}
+
+/// The rank of every tensor whose rank follows from the graph inputs, initializers and
+/// value_info through rank-preserving ops (enough to tell 2-D MLP activations apart).
+fn tensor_ranks(graph: &GraphProto) -> HashMap<String, usize> {
+    use crate::engine::onnx::proto::type_proto;
+    let mut ranks: HashMap<String, usize> = HashMap::new();
+    for v in graph.input.iter().chain(&graph.value_info) {
+        if let (Some(name), Some(type_proto::Value::TensorType(t))) = (
+            v.name.as_ref(),
+            v.r#type.as_ref().and_then(|t| t.value.as_ref()),
+        ) {
+            if let Some(shape) = &t.shape {
+                ranks.insert(name.clone(), shape.dim.len());
+            }
+        }
+    }
+    for t in &graph.initializer {
+        if let Some(name) = &t.name {
+            ranks.insert(name.clone(), t.dims.len());
+        }
+    }
+    for n in &graph.node {
+        let rank = |i: usize| n.input.get(i).and_then(|x| ranks.get(x)).copied();
+        let r = match n.op_type.as_deref().unwrap_or_default() {
+            "Cast" | "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Identity"
+            | "Softmax" | "HardSigmoid" | "HardSwish" | "Erf" | "Dropout" => rank(0),
+            "Add" | "Sub" | "Mul" | "Div" => rank(0).zip(rank(1)).map(|(a, b)| a.max(b)),
+            "MatMul" => rank(0)
+                .zip(rank(1))
+                .filter(|(a, b)| *a >= 2 && *b >= 2)
+                .map(|(a, b)| a.max(b)),
+            "Gemm" => Some(2),
+            _ => None,
+        };
+        if let (Some(r), Some(out)) = (r, n.output.first()) {
+            ranks.insert(out.clone(), r);
+        }
+    }
+    ranks
+}
+
+/// Rewrites MatMul(A, W) → Add(·, b), with A 2-D, W a 2-D [K, N] initializer and b a constant of
+/// N values, as one Gemm(A, W, b) (the same function): static QDQ then runs each layer as one
+/// QGemm with its int32 bias inside the kernel, instead of QLinearMatMul then QLinearAdd.
+/// Returns how many were fused.
+pub fn fuse_matmul_bias(model: &mut ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let ranks = tensor_ranks(graph);
+    let Index {
+        inits,
+        uses,
+        outputs,
+        producer,
+    } = Index::of(graph);
+    let (mut remove, mut new_inits, mut fused) = (vec![false; graph.node.len()], Vec::new(), 0);
+    let plans: Vec<(usize, usize, TensorProto)> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, add)| {
+            add.op_type.as_deref() == Some("Add") && add.input.len() == 2 && add.output.len() == 1
+        })
+        .filter_map(|(a, add)| {
+            [(0, 1), (1, 0)].into_iter().find_map(|(mi, bi)| {
+                let m = &add.input[mi];
+                let k = *producer.get(m)?;
+                let mm = &graph.node[k];
+                let w = inits.get(mm.input.get(1)?)?;
+                let b = inits.get(&add.input[bi])?;
+                let n = *w.dims.get(1)?;
+                let ok = mm.op_type.as_deref() == Some("MatMul")
+                    && w.dims.len() == 2
+                    && ranks.get(&mm.input[0]) == Some(&2)
+                    && uses.get(m) == Some(&1)
+                    && !outputs.contains(m)
+                    && b.dims.iter().product::<i64>() == n
+                    && b.dims.last() == Some(&n)
+                    && f32_values(b).is_some();
+                ok.then(|| (a, k, b.clone()))
+            })
+        })
+        .collect();
+    for (a, k, b) in plans {
+        let add_output = graph.node[a].output.clone();
+        let bias_name = format!("{}g", b.name.as_deref().unwrap_or("b"));
+        let values = f32_values(&b).expect("checked above");
+        new_inits.push(f32_tensor(&bias_name, &[values.len()], &values));
+        let mm = &mut graph.node[k];
+        mm.op_type = Some("Gemm".into());
+        mm.input.truncate(2);
+        mm.input.push(bias_name);
+        mm.output = add_output;
+        remove[a] = true;
+        fused += 1;
+    }
+    let mut i = 0;
+    graph.node.retain(|_| {
+        i += 1;
+        !remove[i - 1]
+    });
+    // Biases the Adds alone read are now stored once, in Gemm's 1-D form.
+    let read: std::collections::HashSet<&String> =
+        graph.node.iter().flat_map(|n| &n.input).collect();
+    let unread: Vec<bool> = graph
+        .initializer
+        .iter()
+        .map(|t| {
+            t.name
+                .as_ref()
+                .is_some_and(|n| uses.contains_key(n) && !read.contains(n))
+        })
+        .collect();
+    let mut i = 0;
+    graph.initializer.retain(|_| {
+        i += 1;
+        !unread[i - 1]
+    });
+    graph.initializer.extend(new_inits);
+    fused
 }

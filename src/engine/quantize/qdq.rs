@@ -341,11 +341,18 @@ pub fn rewrite(
             } else {
                 vec![]
             };
-            // Symmetric: the zero point is 0, DequantizeLinear's default for int8, so none is stored.
+            // Symmetric: the zero point is 0, DequantizeLinear's default for int8, so none is
+            // stored, except for Gemm: ONNX Runtime fuses QGemm only with an explicit one.
+            let mut inputs = vec![qname, sname.clone()];
+            if t.op == "Gemm" {
+                let zname = format!("{}_zp", t.weight);
+                new_inits.push(i8_tensor_owned(&zname, &sdims, vec![0; scales.len()]));
+                inputs.push(zname);
+            }
             prologue.push(node(
                 "DequantizeLinear",
                 format!("{}_DQ", t.weight),
-                vec![qname, sname.clone()],
+                inputs,
                 dqname.clone(),
                 attrs,
             ));
