@@ -199,7 +199,8 @@ fn fastest_of_both(
     let (d, s) = match (&dynamic.model, &fixed.model) {
         (Some(d), Some(s)) => (d, s),
         (None, Some(_)) => return Ok(chosen(fixed, "static: dynamic int8 kept no int8 model")),
-        _ => return Ok(chosen(dynamic, "dynamic: static int8 kept no int8 model")),
+        (Some(_), None) => return Ok(chosen(dynamic, "dynamic: static int8 kept no int8 model")),
+        (None, None) => return Ok(chosen(dynamic, "the input: neither form beat it")),
     };
     let batch = summarize(&inputs.current.proto)
         .fixed_batch()
