@@ -71,6 +71,32 @@ def latencies(models, data, output, runs):
     return [(r[0][0], med([x[1] for x in r]), med([x[2] for x in r])) for r in zip(*rounds)]
 
 
+def pairwise(label, rows, data, turns):
+    """Shrink's default against each ORT row, two sessions in this process run turn about
+    (`turns` each, the order flipped every turn): for models that run in microseconds, where one
+    `shrink eval` process per row leaves rows 30-70% apart between runs. Two models stay warm in
+    cache together; p50 in microseconds at batch 1 and 32."""
+    feeds = dict(np.load(data))
+    default = next(path for name, path, _ in rows if name.startswith("shrink default"))
+    print(f"\n{label}: pairwise p50 (us), Shrink default vs each ORT model, {turns} alternating runs each")
+    for name, path, _ in rows:
+        if not name.startswith("ort"):
+            continue
+        pair = [session(default), session(path)]
+        cells = []
+        for batch in (1, 32):
+            t = [[], []]
+            for turn in range(turns):
+                for i in ((0, 1) if turn % 2 else (1, 0)):
+                    f = {x.name: feeds[x.name][:batch] for x in pair[i].get_inputs()}
+                    t0 = time.perf_counter()
+                    pair[i].run(None, f)
+                    t[i].append(time.perf_counter() - t0)
+            p50 = [1e6 * sorted(x[50:])[len(x[50:]) // 2] for x in t]
+            cells.append(f"batch {batch}: {p50[0]:.2f} vs {p50[1]:.2f}")
+        print(f"  vs {name:<24} " + "; ".join(cells), flush=True)
+
+
 def session(path):
     o = ort.SessionOptions()
     o.intra_op_num_threads = 1
@@ -87,7 +113,7 @@ class Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
-def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=True, runs=20):
+def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=True, runs=20, pairs=0):
     """score(path) -> dict of quality columns; the first key is the headline metric."""
     calib = dict(np.load(calib_npz))
     inputs = [i.name for i in session(model).get_inputs()]
@@ -140,6 +166,8 @@ def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=Tru
                   + f" {'bytes':>11} {'p50@1 ms':>9} {'p50@32 ms':>10} {'quantize s':>10}")
         print(f"{name:<24} " + " ".join(f"{q[c]:>10.4f}" for c in cols)
               + f" {size:>11} {p1:>9.3f} {p32:>10.3f} {'-' if secs is None else f'{secs:.2f}':>10}", flush=True)
+    if pairs:
+        pairwise(label, rows, eval_npz, pairs)
 
 
 def batched(sess, names, feeds):
@@ -186,9 +214,9 @@ def main():
             run(PY, os.path.join(ROOT, "scripts/make_fixtures.py"), fx)
         digits = classifier_score(f"{fx}/digits_val.npz", "input", "probabilities")
         if not only or "mlp" in only:
-            # Microsecond models: 20 timed runs leave their p50 at the noise floor, so 500.
-            bench("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500)
-            bench("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500)
+            # Microsecond models: 500 timed runs per round, and a pairwise check against ORT.
+            bench("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500, pairs=3000)
+            bench("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500, pairs=1500)
         if not only or "minilm" in only:
             d = os.path.join(tmp, "minilm")
             run(PY, "-W", "ignore", os.path.join(ROOT, "scripts/make_minilm.py"), d, "6")

@@ -567,3 +567,35 @@ fn fusing_matmul_and_bias_adds_into_gemm_keeps_an_mlps_outputs() {
     let f = &b.metrics.fidelity[0];
     assert!(f.max_abs_error < 1e-5 && f.top1_agreement == 1.0, "{f:?}");
 }
+
+#[test]
+fn removing_identity_nodes_keeps_outputs_and_output_names() {
+    use prost::Message;
+    use shrink::engine::quantize::prepare;
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let mut p = m.proto.clone();
+    assert_eq!(
+        prepare::remove_identities(&mut p),
+        1,
+        "Softmax -> Identity -> probabilities"
+    );
+    let trimmed = load_model_bytes(p.encode_to_vec().into()).unwrap();
+    let (before, after) = (
+        shrink::engine::onnx::summarize(&m.proto),
+        shrink::engine::onnx::summarize(&trimmed.proto),
+    );
+    assert!(
+        !after.op_counts.contains_key("Identity"),
+        "{:?}",
+        after.op_counts
+    );
+    let names = |s: &shrink::domain::model::ModelSummary| -> Vec<String> {
+        s.outputs.iter().map(|o| o.name.clone()).collect()
+    };
+    assert_eq!(names(&before), names(&after));
+    let data = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let a = eval(&m, &data, None);
+    let b = eval(&trimmed, &data, Some(&a.as_baseline()));
+    let f = &b.metrics.fidelity[0];
+    assert!(f.max_abs_error == 0.0 && f.top1_agreement == 1.0, "{f:?}");
+}

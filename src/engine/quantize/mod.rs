@@ -126,6 +126,12 @@ impl Prepared {
             ));
         }
         let mut scheme = scheme.clone();
+        if matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_)) {
+            let removed = prepare::remove_identities(&mut proto);
+            if removed > 0 {
+                notes.push(format!("removed {removed} Identity node(s)"));
+            }
+        }
         if !matches!(scheme, Scheme::Fp16 { .. }) {
             let folded = prepare::fold_batch_norms(&mut proto);
             if folded > 0 {
