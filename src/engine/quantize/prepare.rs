@@ -431,29 +431,8 @@ pub fn fuse_matmul_bias(model: &mut ModelProto) -> usize {
         remove[a] = true;
         fused += 1;
     }
-    let mut i = 0;
-    graph.node.retain(|_| {
-        i += 1;
-        !remove[i - 1]
-    });
-    // Biases the Adds alone read are now stored once, in Gemm's 1-D form.
-    let read: std::collections::HashSet<&String> =
-        graph.node.iter().flat_map(|n| &n.input).collect();
-    let unread: Vec<bool> = graph
-        .initializer
-        .iter()
-        .map(|t| {
-            t.name
-                .as_ref()
-                .is_some_and(|n| uses.contains_key(n) && !read.contains(n))
-        })
-        .collect();
-    let mut i = 0;
-    graph.initializer.retain(|_| {
-        i += 1;
-        !unread[i - 1]
-    });
-    graph.initializer.extend(new_inits);
+    // The biases the Adds alone read are now stored once, in Gemm's 1-D form.
+    remove_folded(graph, &remove, new_inits);
     fused
 }
 
