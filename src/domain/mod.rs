@@ -6,6 +6,7 @@ pub mod finetune;
 pub mod ids;
 pub mod job;
 pub mod model;
+pub mod prune;
 pub mod quantize;
 pub mod report;
 pub mod spec;

@@ -109,6 +109,49 @@ pub struct StageReport {
     /// Quantization-aware training's export parity (`mode: qat`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qat: Option<QatParity>,
+    /// What a `prune` stage removed or zeroed, layer by layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<PruningReport>,
+}
+
+/// What pruning did: each layer's pattern (checked on the written weights), the size it saves
+/// on disk and compressed, and whether ONNX Runtime can run it faster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruningReport {
+    /// `magnitude`, `n_m` or `structured`.
+    pub method: String,
+    /// Parameters in the pruned layers before, and parameters (structured) or non-zeros
+    /// (magnitude, N:M) after.
+    pub parameters_before: u64,
+    pub nonzero_after: u64,
+    /// Zeroed or removed share of the pruned layers' parameters.
+    pub sparsity: f64,
+    /// Every pruned layer's pattern held when checked on the written weights.
+    pub verified: bool,
+    /// The model file before and after, raw and zstd-compressed (level 3).
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub zstd_bytes_before: u64,
+    pub zstd_bytes_after: u64,
+    /// Whether this kind of sparsity can make ONNX Runtime on CPU faster (only removed
+    /// structure can), and why.
+    pub runtime_speedup_expected: bool,
+    pub runtime_note: String,
+    pub layers: Vec<PrunedLayer>,
+}
+
+/// One pruned layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PrunedLayer {
+    pub node: String,
+    pub op: String,
+    pub weight: String,
+    /// `unstructured`, `2:4`, `channels 32 -> 16`, `heads 12 -> 6`.
+    pub pattern: String,
+    pub parameters_before: u64,
+    pub parameters_after: u64,
+    pub nonzero_after: u64,
+    pub verified: bool,
 }
 
 /// The fake-quantized training model against the QDQ model it exported (every layer int8), on

@@ -7,7 +7,7 @@
 //! a Reshape, a graph output, a shared weight) forms no group and is left whole.
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One prunable set of channels.
 #[derive(Debug, Clone)]
@@ -19,8 +19,12 @@ pub struct ChannelGroup {
     pub slices: Vec<(String, usize)>,
     /// Depthwise convolutions inside the group (their `group` attribute follows the count).
     pub depthwise: Vec<usize>,
-    /// L1 norm of each channel's weights in the producing layer.
+    /// L1 norm of each channel's weights in the producing layer, times its BatchNormalization
+    /// scale when one follows.
     pub importance: Vec<f32>,
+    /// |γ| / sqrt(var + ε) of a BatchNormalization in the group: what the channel's output is
+    /// multiplied by after the layer, so weight norms alone misjudge its importance.
+    pub bn_scale: Option<Vec<f32>>,
 }
 
 fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
@@ -94,6 +98,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             slices: vec![(w.name.clone().unwrap_or_default(), axis)],
             depthwise: Vec::new(),
             importance,
+            bn_scale: None,
         };
         if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
             match own(b) {
@@ -112,6 +117,11 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             channels,
             &mut group,
         ) {
+            if let Some(scale) = &group.bn_scale {
+                for (i, s) in group.importance.iter_mut().zip(scale) {
+                    *i *= s;
+                }
+            }
             groups.push(group);
         }
     }
@@ -136,7 +146,12 @@ fn follow<'g>(
         return false;
     };
     let [(i, k)] = consumers.as_slice() else {
-        return false;
+        // Several readers: an elementwise region that joins again (GELU written out) passes
+        // the channels on through the one tensor it ends in.
+        return match region_exit(graph, uses, outputs, own, tensor, channels, group) {
+            Some(exit) => follow(graph, uses, outputs, own, &exit, channels, group),
+            None => false,
+        };
     };
     let n = &graph.node[*i];
     let op = n.op_type.as_deref().unwrap_or_default();
@@ -170,6 +185,25 @@ fn follow<'g>(
                 match per_channel(p) {
                     Some(s) => group.slices.push(s),
                     None => return false,
+                }
+            }
+            if group.bn_scale.is_none() && n.input.len() == 5 {
+                let eps = n
+                    .attribute
+                    .iter()
+                    .find(|a| a.name.as_deref() == Some("epsilon"))
+                    .and_then(|a| a.f)
+                    .unwrap_or(1e-5);
+                let gamma = own(&n.input[1]).and_then(f32_values).unwrap_or_default();
+                let var = own(&n.input[4]).and_then(f32_values).unwrap_or_default();
+                if gamma.len() == channels && var.len() == channels {
+                    group.bn_scale = Some(
+                        gamma
+                            .iter()
+                            .zip(&var)
+                            .map(|(g, v)| g.abs() / (v + eps).sqrt())
+                            .collect(),
+                    );
                 }
             }
             next(group)
@@ -220,6 +254,80 @@ fn follow<'g>(
     }
 }
 
+/// The elementwise nodes reading `tensor` and each other's outputs (unary activations; Add, Sub,
+/// Mul, Div whose other operand is inside, a scalar or a per-channel constant, which is sliced
+/// with the group): the one tensor through which the channels leave them, or None when they
+/// leave through several, reach an output, or mix with anything else.
+fn region_exit<'g>(
+    graph: &'g crate::engine::onnx::proto::GraphProto,
+    uses: &HashMap<&str, Vec<(usize, usize)>>,
+    outputs: &[&str],
+    own: &dyn Fn(&str) -> Option<&'g TensorProto>,
+    tensor: &str,
+    channels: usize,
+    group: &mut ChannelGroup,
+) -> Option<String> {
+    let mut inside: HashSet<&str> = HashSet::from([tensor]);
+    let mut nodes: HashSet<usize> = HashSet::new();
+    let mut frontier = vec![tensor];
+    let mut exits: HashSet<&str> = HashSet::new();
+    while let Some(t) = frontier.pop() {
+        if outputs.contains(&t) {
+            return None;
+        }
+        for &(i, k) in uses.get(t)? {
+            let n = &graph.node[i];
+            let op = n.op_type.as_deref().unwrap_or_default();
+            let elementwise = (ACTIVATIONS.contains(&op) && k == 0)
+                || matches!(op, "Add" | "Sub" | "Mul" | "Div");
+            if !elementwise {
+                exits.insert(t);
+                continue;
+            }
+            if nodes.insert(i) {
+                if nodes.len() > 32 {
+                    return None;
+                }
+                inside.insert(n.output[0].as_str());
+                frontier.push(n.output[0].as_str());
+            }
+        }
+    }
+    let [exit] = exits.into_iter().collect::<Vec<_>>()[..] else {
+        return None;
+    };
+    // The exit tensor feeds nothing inside the region, so everything ends there.
+    if uses.get(exit)?.iter().any(|(i, _)| nodes.contains(i)) {
+        return None;
+    }
+    let mut slices = Vec::new();
+    for &i in &nodes {
+        for input in graph.node[i]
+            .input
+            .iter()
+            .filter(|x| !inside.contains(x.as_str()))
+        {
+            let t = own(input).or_else(|| {
+                graph
+                    .initializer
+                    .iter()
+                    .find(|t| t.name.as_deref() == Some(input.as_str()))
+            })?;
+            let d = dims(t);
+            match d.iter().product::<usize>() {
+                1 => {}
+                c if c == channels && own(input).is_some() => {
+                    let axis = d.iter().position(|&x| x == channels).unwrap_or(0);
+                    slices.push((input.clone(), axis));
+                }
+                _ => return None,
+            }
+        }
+    }
+    group.slices.extend(slices);
+    Some(exit.to_string())
+}
+
 fn l1_along(values: &[f32], d: &[usize], axis: usize) -> Vec<f32> {
     let inner: usize = d[axis + 1..].iter().product();
     let mut out = vec![0f32; d[axis]];
@@ -229,7 +337,7 @@ fn l1_along(values: &[f32], d: &[usize], axis: usize) -> Vec<f32> {
     out
 }
 
-fn select_along(values: &[f32], d: &[usize], axis: usize, keep: &[usize]) -> Vec<f32> {
+pub(crate) fn select_along(values: &[f32], d: &[usize], axis: usize, keep: &[usize]) -> Vec<f32> {
     let inner: usize = d[axis + 1..].iter().product();
     let outer: usize = d[..axis].iter().product();
     let mut out = Vec::with_capacity(outer * keep.len() * inner);

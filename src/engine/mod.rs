@@ -11,6 +11,7 @@ pub mod memory;
 pub mod metrics;
 pub mod onnx;
 pub mod parallel;
+pub mod prune;
 pub mod quantize;
 pub mod runtime;
 pub mod table;

@@ -84,6 +84,29 @@ pub fn render(report: &Report) -> String {
             );
         }
     }
+    for s in &report.stages {
+        let Some(p) = &s.pruning else { continue };
+        let _ = writeln!(
+            out,
+            "stage {} (prune, {}): {:.1}% of {} parameters gone, {} -> {} bytes (zstd {} -> {}), patterns {}",
+            s.index,
+            p.method,
+            p.sparsity * 100.0,
+            p.parameters_before,
+            p.bytes_before,
+            p.bytes_after,
+            p.zstd_bytes_before,
+            p.zstd_bytes_after,
+            if p.verified { "verified" } else { "NOT verified" }
+        );
+        for l in &p.layers {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:<9} {:<22} {:>10} -> {:>10} non-zero",
+                l.node, l.op, l.pattern, l.parameters_before, l.nonzero_after
+            );
+        }
+    }
     for v in &report.verdicts {
         let _ = writeln!(
             out,

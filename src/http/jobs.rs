@@ -298,6 +298,7 @@ async fn check_references(
             let training_output = match stage {
                 Stage::Distill(d) => Some((d.output.clone(), models.get("student_model_id"))),
                 Stage::Finetune(f) => Some((f.output.clone(), None)),
+                Stage::Prune(p) => p.finetune.as_ref().map(|f| (f.output.clone(), None)),
                 Stage::Quantize(q) if q.mode == QuantizeMode::Qat => {
                     Some((q.qat.output.clone(), None))
                 }

@@ -193,6 +193,9 @@ pub(super) fn epoch_notes(report: &fit::FitReport) -> Vec<String> {
     notes
 }
 
+/// A weight with at least this share of exact zeros was pruned: fine-tuning keeps them zero.
+const SPARSE_SHARE: f64 = 0.2;
+
 /// The `finetune` stage: the current model trains on `train`; with labels on cross-entropy,
 /// without on T²·KL to the model as it entered the stage.
 pub fn finetune(
@@ -235,7 +238,14 @@ pub fn finetune(
         train: &fit_data,
         validation: Some(&val_data),
     };
-    let out = distill::distill(pair, &opts, progress)?;
+    // A pruned model keeps its zeros: weights that are mostly exact zeros hold them.
+    let masks = crate::engine::prune::Masks::of_zeros(&current.proto, SPARSE_SHARE);
+    let hook: Option<std::sync::Arc<dyn crate::engine::train::ValueHook>> = if masks.is_empty() {
+        None
+    } else {
+        Some(std::sync::Arc::new(masks.hook()?))
+    };
+    let out = distill::distill_with(pair, hook, &opts, progress)?;
     let mut notes = vec![format!(
         "fine-tuned {} parameters on {fit_rows} rows ({val_rows} held out to pick the epoch) with {}",
         out.student_parameters,
@@ -245,7 +255,16 @@ pub fn finetune(
             format!("T²·KL to the model before the stage at T = {} (no labels)", f.temperature)
         }
     )];
+    if !masks.is_empty() {
+        notes.push(format!(
+            "the zeros of {} sparse weights ({}) were held",
+            masks.0.len(),
+            masks.0.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
     notes.extend(epoch_notes(&out.report));
-    let model = quantize::finish(rt, &out.model)?;
+    let mut trained = out.model;
+    masks.apply(&mut trained);
+    let model = quantize::finish(rt, &trained)?;
     Ok(Outcome { model, notes })
 }

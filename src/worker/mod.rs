@@ -6,6 +6,7 @@
 pub mod distill_stage;
 mod heartbeat;
 pub mod pipeline;
+pub mod prune_stage;
 pub mod qat_stage;
 pub mod quantize_stage;
 mod runner;

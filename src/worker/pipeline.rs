@@ -157,6 +157,26 @@ pub fn run(
         let (mut notes, mut layers, mut artifact) = (Vec::new(), Vec::new(), None);
         let mut stage_budget = None;
         let mut qat = None;
+        let mut pruning = None;
+        if let Stage::Prune(p) = stage {
+            let sub = crate::engine::SubProgress {
+                parent: progress,
+                start: (i + 1) as f64 / steps,
+                span: 0.8 / steps,
+            };
+            let inputs = super::prune_stage::StageInputs {
+                current: &current,
+                train: train.as_ref(),
+                spec,
+            };
+            let out = super::prune_stage::run(rt, p, inputs, &sub)?;
+            notes.extend(out.notes);
+            pruning = Some(out.report);
+            let name = format!("stage-{i}-prune.onnx");
+            stage_models.push((name.clone(), out.model.bytes.clone()));
+            artifact = Some(name);
+            current = out.model;
+        }
         if let Stage::Quantize(q) = stage {
             let sub = crate::engine::SubProgress {
                 parent: progress,
@@ -238,6 +258,7 @@ pub fn run(
             artifact,
             layers,
             qat,
+            pruning,
         });
     }
 

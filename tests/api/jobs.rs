@@ -187,8 +187,12 @@ async fn each_class_of_spec_error_is_a_422_with_its_pointer() {
             "/pipeline/0/stage",
         ),
         (
-            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "prune"}]}),
-            "/pipeline/0/stage",
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "prune", "method": "n_m", "n": 4, "m": 4}]}),
+            "/pipeline/0/n",
+        ),
+        (
+            json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "prune", "finetune": {"epochs": 3}}]}),
+            "/train_dataset_id",
         ),
         (
             json!({"model_id": mid, "dataset_id": did, "pipeline": [{"stage": "evaluate"}], "constraints": {"max_accuracy_drop": 2}}),

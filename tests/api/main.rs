@@ -6,6 +6,7 @@ mod engine;
 mod helpers;
 mod jobs;
 mod openapi;
+mod prune_jobs;
 mod qat;
 mod quantize;
 mod quantize_jobs;

@@ -71,6 +71,31 @@ fn tensor(name: &str, dims: &[usize], ty: DataType, raw: Vec<u8>) -> TensorProto
     }
 }
 
+/// A 1-D int64 tensor (Reshape shapes, axes).
+pub fn i64_tensor(name: &str, values: &[i64]) -> TensorProto {
+    tensor(
+        name,
+        &[values.len()],
+        DataType::Int64,
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
+
+/// The values of an int64 tensor; None for other element types.
+pub fn i64_values(t: &TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != Some(DataType::Int64 as i32) {
+        return None;
+    }
+    match t.raw_data.as_ref().filter(|r| !r.is_empty()) {
+        Some(raw) => Some(
+            raw.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8-byte chunks")))
+                .collect(),
+        ),
+        None => Some(t.int64_data.clone()),
+    }
+}
+
 pub fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     tensor(
         name,

@@ -4,7 +4,8 @@
 //! attributes; Softmax / LogSoftmax / Hardmax no longer flatten to 2-D, so a Flatten before and a
 //! Reshape back keep the old meaning; Dropout's ratio became an input in 12 (ignored at inference).
 use super::rewrite::{attr_i, int_attr, node, Rewrite};
-use crate::engine::onnx::proto::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use crate::engine::onnx::proto::{AttributeProto, ModelProto, NodeProto};
+use crate::engine::onnx::tensor::i64_tensor;
 use crate::engine::{EngineError, Result};
 
 fn ints_attr(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
@@ -12,22 +13,6 @@ fn ints_attr(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
         .iter()
         .find(|a| a.name.as_deref() == Some(name))
         .map(|a| a.ints.clone())
-}
-
-fn i64_tensor(name: &str, values: &[i64]) -> TensorProto {
-    TensorProto {
-        name: Some(name.into()),
-        dims: vec![values.len() as i64],
-        data_type: Some(7),
-        raw_data: Some(
-            values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ),
-        ..Default::default()
-    }
 }
 
 fn without(attrs: &[AttributeProto], name: &str) -> Vec<AttributeProto> {

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Pruning through the service: starts `shrink serve` on the embedded defaults (SQLite, local
+directory), runs prune jobs over HTTP as a user would, downloads the artifacts, and times each
+pruned model against its dense input in ONNX Runtime (onnxruntime-Python, CPU, 1 intra-op
+thread): the two sessions run turn about in one process (the order flipped every turn), p50 at
+batch 1 and 32, so the drift of a shared VM reaches both alike. Accuracy, fidelity, sizes and
+the pruning section come from the job's report.
+
+Usage: .venv/bin/python bench/prune.py [SHRINK_BINARY]   (from the repository root, after
+scripts/test has built the fixtures; a release build trains faster: cargo build --release)
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/shrink-target"))
+SHRINK = sys.argv[1] if len(sys.argv) > 1 else next(
+    p for p in [f"{TARGET}/release/shrink", f"{TARGET}/debug/shrink"] if os.path.exists(p))
+FX = os.path.join(ROOT, "fixtures-out")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Service:
+    def __init__(self, work):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = dict(os.environ, SHRINK_BIND=self.url[7:], SHRINK_DATA_DIR=os.path.join(work, "data"),
+                   SHRINK_LOG="warn", SHRINK_POLL_MS="100")
+        self.proc = subprocess.Popen([SHRINK, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.url + "/healthz")
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("the service did not start")
+
+    def call(self, method, path, body=None, ctype="application/json"):
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers={"content-type": ctype})
+        with urllib.request.urlopen(req) as r:
+            data = r.read()
+        return json.loads(data) if r.headers.get("content-type", "").startswith("application/json") else data
+
+    def upload(self, kind, path):
+        with open(path, "rb") as f:
+            return self.call("POST", f"/{kind}", f.read(), "application/octet-stream")["id"]
+
+    def job(self, spec):
+        job = self.call("POST", "/jobs", json.dumps(spec).encode())
+        while True:
+            st = self.call("GET", f"/jobs/{job['id']}")
+            if st["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        if st["status"] != "succeeded":
+            raise RuntimeError(json.dumps(st))
+        return job["id"], self.call("GET", f"/jobs/{job['id']}/report")
+
+    def artifact(self, job, name, into):
+        path = os.path.join(into, f"{job}-{name}")
+        with open(path, "wb") as f:
+            f.write(self.call("GET", f"/jobs/{job}/artifacts/{name}"))
+        return path
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def session(path):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.log_severity_level = 3
+    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+
+
+def pairwise(dense, pruned, feeds, turns):
+    """p50 ms of (dense, pruned) at batch 1 and 32, turn about."""
+    pair = [session(dense), session(pruned)]
+    out = {}
+    for batch in (1, 32):
+        t = [[], []]
+        for turn in range(turns):
+            for i in ((0, 1) if turn % 2 else (1, 0)):
+                f = {x.name: feeds[x.name][:batch] for x in pair[i].get_inputs()}
+                t0 = time.perf_counter()
+                pair[i].run(None, f)
+                t[i].append(time.perf_counter() - t0)
+        out[batch] = [1e3 * float(np.median(x[10:])) for x in t]
+    return out
+
+
+def row(label, report, stage_index, dense, pruned, feeds, turns, score):
+    stage = report["stages"][stage_index]
+    p = stage["pruning"]
+    lat = pairwise(dense, pruned, feeds, turns)
+    base = report["baseline"]
+    print(f"\n## {label}")
+    print(f"  pruning: {p['method']}, {p['sparsity'] * 100:.1f}% of {p['parameters_before']} parameters in "
+          f"{len(p['layers'])} layers, patterns verified: {p['verified']}")
+    for l in p["layers"]:
+        print(f"    {l['node']:<44} {l['pattern']:<20} {l['parameters_before']:>9} -> {l['nonzero_after']:>9} non-zero")
+    print(f"  {score(base, stage['metrics'])}")
+    print(f"  bytes {p['bytes_before']} -> {p['bytes_after']}; zstd {p['zstd_bytes_before']} -> {p['zstd_bytes_after']} "
+          f"({p['zstd_bytes_before'] / p['zstd_bytes_after']:.2f}x smaller compressed)")
+    for b in (1, 32):
+        d, q = lat[b]
+        print(f"  ORT p50 batch {b:>2}: dense {d:.3f} ms, pruned {q:.3f} ms -> {d / q:.2f}x")
+    print(f"  report says: {p['runtime_note']}")
+    print(f"  stage took {stage['duration_ms'] / 1000:.1f} s", flush=True)
+
+
+def top1(base, after):
+    b, a = base["task"]["top1_accuracy"], after["task"]["top1_accuracy"]
+    return f"top-1 {b:.4f} -> {a:.4f} (drop {100 * (b - a):+.2f} points)"
+
+
+def fidelity(base, after):
+    f = {x["output"]: x for x in after["fidelity"]}
+    emb = f["sentence_embedding"]
+    t = after.get("task") or {}
+    return (f"sentence_embedding cosine to the dense model: mean {emb['cosine_mean']:.4f}, min {emb['cosine_min']:.4f}; "
+            f"polarity top-1 {base['task']['top1_accuracy']:.4f} -> {t.get('top1_accuracy', float('nan')):.4f}")
+
+
+def main():
+    print(f"# bench/prune.py, {time.strftime('%Y-%m-%d %H:%M')}, onnxruntime {ort.__version__}, 1 intra-op thread")
+    only = os.environ.get("BENCH_ONLY")
+    with tempfile.TemporaryDirectory() as work:
+        svc = Service(work)
+        try:
+            if only in (None, "cnn"):
+                cnn = os.path.join(FX, "digits_cnn_trained.onnx")
+                m = svc.upload("models", cnn)
+                d = svc.upload("datasets", os.path.join(FX, "digits_images.npz"))
+                t = svc.upload("datasets", os.path.join(FX, "digits_images_train.npz"))
+                feeds = dict(np.load(os.path.join(FX, "digits_images.npz")))
+                job, rep = svc.job({"model_id": m, "dataset_id": d, "train_dataset_id": t, "seed": 1,
+                                    "pipeline": [{"stage": "prune", "method": "structured", "sparsity": 0.5,
+                                                  "finetune": {"epochs": 6, "learning_rate": 0.002, "patience": 0}}]})
+                pruned = svc.artifact(job, rep["stages"][0]["artifact"], work)
+                row("digits CNN (32-64-64 channels), structured 50% of channels + 6 epochs recovery", rep, 0,
+                    cnn, pruned, feeds, 2000, top1)
+                for name, stage in [("unstructured magnitude 50% (global)", {"method": "magnitude", "scope": "global"}),
+                                    ("2:4 semi-structured", {"method": "n_m", "skip_first": False})]:
+                    job, rep = svc.job({"model_id": m, "dataset_id": d, "train_dataset_id": t, "seed": 1,
+                                        "pipeline": [dict(stage="prune", finetune={"epochs": 4, "patience": 0}, **stage)]})
+                    pruned = svc.artifact(job, rep["stages"][0]["artifact"], work)
+                    row(f"digits CNN, {name} + 4 epochs recovery (zeros held)", rep, 0, cnn, pruned, feeds, 2000, top1)
+            if only in (None, "minilm"):
+                d6 = os.path.join(FX, "minilm6")
+                m = svc.upload("models", os.path.join(d6, "minilm.onnx"))
+                d = svc.upload("datasets", os.path.join(d6, "polarity_eval.npz"))
+                feeds = dict(np.load(os.path.join(d6, "polarity_eval.npz")))
+                job, rep = svc.job({"model_id": m, "dataset_id": d,
+                                    "pipeline": [{"stage": "evaluate", "output": "logits"},
+                                                 {"stage": "prune", "method": "structured", "targets": ["heads"],
+                                                  "sparsity": 0.5}]})
+                pruned = svc.artifact(job, rep["stages"][1]["artifact"], work)
+                row("all-MiniLM-L6-v2 (6 layers x 12 heads), 50% of attention heads removed, no training", rep, 1,
+                    os.path.join(d6, "minilm.onnx"), pruned, feeds, 200, fidelity)
+        finally:
+            svc.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+//! Structured pruning: whole Conv filters, Gemm/MatMul neurons and attention heads are removed,
+//! with every tensor that depends on them sliced to match (see [`crate::engine::channels`] and
+//! [`super::heads`]), so the written graph is smaller and ONNX Runtime runs fewer operations.
+use super::{heads, LayerPruning, Pruned};
+use crate::engine::channels::{channel_groups, keep_channels, ChannelGroup};
+use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::tensor::dims;
+use crate::engine::{EngineError, Result};
+
+/// How a channel's (or head's) importance is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Importance {
+    L1,
+    L2,
+}
+
+#[derive(Debug, Clone)]
+pub struct StructuredOptions {
+    /// Share of every group's channels (or heads) to remove.
+    pub sparsity: f64,
+    pub importance: Importance,
+    /// Remove Conv output channels.
+    pub channels: bool,
+    /// Remove Gemm/MatMul output neurons.
+    pub neurons: bool,
+    /// Remove attention heads.
+    pub heads: bool,
+    /// Kept channel counts are rounded up to a multiple of this (SIMD-friendly widths).
+    pub multiple_of: usize,
+    pub exclude: Vec<String>,
+}
+
+/// The norm of each slice along `axis` of a row-major tensor.
+pub(crate) fn norms_along(
+    values: &[f32],
+    d: &[usize],
+    axis: usize,
+    importance: Importance,
+) -> Vec<f32> {
+    let inner: usize = d[axis + 1..].iter().product();
+    let mut out = vec![0f32; d[axis]];
+    for (i, v) in values.iter().enumerate() {
+        let c = (i / inner) % d[axis];
+        out[c] += match importance {
+            Importance::L1 => v.abs(),
+            Importance::L2 => v * v,
+        };
+    }
+    if importance == Importance::L2 {
+        out.iter_mut().for_each(|x| *x = x.sqrt());
+    }
+    out
+}
+
+/// How many of `total` to keep when removing `sparsity` of them, rounded up to `multiple_of`.
+pub fn kept_count(total: usize, sparsity: f64, multiple_of: usize) -> usize {
+    let keep = ((total as f64) * (1.0 - sparsity)).round().max(1.0) as usize;
+    let m = multiple_of.max(1);
+    keep.div_ceil(m).saturating_mul(m).clamp(1, total)
+}
+
+/// The `keep` highest-scoring indices, ascending.
+pub(crate) fn top(scores: &[f32], keep: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut kept = order[..keep.min(scores.len())].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+fn group_op(model: &ModelProto, group: &ChannelGroup) -> String {
+    let graph = model.graph.as_ref().expect("groups come from a graph");
+    graph
+        .node
+        .iter()
+        .enumerate()
+        .find(|(i, n)| super::node_name(n, *i) == group.layer)
+        .and_then(|(_, n)| n.op_type.clone())
+        .unwrap_or_default()
+}
+
+fn sizes(model: &ModelProto, names: &[String]) -> u64 {
+    let graph = model.graph.as_ref().expect("a graph");
+    names
+        .iter()
+        .filter_map(|n| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name.as_deref() == Some(n))
+        })
+        .map(|t| dims(t).iter().product::<usize>() as u64)
+        .sum()
+}
+
+pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
+    let mut pruned = model.clone();
+    let mut layers = Vec::new();
+    let mut notes = Vec::new();
+    if opts.channels || opts.neurons {
+        let groups = channel_groups(model);
+        for group in &groups {
+            let op = group_op(model, group);
+            let wanted = match op.as_str() {
+                "Conv" => opts.channels,
+                _ => opts.neurons,
+            };
+            if !wanted {
+                continue;
+            }
+            if opts.exclude.contains(&group.layer) {
+                notes.push(format!(
+                    "{} ({op}) kept whole: excluded by name",
+                    group.layer
+                ));
+                continue;
+            }
+            let (weight, axis) = group.slices[0].clone();
+            let values = super::values_of(model, &weight);
+            let w_dims = model
+                .graph
+                .as_ref()
+                .and_then(|g| {
+                    g.initializer
+                        .iter()
+                        .find(|t| t.name.as_deref() == Some(&weight))
+                })
+                .map(dims)
+                .unwrap_or_default();
+            let mut scores = norms_along(&values, &w_dims, axis, opts.importance);
+            if let Some(scale) = &group.bn_scale {
+                scores.iter_mut().zip(scale).for_each(|(s, b)| *s *= b);
+            }
+            let keep = top(
+                &scores,
+                kept_count(group.channels, opts.sparsity, opts.multiple_of),
+            );
+            if keep.len() == group.channels {
+                continue;
+            }
+            let names: Vec<String> = group.slices.iter().map(|(n, _)| n.clone()).collect();
+            let before = sizes(&pruned, &names);
+            keep_channels(&mut pruned, group, &keep);
+            let after = sizes(&pruned, &names);
+            let verified = group.slices.iter().all(|(n, a)| {
+                pruned
+                    .graph
+                    .as_ref()
+                    .and_then(|g| g.initializer.iter().find(|t| t.name.as_deref() == Some(n)))
+                    .is_some_and(|t| dims(t).get(*a) == Some(&keep.len()))
+            });
+            layers.push(LayerPruning {
+                node: group.layer.clone(),
+                op: op.clone(),
+                weight,
+                parameters_before: before,
+                parameters_after: after,
+                nonzero_after: after,
+                pattern: format!(
+                    "{} {} -> {}",
+                    if op == "Conv" { "channels" } else { "neurons" },
+                    group.channels,
+                    keep.len()
+                ),
+                verified,
+            });
+        }
+        if groups.is_empty() {
+            notes.push(
+                "no channel group: every layer's channels reach a residual Add, Concat, Reshape or output, which keep them whole"
+                    .into(),
+            );
+        }
+    }
+    if opts.heads {
+        let (rows, head_notes) = heads::prune(&mut pruned, opts)?;
+        layers.extend(rows);
+        notes.extend(head_notes);
+    }
+    if layers.is_empty() {
+        return Err(EngineError::InvalidOption {
+            option: "targets".into(),
+            problem: "nothing in this model can be removed with these options (no channel group, neuron group or attention block qualifies)".into(),
+        });
+    }
+    let removed: u64 = layers
+        .iter()
+        .map(|l| l.parameters_before - l.parameters_after)
+        .sum();
+    notes.push(format!(
+        "structured pruning removed {removed} parameters in {} groups (importance {:?} norm{})",
+        layers.len(),
+        opts.importance,
+        if opts.multiple_of > 1 {
+            format!(", widths rounded up to multiples of {}", opts.multiple_of)
+        } else {
+            String::new()
+        }
+    ));
+    Ok(Pruned {
+        model: pruned,
+        layers,
+        masks: Default::default(),
+        notes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_counts_round_and_never_reach_zero() {
+        assert_eq!(kept_count(32, 0.5, 1), 16);
+        assert_eq!(kept_count(10, 0.5, 8), 8);
+        assert_eq!(kept_count(12, 0.5, 8), 8);
+        assert_eq!(kept_count(20, 0.5, 8), 16);
+        assert_eq!(kept_count(3, 0.99, 1), 1);
+        assert_eq!(kept_count(6, 0.5, 8), 6);
+    }
+
+    #[test]
+    fn norms_score_slices_along_an_axis() {
+        // [2, 3]: axis 0 rows, axis 1 columns.
+        let v = [3., -4., 0., 1., 1., 1.];
+        assert_eq!(norms_along(&v, &[2, 3], 0, Importance::L1), vec![7., 3.]);
+        assert_eq!(norms_along(&v, &[2, 3], 1, Importance::L2)[0], 10f32.sqrt());
+        assert_eq!(top(&[0.5, 2.0, 1.0, 2.0], 2), vec![1, 3]);
+    }
+}
