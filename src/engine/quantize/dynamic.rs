@@ -146,12 +146,23 @@ pub fn quantize_dynamic(
 /// W as int8 [K, N] with one scale per column, or one.
 fn quantize_linear(l: &Linear, w: &TensorProto, opts: &DynamicOptions) -> QuantizedWeights {
     let shape = [l.k, l.n];
+    let seven_bits = super::params::u8s8_saturates();
     if l.transposed {
         let kn = l.weight_kn(w);
-        return quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity);
+        let q = quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity);
+        return if seven_bits {
+            super::params::reduce_range(q, &kn, &shape, 1)
+        } else {
+            q
+        };
     }
     let kn = f32_le(w).expect("linear weights are float");
-    quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity)
+    let q = quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity);
+    if seven_bits {
+        super::params::reduce_range(q, &kn, &shape, 1)
+    } else {
+        q
+    }
 }
 
 /// Weights and tables quantized ahead of the rewrite, on every core (the rewrite itself only

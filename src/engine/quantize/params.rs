@@ -251,6 +251,67 @@ pub fn quantize_weights<T: F32>(
     }
 }
 
+/// Whether ONNX Runtime's uint8 x int8 kernels on this CPU add pairs of products in saturating
+/// 16-bit arithmetic (x86-64 with AVX2 but without VNNI: `vpmaddubsw`), where 255 x 127 x 2
+/// overflows; 7-bit weights (ONNX Runtime's `reduce_range`) keep every pair sum in range.
+pub fn u8s8_saturates() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines().find(|l| l.starts_with("flags")).is_some_and(|l| {
+                l.split_whitespace()
+                    .any(|f| f == "avx512_vnni" || f == "avx_vnni")
+            })
+        });
+        !vnni
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The same weights in 7 bits ([-63, 63]): scales 127/63 times coarser (float16 values when
+/// per channel, as [`channel_scale`] keeps them), values requantized from the floats.
+pub fn reduce_range<T: F32>(
+    q: QuantizedWeights,
+    values: &[T],
+    shape: &[usize],
+    axis: usize,
+) -> QuantizedWeights {
+    let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
+    let n = shape[axis];
+    let scales: Vec<f32> = q
+        .scales
+        .iter()
+        .map(|s| {
+            let wide = s * 127.0 / 63.0;
+            if q.per_channel && wide <= half::f16::MAX.to_f32() {
+                half::f16::from_f32(wide).to_f32()
+            } else {
+                wide
+            }
+        })
+        .collect();
+    let values = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = if q.per_channel {
+                scales[(i / inner) % n]
+            } else {
+                scales[0]
+            };
+            round_even((v.get() / s).clamp(-63.0, 63.0)) as i8
+        })
+        .collect();
+    QuantizedWeights {
+        scales,
+        values,
+        per_channel: q.per_channel,
+    }
+}
+
 /// Extra rounding noise tolerated for one scale per tensor instead of one per channel.
 pub const PER_TENSOR_NOISE_RATIO: f32 = 1.25;
 
