@@ -231,12 +231,21 @@ fn granularity_auto_takes_one_scale_per_tensor_only_where_it_measures_as_good() 
     };
     // The digits MLP: one scale per tensor fits the budget with a similar output error.
     let (chosen, choice, notes, float, scorer) = choose("digits_mlp.onnx");
-    let choice = choice.unwrap_or_else(|| panic!("{notes:?}"));
     use prost::Message;
-    assert!(choice.model.encoded_len() < chosen.encoded_len());
-    assert!(float - scorer.score(&choice.model).unwrap() <= 0.005);
-    assert!(notes[0].contains("kept"), "{notes:?}");
-    quantize::finish(&rt(), &choice.model).unwrap();
+    match choice {
+        Some(choice) => {
+            assert!(choice.model.encoded_len() < chosen.encoded_len());
+            assert!(float - scorer.score(&choice.model).unwrap() <= 0.005);
+            assert!(notes[0].contains("kept"), "{notes:?}");
+            quantize::finish(&rt(), &choice.model).unwrap();
+        }
+        // 7-bit weights (x86 without VNNI) make one shared step twice as coarse: there the
+        // measured output error, not the habit, decides.
+        None => assert!(
+            shrink::engine::quantize::params::u8s8_saturates() && notes[0].contains("not kept"),
+            "{notes:?}"
+        ),
+    }
     // One unit with 100x larger weights: a shared scale would crush the others, so the
     // per-channel scales stay.
     let (_, choice, notes, _, _) = choose("digits_mlp_outlier.onnx");
