@@ -154,7 +154,7 @@ def main():
                                     "pipeline": [{"stage": "prune", "method": "structured", "sparsity": 0.5,
                                                   "finetune": {"epochs": 6, "learning_rate": 0.002, "patience": 0}}]})
                 pruned = svc.artifact(job, rep["stages"][0]["artifact"], work)
-                row("digits CNN (32-64-64 channels), structured 50% of channels + 6 epochs recovery", rep, 0,
+                row("digits CNN (64-128-128 channels), structured 50% of channels + 6 epochs recovery", rep, 0,
                     cnn, pruned, feeds, 2000, top1)
                 for name, stage in [("unstructured magnitude 50% (global)", {"method": "magnitude", "scope": "global"}),
                                     ("2:4 semi-structured", {"method": "n_m", "skip_first": False})]:
