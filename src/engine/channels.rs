@@ -91,7 +91,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             continue;
         }
         let values = f32_values(w).unwrap_or_default();
-        let importance = l1_along(&values, &wd, axis);
+        let importance = norms_along(&values, &wd, axis, Importance::L1);
         let mut group = ChannelGroup {
             layer: n.name.clone().unwrap_or_else(|| format!("{op}#{i}")),
             channels,
@@ -328,11 +328,26 @@ fn region_exit<'g>(
     Some(exit.to_string())
 }
 
-fn l1_along(values: &[f32], d: &[usize], axis: usize) -> Vec<f32> {
+/// How a channel's (or head's) importance is scored from its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Importance {
+    L1,
+    L2,
+}
+
+/// The norm of each slice along `axis` of a row-major tensor.
+pub fn norms_along(values: &[f32], d: &[usize], axis: usize, importance: Importance) -> Vec<f32> {
     let inner: usize = d[axis + 1..].iter().product();
     let mut out = vec![0f32; d[axis]];
     for (i, v) in values.iter().enumerate() {
-        out[(i / inner) % d[axis]] += v.abs();
+        let c = (i / inner) % d[axis];
+        out[c] += match importance {
+            Importance::L1 => v.abs(),
+            Importance::L2 => v * v,
+        };
+    }
+    if importance == Importance::L2 {
+        out.iter_mut().for_each(|x| *x = x.sqrt());
     }
     out
 }

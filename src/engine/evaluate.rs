@@ -156,9 +156,7 @@ pub fn evaluate(
         .expect("loaded models have a graph");
     let (parameters, nonzero) = params::parameter_counts(graph);
     let bytes = model.bytes.len() as u64;
-    let zstd_bytes = zstd::bulk::compress(&model.bytes, 3)
-        .map(|c| c.len() as u64)
-        .unwrap_or(bytes);
+    let zstd_bytes = zstd_size(&model.bytes);
     let base_bytes = baseline.map_or(bytes, |b| b.size_bytes);
     let speedup = |base: Option<f64>, now: f64| base.filter(|_| now > 0.0).map(|b| b / now);
 
@@ -318,4 +316,9 @@ fn compare(
             Some(metrics::fidelity(&b.name, &b.values, &c.values, row_len(b)))
         })
         .collect()
+}
+
+/// Bytes after zstd at level 3: what zeros and repeated weights save in transfer and storage.
+pub fn zstd_size(bytes: &[u8]) -> u64 {
+    zstd::bulk::compress(bytes, 3).map_or(bytes.len() as u64, |c| c.len() as u64)
 }

@@ -240,12 +240,7 @@ pub fn finetune(
     };
     // A pruned model keeps its zeros: weights that are mostly exact zeros hold them.
     let masks = crate::engine::prune::Masks::of_zeros(&current.proto, SPARSE_SHARE);
-    let hook: Option<std::sync::Arc<dyn crate::engine::train::ValueHook>> = if masks.is_empty() {
-        None
-    } else {
-        Some(std::sync::Arc::new(masks.hook()?))
-    };
-    let out = distill::distill_with(pair, hook, &opts, progress)?;
+    let out = distill::distill_with(pair, masks.training_hook()?, &opts, progress)?;
     let mut notes = vec![format!(
         "fine-tuned {} parameters on {fit_rows} rows ({val_rows} held out to pick the epoch) with {}",
         out.student_parameters,

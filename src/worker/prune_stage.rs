@@ -6,14 +6,13 @@ use crate::domain::prune::{
 use crate::domain::report::{PrunedLayer, PruningReport};
 use crate::domain::spec::JobSpec;
 use crate::engine::dataset::{bind, Dataset};
-use crate::engine::evaluate::choose_classifier;
+use crate::engine::evaluate::{choose_classifier, zstd_size};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::{summarize, LoadedModel};
 use crate::engine::prune::{magnitude, n_m, structured, Masks, Pruned};
 use crate::engine::runtime::Runtime;
 use crate::engine::train::distill;
 use crate::engine::{quantize, EngineError, Progress, Result, SubProgress};
-use std::sync::Arc;
 
 pub struct StageInputs<'a> {
     pub current: &'a LoadedModel,
@@ -112,12 +111,7 @@ fn recover(
         train: &fit_data,
         validation: Some(&val_data),
     };
-    let hook: Option<Arc<dyn crate::engine::train::ValueHook>> = if masks.is_empty() {
-        None
-    } else {
-        Some(Arc::new(masks.hook()?))
-    };
-    let out = distill::distill_with(pair, hook, &opts, progress)?;
+    let out = distill::distill_with(pair, masks.training_hook()?, &opts, progress)?;
     let mut model = out.model;
     masks.apply(&mut model);
     let mut notes = vec![format!(
@@ -185,22 +179,15 @@ pub fn run(
     // Rows checked on the final weights (after recovery training).
     let layers = match p.method {
         PruneMethod::Structured => pruned.layers,
-        _ => {
-            let pattern = match p.method {
-                PruneMethod::NM => format!("{}:{}", p.n, p.m),
-                _ => "unstructured".to_string(),
-            };
-            let mut rows = magnitude::report(&dense.proto, &proto, &pruned.masks, &pattern);
-            if p.method == PruneMethod::NM {
-                let weights = crate::engine::prune::prunable_weights(&proto);
-                for row in &mut rows {
-                    if let Some(w) = weights.iter().find(|w| w.weight == row.weight) {
-                        let values = crate::engine::prune::values_of(&proto, &w.weight);
-                        row.verified &= n_m::holds(w, &values, p.n as usize, p.m as usize);
-                    }
-                }
-            }
-            rows
+        PruneMethod::NM => n_m::checked(
+            &dense.proto,
+            &proto,
+            &pruned.masks,
+            p.n as usize,
+            p.m as usize,
+        ),
+        PruneMethod::Magnitude => {
+            magnitude::report(&dense.proto, &proto, &pruned.masks, "unstructured")
         }
     };
     let model = quantize::finish(rt, &proto)?;
@@ -211,10 +198,6 @@ pub fn run(
         notes,
         report,
     })
-}
-
-fn zstd_len(bytes: &[u8]) -> u64 {
-    zstd::bulk::compress(bytes, 3).map_or(bytes.len() as u64, |c| c.len() as u64)
 }
 
 fn pruning_report(
@@ -259,8 +242,8 @@ fn pruning_report(
         verified: !layers.is_empty() && layers.iter().all(|l| l.verified),
         bytes_before: dense.bytes.len() as u64,
         bytes_after: pruned.bytes.len() as u64,
-        zstd_bytes_before: zstd_len(&dense.bytes),
-        zstd_bytes_after: zstd_len(&pruned.bytes),
+        zstd_bytes_before: zstd_size(&dense.bytes),
+        zstd_bytes_after: zstd_size(&pruned.bytes),
         runtime_speedup_expected: expected,
         runtime_note: note,
         layers: layers

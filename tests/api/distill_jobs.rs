@@ -1,25 +1,10 @@
 //! Training jobs through the API: distill (width, depth and uploaded students) and finetune,
 //! and their spec validation.
 use crate::helpers::{
-    fixture, onnxruntime_python, spawn_app, spawn_with, test_settings, Setup, TestApp,
+    fixture, onnxruntime_python, run_job, spawn_app, spawn_with, test_settings, top1, Setup,
+    TestApp,
 };
 use serde_json::{json, Value};
-
-async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
-    let r = app.post_job(&spec).await;
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    let job: Value = r.json().await.unwrap();
-    app.drain().await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
-    let (_, status) = app.get_json(&format!("/jobs/{id}")).await;
-    assert!(report["stages"].is_array(), "{report} {status}");
-    (id, report)
-}
-
-fn top1(metrics: &Value) -> f64 {
-    metrics["task"]["top1_accuracy"].as_f64().unwrap()
-}
 
 /// The distilled artifact runs in onnxruntime-Python with the accuracy the report gives.
 async fn check_artifact(app: &TestApp, id: &str, report: &Value) {

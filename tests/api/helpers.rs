@@ -319,3 +319,21 @@ pub fn onnxruntime_python(model: &Path, data: &Path, output: &str) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Posts a job spec (202 expected), runs the queue dry, and returns the job id and its report.
+pub async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
+    let r = app.post_job(&spec).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let job: Value = r.json().await.unwrap();
+    app.drain().await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
+    let (_, status) = app.get_json(&format!("/jobs/{id}")).await;
+    assert!(report["stages"].is_array(), "{report} {status}");
+    (id, report)
+}
+
+/// Top-1 accuracy of a report's metrics block.
+pub fn top1(metrics: &Value) -> f64 {
+    metrics["task"]["top1_accuracy"].as_f64().unwrap()
+}

@@ -2,28 +2,13 @@
 //! artifact, structured channel and head removal with recovery, and a three-stage
 //! distill -> prune -> quantize pipeline.
 use crate::helpers::{
-    fixture, onnxruntime_python, spawn_app, spawn_with, test_settings, Setup, TestApp,
+    fixture, onnxruntime_python, run_job, spawn_app, spawn_with, test_settings, top1, Setup,
+    TestApp,
 };
 use serde_json::{json, Value};
 use shrink::engine::onnx::load_model_bytes;
 use shrink::engine::onnx::proto::ModelProto;
 use shrink::engine::onnx::tensor::{dims, f32_values};
-
-async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
-    let r = app.post_job(&spec).await;
-    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    let job: Value = r.json().await.unwrap();
-    app.drain().await;
-    let id = job["id"].as_str().unwrap().to_string();
-    let (_, report) = app.get_json(&format!("/jobs/{id}/report")).await;
-    let (_, status) = app.get_json(&format!("/jobs/{id}")).await;
-    assert!(report["stages"].is_array(), "{report} {status}");
-    (id, report)
-}
-
-fn top1(metrics: &Value) -> f64 {
-    metrics["task"]["top1_accuracy"].as_f64().unwrap()
-}
 
 /// The stage's artifact: parsed here, and run in onnxruntime-Python, whose top-1 must be the
 /// report's.

@@ -46,6 +46,14 @@ impl Masks {
         Masks(out)
     }
 
+    /// The hook training needs to hold these masks (none when there are none).
+    pub fn training_hook(&self) -> Result<Option<std::sync::Arc<dyn ValueHook>>> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(std::sync::Arc::new(self.hook()?)))
+    }
+
     /// A training hook that holds these masks.
     pub fn hook(&self) -> Result<MaskHook> {
         let mut masks = BTreeMap::new();

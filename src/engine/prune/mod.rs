@@ -12,6 +12,7 @@ pub mod structured;
 
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
+use crate::engine::quantize::rewrite::attr_i;
 use std::collections::{HashMap, HashSet};
 
 pub use mask::Masks;
@@ -73,13 +74,6 @@ impl PrunableWeight {
     pub fn count(&self) -> usize {
         self.dims.iter().product()
     }
-}
-
-pub(crate) fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some(name))
-        .and_then(|a| a.i)
 }
 
 pub(crate) fn node_name(n: &NodeProto, i: usize) -> String {

@@ -2,7 +2,7 @@
 //! axis, at most N are non-zero (2:4 is what sparse tensor cores execute). Layers whose input
 //! axis is not a multiple of M are left dense and named in the notes.
 use super::magnitude::report;
-use super::{prunable_weights, selected, values_of, Masks, PrunableWeight, Pruned};
+use super::{prunable_weights, selected, values_of, LayerPruning, Masks, PrunableWeight, Pruned};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::{EngineError, Result};
 use std::collections::BTreeMap;
@@ -48,6 +48,25 @@ pub fn holds(w: &PrunableWeight, values: &[f32], n: usize, m: usize) -> bool {
         })
 }
 
+/// One row per masked weight of `pruned`, verified when its zeros follow the mask and every
+/// group of `m` holds at most `n` non-zeros.
+pub fn checked(
+    original: &ModelProto,
+    pruned: &ModelProto,
+    masks: &Masks,
+    n: usize,
+    m: usize,
+) -> Vec<LayerPruning> {
+    let weights = prunable_weights(pruned);
+    let mut rows = report(original, pruned, masks, &format!("{n}:{m}"));
+    for row in &mut rows {
+        if let Some(w) = weights.iter().find(|w| w.weight == row.weight) {
+            row.verified &= holds(w, &values_of(pruned, &w.weight), n, m);
+        }
+    }
+    rows
+}
+
 pub fn prune(model: &ModelProto, opts: &NmOptions) -> Result<Pruned> {
     let (weights, mut notes) = selected(
         prunable_weights(model),
@@ -56,7 +75,6 @@ pub fn prune(model: &ModelProto, opts: &NmOptions) -> Result<Pruned> {
         opts.skip_last,
     );
     let mut masks = BTreeMap::new();
-    let mut fitting = Vec::new();
     for w in weights {
         let len = w.dims[w.input_axis];
         if len % opts.m != 0 {
@@ -68,7 +86,6 @@ pub fn prune(model: &ModelProto, opts: &NmOptions) -> Result<Pruned> {
         }
         let values = values_of(model, &w.weight);
         masks.insert(w.weight.clone(), mask_of(&w, &values, opts.n, opts.m));
-        fitting.push(w);
     }
     if masks.is_empty() {
         return Err(EngineError::InvalidOption {
@@ -83,12 +100,7 @@ pub fn prune(model: &ModelProto, opts: &NmOptions) -> Result<Pruned> {
     let mut pruned = model.clone();
     masks.apply(&mut pruned);
     let pattern = format!("{}:{}", opts.n, opts.m);
-    let mut layers = report(model, &pruned, &masks, &pattern);
-    for l in &mut layers {
-        if let Some(w) = fitting.iter().find(|w| w.weight == l.weight) {
-            l.verified &= holds(w, &values_of(&pruned, &w.weight), opts.n, opts.m);
-        }
-    }
+    let layers = checked(model, &pruned, &masks, opts.n, opts.m);
     notes.push(format!(
         "{pattern} sparsity along the input axis of {} layers (every group of {} checked)",
         layers.len(),

@@ -3,16 +3,10 @@
 //! [`super::heads`]), so the written graph is smaller and ONNX Runtime runs fewer operations.
 use super::{heads, LayerPruning, Pruned};
 use crate::engine::channels::{channel_groups, keep_channels, ChannelGroup};
+pub use crate::engine::channels::{norms_along, Importance};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::tensor::dims;
 use crate::engine::{EngineError, Result};
-
-/// How a channel's (or head's) importance is scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Importance {
-    L1,
-    L2,
-}
 
 #[derive(Debug, Clone)]
 pub struct StructuredOptions {
@@ -28,28 +22,6 @@ pub struct StructuredOptions {
     /// Kept channel counts are rounded up to a multiple of this (SIMD-friendly widths).
     pub multiple_of: usize,
     pub exclude: Vec<String>,
-}
-
-/// The norm of each slice along `axis` of a row-major tensor.
-pub(crate) fn norms_along(
-    values: &[f32],
-    d: &[usize],
-    axis: usize,
-    importance: Importance,
-) -> Vec<f32> {
-    let inner: usize = d[axis + 1..].iter().product();
-    let mut out = vec![0f32; d[axis]];
-    for (i, v) in values.iter().enumerate() {
-        let c = (i / inner) % d[axis];
-        out[c] += match importance {
-            Importance::L1 => v.abs(),
-            Importance::L2 => v * v,
-        };
-    }
-    if importance == Importance::L2 {
-        out.iter_mut().for_each(|x| *x = x.sqrt());
-    }
-    out
 }
 
 /// How many of `total` to keep when removing `sparsity` of them, rounded up to `multiple_of`.

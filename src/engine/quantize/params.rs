@@ -255,20 +255,17 @@ pub fn quantize_weights<T: F32>(
 /// 16-bit arithmetic (x86-64 with AVX2 but without VNNI: `vpmaddubsw`), where 255 x 127 x 2
 /// overflows; 7-bit weights (ONNX Runtime's `reduce_range`) keep every pair sum in range.
 pub fn u8s8_saturates() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let vnni = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
-            c.lines().find(|l| l.starts_with("flags")).is_some_and(|l| {
-                l.split_whitespace()
-                    .any(|f| f == "avx512_vnni" || f == "avx_vnni")
+    // Asked per quantized layer; the CPU does not change, so it is read once.
+    static SATURATES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SATURATES.get_or_init(|| {
+        cfg!(target_arch = "x86_64")
+            && !std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+                c.lines().find(|l| l.starts_with("flags")).is_some_and(|l| {
+                    l.split_whitespace()
+                        .any(|f| f == "avx512_vnni" || f == "avx_vnni")
+                })
             })
-        });
-        !vnni
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    })
 }
 
 /// The same weights in 7 bits ([-63, 63]): scales 127/63 times coarser (float16 values when
