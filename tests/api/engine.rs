@@ -599,3 +599,66 @@ fn removing_identity_nodes_keeps_outputs_and_output_names() {
     let f = &b.metrics.fidelity[0];
     assert!(f.max_abs_error == 0.0 && f.top1_agreement == 1.0, "{f:?}");
 }
+
+/// Every output of `model` on the digits validation rows, by name.
+fn all_outputs(model: &ModelProto) -> Vec<shrink::engine::runtime::OutputValue> {
+    use prost::Message;
+    use shrink::engine::runtime;
+    let data = dataset::load(&fixture("digits_val.npz")).unwrap();
+    let mut session = rt().session(&model.encode_to_vec(), 1).unwrap();
+    let binding = [("input".to_string(), "input".to_string())];
+    let rows = data.tensor("input").unwrap().shape[0];
+    runtime::run(&mut session, runtime::feeds(&data, &binding, 0..rows).unwrap()).unwrap()
+}
+
+#[test]
+fn a_label_lookup_over_classes_0_to_n_becomes_one_argmax_with_the_same_labels() {
+    use shrink::engine::onnx::proto::tensor_proto::DataType;
+    use shrink::engine::quantize::prepare;
+    let m = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let mut p = m.proto.clone();
+    assert_eq!(prepare::simplify_label_lookups(&mut p), 1);
+    let (before, after) = (
+        shrink::engine::onnx::summarize(&m.proto).op_counts,
+        shrink::engine::onnx::summarize(&p).op_counts,
+    );
+    assert!(
+        !after.contains_key("ArrayFeatureExtractor") && !after.contains_key("Reshape"),
+        "{after:?}"
+    );
+    assert_eq!(after.get("Cast"), Some(&(before["Cast"] - 1)), "{after:?}");
+    assert!(
+        !p.graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .any(|t| t.name.as_deref() == Some("classes")),
+        "the class table is no longer stored"
+    );
+    let (a, b) = (all_outputs(&m.proto), all_outputs(&p));
+    let names = |o: &[shrink::engine::runtime::OutputValue]| -> Vec<String> {
+        o.iter().map(|v| v.name.clone()).collect()
+    };
+    assert_eq!(names(&a), names(&b));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.shape, y.shape, "{}", x.name);
+        assert_eq!(x.values, y.values, "{}", x.name);
+    }
+
+    // A table that maps indices to other labels is a real lookup: left alone.
+    let mut q = m.proto.clone();
+    let classes = q
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name.as_deref() == Some("classes"))
+        .unwrap();
+    assert_eq!(classes.data_type, Some(DataType::Int32 as i32));
+    let reversed: Vec<u8> = (0..10i32).rev().flat_map(|c| c.to_le_bytes()).collect();
+    classes.raw_data = Some(reversed.into());
+    classes.int32_data.clear();
+    assert_eq!(prepare::simplify_label_lookups(&mut q), 0);
+}

@@ -96,6 +96,21 @@ pub fn i64_values(t: &TensorProto) -> Option<Vec<i64>> {
     }
 }
 
+/// The values of an int32 or int64 tensor, widened to i64; None for other element types.
+pub fn int_values(t: &TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != Some(DataType::Int32 as i32) {
+        return i64_values(t);
+    }
+    match t.raw_data.as_ref().filter(|r| !r.is_empty()) {
+        Some(raw) => Some(
+            raw.chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4-byte chunks")) as i64)
+                .collect(),
+        ),
+        None => Some(t.int32_data.iter().map(|&v| v as i64).collect()),
+    }
+}
+
 pub fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     tensor(
         name,

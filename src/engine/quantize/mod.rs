@@ -131,6 +131,12 @@ impl Prepared {
             if removed > 0 {
                 notes.push(format!("removed {removed} Identity node(s)"));
             }
+            let labels = prepare::simplify_label_lookups(&mut proto);
+            if labels > 0 {
+                notes.push(format!(
+                    "rewrote {labels} label lookup(s) (ArgMax -> ArrayFeatureExtractor over classes 0..n-1 -> Reshape -> Cast) as one ArgMax"
+                ));
+            }
         }
         if !matches!(scheme, Scheme::Fp16 { .. }) {
             let folded = prepare::fold_batch_norms(&mut proto);
