@@ -154,5 +154,6 @@ fn the_fake_quantized_graph_computes_what_the_ptq_export_computes_before_any_tra
         p.agreement >= 0.995,
         "fake quantization must reproduce ONNX Runtime's QDQ arithmetic: {p:?}"
     );
-    assert!(trained.fake_quant.len() >= 9, "3 weights, 6+ activations");
+    // The logits stay float (no integer op reads them): 3 weights, 5+ activations.
+    assert!(trained.fake_quant.len() >= 8, "{}", trained.fake_quant.len());
 }

@@ -506,7 +506,7 @@ fn calibration_auto_keeps_the_histogram_method_that_scores_best_when_a_sample_is
     let dataset::TensorData::F32(x) = &mut input.data else {
         panic!("digits are float32")
     };
-    x[..64].iter_mut().for_each(|v| *v *= 50.0);
+    x[..64].iter_mut().for_each(|v| *v *= 200.0);
     let base = eval(&m, &val, None);
     let minmax = run(&m, &static_scheme(false, None), Some(&calib));
     let lost = top1(&base) - top1(&eval(&minmax.model, &val, Some(&base)));

@@ -208,6 +208,26 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
         }
         set.insert(node.output[0].clone());
     }
+    // A Gemm or MatMul output that no integer op reads stays float: ONNX Runtime then writes it
+    // from the integer kernel directly (QGemm with a float output, MatMulIntegerToFloat) instead
+    // of quantizing it only to dequantize it again — one kernel fewer, and logits keep full
+    // precision. (QLinearConv has no float output: Conv outputs stay quantized.)
+    let integer_reader = |value: &str| {
+        graph.node.iter().enumerate().any(|(i, n)| {
+            n.input.iter().any(|x| x == value)
+                && (targets.iter().any(|t| t.node == i && t.activation == value)
+                    || (CHAIN_OPS.contains(&n.op_type.as_deref().unwrap_or(""))
+                        && n.output.first().is_some_and(|o| set.contains(o))))
+        })
+    };
+    let float_outputs: Vec<&str> = targets
+        .iter()
+        .filter(|t| matches!(t.op.as_str(), "Gemm" | "MatMul") && !integer_reader(&t.output))
+        .map(|t| t.output.as_str())
+        .collect();
+    for o in float_outputs {
+        set.remove(o);
+    }
     let mut names: Vec<String> = set.into_iter().collect();
     names.sort();
     (names, constants)
