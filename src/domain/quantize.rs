@@ -198,6 +198,12 @@ pub struct QuantizeOptions {
     /// `mode: qat`: how the model trains.
     #[serde(default)]
     pub qat: QatOptions,
+    /// Int8 weights in 7 bits, [-63, 63] (ONNX Runtime's `reduce_range`), for x86 CPUs without
+    /// VNNI (AVX2), whose uint8 x int8 kernels add pairs of products in saturating 16-bit
+    /// arithmetic. Unset: dynamic weights use 7 bits when the worker's CPU lacks VNNI, static
+    /// weights 8. Set it to get the same model from every worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_range: Option<bool>,
 }
 
 fn default_op_types() -> Vec<String> {
@@ -219,6 +225,7 @@ const KNOWN: &[&str] = &[
     "max_accuracy_drop",
     "allow_slower",
     "qat",
+    "reduce_range",
 ];
 
 const QAT_KEYS: &[&str] = &["qat", "alpha", "temperature", "output"];
@@ -317,7 +324,13 @@ pub(super) fn validate(
             ),
         }
     }
-    for key in ["allow_slower", "symmetric", "keep_io_types"] {
+    if obj.contains_key("reduce_range") && matches!(mode, "weight_only" | "fp16") {
+        p.add(
+            format!("{base}/reduce_range"),
+            "`reduce_range` applies to the integer-kernel modes (auto, dynamic, static, qat)",
+        );
+    }
+    for key in ["allow_slower", "symmetric", "keep_io_types", "reduce_range"] {
         if obj.get(key).is_some_and(|v| !v.is_boolean()) {
             p.add(
                 format!("{base}/{key}"),

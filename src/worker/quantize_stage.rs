@@ -65,6 +65,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
                     with_gather(&q.op_types)
                 },
                 exclude: q.exclude.clone(),
+                reduce_range: q.reduce_range.unwrap_or(false),
                 calibration: range_method(q.calibration.method, q.calibration.percentile),
                 also_try: match q.calibration.method {
                     CalibrationMethod::Auto => vec![
@@ -82,6 +83,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
             tables_per_row: per_channel,
             op_types: with_gather(&q.op_types),
             exclude: q.exclude.clone(),
+            reduce_range: q.reduce_range.unwrap_or_else(params::u8s8_saturates),
         }),
         QuantizeMode::WeightOnly => Scheme::WeightOnly(WeightOnlyOptions {
             bits: q.bits,

@@ -339,6 +339,7 @@ fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions 
         op_types: vec!["Conv".into(), "MatMul".into(), "Gemm".into()],
         exclude: vec![],
         symmetric: false,
+        reduce_range: false,
         calibration: None,
         also_try: Vec::new(),
     }
@@ -608,7 +609,11 @@ fn all_outputs(model: &ModelProto) -> Vec<shrink::engine::runtime::OutputValue> 
     let mut session = rt().session(&model.encode_to_vec(), 1).unwrap();
     let binding = [("input".to_string(), "input".to_string())];
     let rows = data.tensor("input").unwrap().shape[0];
-    runtime::run(&mut session, runtime::feeds(&data, &binding, 0..rows).unwrap()).unwrap()
+    runtime::run(
+        &mut session,
+        runtime::feeds(&data, &binding, 0..rows).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]

@@ -34,6 +34,7 @@ fn static_scheme() -> Scheme {
         symmetric: false,
         op_types: ["Conv", "MatMul", "Gemm"].map(String::from).to_vec(),
         exclude: vec![],
+        reduce_range: false,
         calibration: None,
         also_try: vec![],
     })
@@ -155,5 +156,9 @@ fn the_fake_quantized_graph_computes_what_the_ptq_export_computes_before_any_tra
         "fake quantization must reproduce ONNX Runtime's QDQ arithmetic: {p:?}"
     );
     // The logits stay float (no integer op reads them): 3 weights, 5+ activations.
-    assert!(trained.fake_quant.len() >= 8, "{}", trained.fake_quant.len());
+    assert!(
+        trained.fake_quant.len() >= 8,
+        "{}",
+        trained.fake_quant.len()
+    );
 }

@@ -65,6 +65,7 @@ fn dynamic() -> Scheme {
         tables_per_row: true,
         op_types: ops(),
         exclude: vec![],
+        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
     })
 }
 
@@ -87,6 +88,7 @@ fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme 
         symmetric: false,
         op_types: ops(),
         exclude: vec![],
+        reduce_range: false,
         calibration,
         also_try: vec![],
     })
@@ -217,6 +219,7 @@ fn granularity_auto_takes_one_scale_per_tensor_only_where_it_measures_as_good() 
         tables_per_row: true,
         op_types: ops(),
         exclude: vec![],
+        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
     });
     let runtime = rt();
     let none = HashSet::new();
@@ -730,4 +733,72 @@ fn static_qdq_runs_mobilenet_v3_hard_swish_blocks_in_integers_in_onnx_runtime() 
     assert!(count("DequantizeLinear") <= 10, "{ops:?}");
     // The decomposition writes each constant once: the model stays smaller than before it.
     assert!(q.model.bytes.len() < 1_802_559, "{}", q.model.bytes.len());
+}
+
+/// The largest |value| of every int8 initializer of `m` that is not all zeros (the quantized
+/// weights; zero points are zeros).
+fn int8_weight_peaks(m: &shrink::engine::onnx::proto::ModelProto) -> Vec<i32> {
+    use shrink::engine::onnx::proto::tensor_proto::DataType;
+    m.graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .filter(|t| {
+            t.data_type == Some(DataType::Int8 as i32) && t.dims.iter().product::<i64>() > 1
+        })
+        .map(|t| {
+            let raw = t.raw_data.as_deref().unwrap_or_default();
+            raw.iter()
+                .map(|&b| (b as i8 as i32).abs())
+                .max()
+                .unwrap_or(0)
+        })
+        .filter(|&peak| peak > 0)
+        .collect()
+}
+
+#[test]
+fn reduce_range_writes_7_bit_weights_that_onnx_runtime_runs_with_the_accuracy_kept() {
+    let (m, calib, val) = (
+        model("digits_mlp.onnx"),
+        data("digits_train.npz"),
+        data("digits_val.npz"),
+    );
+    let base = eval(&m, &val, None);
+    let seven = |s: Scheme| match s {
+        Scheme::Dynamic(o) => Scheme::Dynamic(DynamicOptions {
+            reduce_range: true,
+            ..o
+        }),
+        Scheme::Static(o) => Scheme::Static(StaticOptions {
+            reduce_range: true,
+            ..o
+        }),
+        s => s,
+    };
+    let eight = |s: Scheme| match s {
+        Scheme::Dynamic(o) => Scheme::Dynamic(DynamicOptions {
+            reduce_range: false,
+            ..o
+        }),
+        s => s,
+    };
+    for scheme in [dynamic(), static_scheme(true, None)] {
+        let full = run(&m, &eight(scheme.clone()), Some(&calib));
+        let peaks = int8_weight_peaks(&full.model.proto);
+        assert!(
+            peaks.len() == 3 && peaks.iter().all(|&p| p == 127),
+            "8-bit weights use the full range: {peaks:?}"
+        );
+        let q = run(&m, &seven(scheme), Some(&calib));
+        let peaks = int8_weight_peaks(&q.model.proto);
+        assert!(
+            peaks.len() == 3 && peaks.iter().all(|&p| p == 63),
+            "7-bit weights reach ±63 and no further: {peaks:?}"
+        );
+        let e = eval(&q.model, &val, Some(&base));
+        let py = in_python(&q.model, "digits_val.npz", "probabilities");
+        same_top1_within(&py, &base, &e, 0.01);
+    }
 }

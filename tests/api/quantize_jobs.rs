@@ -229,7 +229,7 @@ async fn a_qat_job_wins_back_what_static_ptq_loses_and_reports_its_export_parity
 }
 
 #[tokio::test]
-async fn qat_specs_are_validated_with_pointers() {
+async fn qat_and_reduce_range_specs_are_validated_with_pointers() {
     let app = spawn_app(Setup::Embedded).await;
     let m = app.model("digits_mlp.onnx").await;
     let d = app.dataset("digits_val.npz").await;
@@ -264,6 +264,16 @@ async fn qat_specs_are_validated_with_pointers() {
             json!({"stage": "quantize", "mode": "qat", "qat": 3}),
             true,
             "/pipeline/0/qat",
+        ),
+        (
+            json!({"stage": "quantize", "reduce_range": "yes"}),
+            false,
+            "/pipeline/0/reduce_range",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "fp16", "reduce_range": true}),
+            false,
+            "/pipeline/0/reduce_range",
         ),
     ] {
         let mut spec = json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]});
@@ -314,17 +324,54 @@ async fn mode_auto_on_an_mlp_with_calibration_data_measures_both_int8_forms_and_
     let py = artifact_in_python(&app, &report, "digits_val.npz", "probabilities").await;
     let ops = py["optimized_ops"].to_string();
     if kept_static {
-        // Every MatMul + bias pair became one Gemm, which ONNX Runtime fuses to QGemm.
+        // Every MatMul + bias pair became one Gemm, which ONNX Runtime fuses to QGemm; the
+        // logits leave the last QGemm as float (no DequantizeLinear before the Softmax).
         assert!(
             ops.contains("QGemm") && !ops.contains("QLinearAdd"),
             "{ops}"
         );
+        assert!(!ops.contains("DequantizeLinear"), "{ops}");
     } else {
         assert!(ops.contains("DynamicQuantizeMatMul"), "{ops}");
     }
+    // The label lookup over classes 0..9 is one ArgMax.
+    assert!(
+        !ops.contains("ArrayFeatureExtractor") && ops.contains("ArgMax"),
+        "{ops}"
+    );
+    assert!(notes.contains("label lookup"), "{notes}");
     assert_eq!(
         py["top1"].as_f64().unwrap(),
         stage["metrics"]["task"]["top1_accuracy"].as_f64().unwrap()
     );
     assert_eq!(report["calibration"]["source"], "calibration_dataset");
+}
+
+#[tokio::test]
+async fn reduce_range_in_the_spec_decides_the_weight_bits_on_every_worker() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    for reduce in [true, false] {
+        let report = run_job(
+            &app,
+            json!({"model_id": m["id"], "dataset_id": d["id"],
+                   "pipeline": [{"stage": "quantize", "mode": "dynamic", "reduce_range": reduce,
+                                 "allow_slower": true, "max_accuracy_drop": 1}]}),
+        )
+        .await;
+        let stage = &report["stages"][0];
+        let notes = stage["notes"].to_string();
+        assert_eq!(notes.contains("7 bits, [-63, 63]"), reduce, "{notes}");
+        let py = artifact_in_python(&app, &report, "digits_val.npz", "probabilities").await;
+        assert_eq!(
+            py["top1"].as_f64().unwrap(),
+            stage["metrics"]["task"]["top1_accuracy"].as_f64().unwrap()
+        );
+        let drop = report["baseline"]["task"]["top1_accuracy"]
+            .as_f64()
+            .unwrap()
+            - stage["metrics"]["task"]["top1_accuracy"].as_f64().unwrap();
+        assert!(drop <= 0.01, "{reduce}: dropped {drop}");
+    }
 }

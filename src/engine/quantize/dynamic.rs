@@ -4,7 +4,7 @@
 //! dynamic int8 convolutions several times slower than float ones.
 use super::embedding::{quantize_lookup, quantize_table, Tables};
 use super::layers::{candidate, embedding, linear, Candidate, Embedding, Linear};
-use super::params::{quantize_weights, QuantizedWeights};
+use super::params::{quantize_weights_bits, QuantizedWeights};
 use super::rewrite::{initializers, int_attr, node, Rewrite};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{GraphProto, ModelProto, TensorProto};
@@ -22,6 +22,9 @@ pub struct DynamicOptions {
     pub op_types: Vec<String>,
     /// Node names to leave in float.
     pub exclude: Vec<String>,
+    /// Int8 weights in 7 bits ([-63, 63]) for CPUs whose uint8 x int8 kernels saturate
+    /// ([`super::params::u8s8_saturates`]).
+    pub reduce_range: bool,
 }
 
 /// Rewrites `model` for dynamic int8; returns the model and what happened to each candidate layer.
@@ -146,23 +149,13 @@ pub fn quantize_dynamic(
 /// W as int8 [K, N] with one scale per column, or one.
 fn quantize_linear(l: &Linear, w: &TensorProto, opts: &DynamicOptions) -> QuantizedWeights {
     let shape = [l.k, l.n];
-    let seven_bits = super::params::u8s8_saturates();
+    let (per_channel, auto, seven) = (opts.per_channel, opts.auto_granularity, opts.reduce_range);
     if l.transposed {
         let kn = l.weight_kn(w);
-        let q = quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity);
-        return if seven_bits {
-            super::params::reduce_range(q, &kn, &shape, 1)
-        } else {
-            q
-        };
+        return quantize_weights_bits(&kn, &shape, 1, per_channel, auto, seven);
     }
     let kn = f32_le(w).expect("linear weights are float");
-    let q = quantize_weights(&kn, &shape, 1, opts.per_channel, opts.auto_granularity);
-    if seven_bits {
-        super::params::reduce_range(q, &kn, &shape, 1)
-    } else {
-        q
-    }
+    quantize_weights_bits(&kn, &shape, 1, per_channel, auto, seven)
 }
 
 /// Weights and tables quantized ahead of the rewrite, on every core (the rewrite itself only

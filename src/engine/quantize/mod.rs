@@ -138,6 +138,17 @@ impl Prepared {
                 ));
             }
         }
+        if let Scheme::Static(StaticOptions {
+            reduce_range: true, ..
+        })
+        | Scheme::Dynamic(DynamicOptions {
+            reduce_range: true, ..
+        }) = &scheme
+        {
+            notes.push(
+                "int8 weights use 7 bits, [-63, 63] (reduce_range: ONNX Runtime's uint8 x int8 kernels on x86 CPUs without VNNI add pairs of products in saturating 16-bit arithmetic)".into(),
+            );
+        }
         if !matches!(scheme, Scheme::Fp16 { .. }) {
             let folded = prepare::fold_batch_norms(&mut proto);
             if folded > 0 {

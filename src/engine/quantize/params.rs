@@ -268,6 +268,23 @@ pub fn u8s8_saturates() -> bool {
     })
 }
 
+/// [`quantize_weights`], in 7 bits ([`reduce_range`]) when `seven_bits`.
+pub fn quantize_weights_bits<T: F32>(
+    values: &[T],
+    shape: &[usize],
+    axis: usize,
+    per_channel: bool,
+    auto: bool,
+    seven_bits: bool,
+) -> QuantizedWeights {
+    let q = quantize_weights(values, shape, axis, per_channel, auto);
+    if seven_bits {
+        reduce_range(q, values, shape, axis)
+    } else {
+        q
+    }
+}
+
 /// The same weights in 7 bits ([-63, 63]): scales 127/63 times coarser (float16 values when
 /// per channel, as [`channel_scale`] keeps them), values requantized from the floats.
 pub fn reduce_range<T: F32>(

@@ -537,13 +537,15 @@ pub fn simplify_label_lookups(model: &mut ModelProto) -> usize {
             }
             let r = only_reader(lookup.output.first()?)?;
             let reshape = &graph.node[r];
-            let shape = index.inits.get(reshape.input.get(1)?).and_then(i64_values)?;
+            let shape = index
+                .inits
+                .get(reshape.input.get(1)?)
+                .and_then(i64_values)?;
             if op(r) != "Reshape" || reshape.input[0] != lookup.output[0] || shape != [-1] {
                 return None;
             }
-            let cast = only_reader(&reshape.output[0]).filter(|&c| {
-                op(c) == "Cast" && attr_i(&graph.node[c], "to") == Some(INT64)
-            });
+            let cast = only_reader(&reshape.output[0])
+                .filter(|&c| op(c) == "Cast" && attr_i(&graph.node[c], "to") == Some(INT64));
             let table_is_i64 = classes.data_type == Some(INT64 as i32);
             match cast {
                 Some(c) => Some((a, vec![f, r, c], graph.node[c].output.first()?.clone())),
@@ -557,7 +559,9 @@ pub fn simplify_label_lookups(model: &mut ModelProto) -> usize {
     for (a, gone, label) in &plans {
         let argmax = &mut graph.node[*a];
         argmax.output = vec![label.clone()];
-        argmax.attribute.retain(|x| x.name.as_deref() != Some("keepdims"));
+        argmax
+            .attribute
+            .retain(|x| x.name.as_deref() != Some("keepdims"));
         argmax.attribute.push(int_attr("keepdims", 0));
         for &g in gone {
             remove[g] = true;

@@ -7,7 +7,7 @@
 //! weights fit the grid they will run on); weight scales follow the weights at every step. The
 //! int32 bias rounding (a step of input scale x weight scale, far below one output step) is the
 //! one rounding not simulated.
-use super::params::{activation_params, quantize, quantize_weights};
+use super::params::{activation_params, quantize, quantize_weights_bits};
 use super::{qdq, Prepared, Scheme};
 use crate::engine::dataset::{bind, Dataset};
 use crate::engine::onnx::tensor::dims;
@@ -60,9 +60,11 @@ pub fn fake_quant(prepared: &Prepared) -> Result<FakeQuant> {
             continue;
         };
         let shape = dims(w);
-        let (axis, per_channel, auto) = (t.axis, o.per_channel, o.auto_granularity);
+        let (axis, per_channel, auto, seven) =
+            (t.axis, o.per_channel, o.auto_granularity, o.reduce_range);
         let round_trip: RoundTrip = Arc::new(move |v: &[f32]| {
-            quantize_weights(v, &shape, axis, per_channel, auto).dequantize(&shape, axis)
+            quantize_weights_bits(v, &shape, axis, per_channel, auto, seven)
+                .dequantize(&shape, axis)
         });
         specs
             .entry(t.weight.clone())

@@ -4,7 +4,7 @@
 //! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
 use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
-    activation_params, quantize, quantize_weights, ActivationType, QParams, QuantizedWeights,
+    activation_params, quantize, quantize_weights_bits, ActivationType, QParams, QuantizedWeights,
 };
 use super::rewrite::{attr_i, int_attr, layer_name, node, scale_tensors};
 use super::LayerDecision;
@@ -28,6 +28,8 @@ pub struct StaticOptions {
     pub op_types: Vec<String>,
     /// Node names to leave in float.
     pub exclude: Vec<String>,
+    /// Int8 weights in 7 bits ([-63, 63]) for CPUs whose uint8 x int8 kernels saturate.
+    pub reduce_range: bool,
     /// Symmetric activation ranges (uint8 centred on 128, int8 on 0).
     pub symmetric: bool,
     /// How activation ranges are chosen from histograms; min/max when None.
@@ -335,12 +337,13 @@ pub fn rewrite(
                 scales,
                 values: q,
                 per_channel,
-            } = quantize_weights(
+            } = quantize_weights_bits(
                 &values,
                 &shape,
                 t.axis,
                 opts.per_channel,
                 opts.auto_granularity,
+                opts.reduce_range,
             );
             let (qname, sname, dqname) = (
                 format!("{}_q", t.weight),
