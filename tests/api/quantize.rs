@@ -802,3 +802,22 @@ fn reduce_range_writes_7_bit_weights_that_onnx_runtime_runs_with_the_accuracy_ke
         same_top1_within(&py, &base, &e, 0.01);
     }
 }
+
+#[test]
+fn a_maxpool_shares_its_inputs_quantization_so_onnx_runtime_pools_uint8_values() {
+    let (m, images) = (model("digits_cnn.onnx"), data("digits_images.npz"));
+    let base = eval(&m, &images, None);
+    // Histogram calibration clips the MaxPool's input and output differently; min/max would give
+    // both the same range by chance (the largest value survives pooling).
+    for method in [RangeMethod::Percentile(99.9), RangeMethod::Entropy] {
+        let q = run(&m, &static_scheme(true, Some(method)), Some(&images));
+        let py = in_python(&q.model, "digits_images.npz", "logits");
+        let ops = &py["optimized_ops"];
+        assert!(
+            !has(ops, "DequantizeLinear") && has(ops, "QLinearConv"),
+            "{method:?}: no DequantizeLinear feeds a float MaxPool: {ops}"
+        );
+        let e = eval(&q.model, &images, Some(&base));
+        same_top1_within(&py, &base, &e, 0.01);
+    }
+}

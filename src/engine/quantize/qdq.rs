@@ -237,7 +237,8 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
 
 /// Gives the input of each Relu/Clip (when nothing else reads it) the range of the Relu's output:
 /// quantizing with that range clips like the Relu does, so ONNX Runtime drops the Relu and the
-/// requantization around it, and the integer chain continues.
+/// requantization around it, and the integer chain continues. Gives each MaxPool's output its
+/// input's range.
 pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
     let mut readers: HashMap<&str, usize> = HashMap::new();
@@ -266,6 +267,18 @@ pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
             if ranges.contains_key(x) {
                 ranges.insert(x.to_string(), r);
             }
+        }
+    }
+    // MaxPool picks values of its input: quantized with its input's parameters it is exact, and
+    // ONNX Runtime then drops the DequantizeLinear/QuantizeLinear around it and pools the uint8
+    // values directly instead of in float.
+    for n in &graph.node {
+        if n.op_type.as_deref() != Some("MaxPool") || n.input.is_empty() || n.output.len() != 1 {
+            continue;
+        }
+        let (x, y) = (n.input[0].as_str(), n.output[0].as_str());
+        if let (Some(r), true) = (ranges.get(x).copied(), ranges.contains_key(y)) {
+            ranges.insert(y.to_string(), r);
         }
     }
 }
