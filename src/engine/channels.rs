@@ -52,11 +52,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
     let Some(graph) = model.graph.as_ref() else {
         return Vec::new();
     };
-    let inits: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.as_deref().map(|n| (n, t)))
-        .collect();
+    let inits = crate::engine::quantize::rewrite::initializers(graph);
     let mut uses: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         for (k, input) in n.input.iter().enumerate() {

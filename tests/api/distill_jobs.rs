@@ -1,21 +1,14 @@
 //! Training jobs through the API: distill (width, depth and uploaded students) and finetune,
 //! and their spec validation.
 use crate::helpers::{
-    fixture, onnxruntime_python, run_job, spawn_app, spawn_with, test_settings, top1, Setup,
-    TestApp,
+    run_job, spawn_app, spawn_with, stage_artifact_in_python, test_settings, top1, Setup, TestApp,
 };
 use serde_json::{json, Value};
 
 /// The distilled artifact runs in onnxruntime-Python with the accuracy the report gives.
 async fn check_artifact(app: &TestApp, id: &str, report: &Value) {
     let stage = &report["stages"][0];
-    let name = stage["artifact"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{stage}"));
-    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
-    let file = app.data_dir.path().join(name);
-    std::fs::write(&file, &bytes).unwrap();
-    let py = onnxruntime_python(&file, &fixture("digits_val.npz"), "probabilities");
+    let (_, py) = stage_artifact_in_python(app, id, stage, "digits_val.npz", "probabilities").await;
     assert_eq!(py["top1"].as_f64().unwrap(), top1(&stage["metrics"]));
 }
 

@@ -320,6 +320,25 @@ pub fn onnxruntime_python(model: &Path, data: &Path, output: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Downloads the artifact of `stage` (a report's stage) of job `id` and runs it in
+/// onnxruntime-Python on the fixture `data`: the artifact's bytes and Python's result.
+pub async fn stage_artifact_in_python(
+    app: &TestApp,
+    id: &str,
+    stage: &Value,
+    data: &str,
+    output: &str,
+) -> (bytes::Bytes, Value) {
+    let name = stage["artifact"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no artifact: {stage}"));
+    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
+    let file = app.data_dir.path().join(name);
+    std::fs::write(&file, &bytes).unwrap();
+    let py = onnxruntime_python(&file, &fixture(data), output);
+    (bytes, py)
+}
+
 /// Posts a job spec (202 expected), runs the queue dry, and returns the job id and its report.
 pub async fn run_job(app: &TestApp, spec: Value) -> (String, Value) {
     let r = app.post_job(&spec).await;

@@ -2,8 +2,7 @@
 //! artifact, structured channel and head removal with recovery, and a three-stage
 //! distill -> prune -> quantize pipeline.
 use crate::helpers::{
-    fixture, onnxruntime_python, run_job, spawn_app, spawn_with, test_settings, top1, Setup,
-    TestApp,
+    run_job, spawn_app, spawn_with, stage_artifact_in_python, test_settings, top1, Setup, TestApp,
 };
 use serde_json::{json, Value};
 use shrink::engine::onnx::load_model_bytes;
@@ -13,13 +12,7 @@ use shrink::engine::onnx::tensor::{dims, f32_values};
 /// The stage's artifact: parsed here, and run in onnxruntime-Python, whose top-1 must be the
 /// report's.
 async fn artifact(app: &TestApp, id: &str, stage: &Value, data: &str, output: &str) -> ModelProto {
-    let name = stage["artifact"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{stage}"));
-    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
-    let file = app.data_dir.path().join(name);
-    std::fs::write(&file, &bytes).unwrap();
-    let py = onnxruntime_python(&file, &fixture(data), output);
+    let (bytes, py) = stage_artifact_in_python(app, id, stage, data, output).await;
     assert_eq!(py["top1"].as_f64().unwrap(), top1(&stage["metrics"]));
     load_model_bytes(bytes).unwrap().proto
 }
@@ -272,11 +265,8 @@ async fn half_of_minilm_heads_go_and_the_model_stays_valid() {
         .unwrap_or_else(|| panic!("{}", stage["metrics"]));
     let cosine = emb["cosine_mean"].as_f64().unwrap();
     assert!(cosine > 0.5 && cosine < 1.0, "cosine {cosine}");
-    let name = stage["artifact"].as_str().unwrap();
-    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
-    let file = app.data_dir.path().join(name);
-    std::fs::write(&file, &bytes).unwrap();
-    let py = onnxruntime_python(&file, &fixture("minilm1/polarity_eval.npz"), "logits");
+    let (_, py) =
+        stage_artifact_in_python(&app, &id, stage, "minilm1/polarity_eval.npz", "logits").await;
     assert_eq!(py["top1"].as_f64().unwrap(), top1(&stage["metrics"]));
 
     // FFN neurons: the intermediate MatMul's outputs pass a GELU written out as
@@ -292,11 +282,8 @@ async fn half_of_minilm_heads_go_and_the_model_stays_valid() {
     let layers = pruned_layers(stage);
     assert_eq!(layers.len(), 1, "{}", stage["pruning"]);
     assert_eq!(layers[0]["pattern"], "neurons 1536 -> 768");
-    let name = stage["artifact"].as_str().unwrap();
-    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
-    let file = app.data_dir.path().join(name);
-    std::fs::write(&file, &bytes).unwrap();
-    let py = onnxruntime_python(&file, &fixture("minilm1/polarity_eval.npz"), "logits");
+    let (_, py) =
+        stage_artifact_in_python(&app, &id, stage, "minilm1/polarity_eval.npz", "logits").await;
     assert_eq!(py["top1"].as_f64().unwrap(), top1(&stage["metrics"]));
 }
 

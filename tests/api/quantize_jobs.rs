@@ -1,5 +1,5 @@
 //! Quantize jobs through the API: every mode, the accuracy budget and `mode: auto`.
-use crate::helpers::{fixture, onnxruntime_python, spawn_app, Setup, TestApp};
+use crate::helpers::{spawn_app, stage_artifact_in_python, Setup, TestApp};
 use serde_json::{json, Value};
 
 async fn run_job(app: &TestApp, spec: Value) -> Value {
@@ -18,13 +18,9 @@ async fn run_job(app: &TestApp, spec: Value) -> Value {
 
 async fn artifact_in_python(app: &TestApp, report: &Value, data: &str, output: &str) -> Value {
     let id = report["job_id_for_test"].as_str().unwrap();
-    let name = report["stages"][0]["artifact"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no artifact: {}", report["stages"][0]));
-    let bytes = app.get_bytes(&format!("/jobs/{id}/artifacts/{name}")).await;
-    let file = app.data_dir.path().join(name);
-    std::fs::write(&file, &bytes).unwrap();
-    onnxruntime_python(&file, &fixture(data), output)
+    stage_artifact_in_python(app, id, &report["stages"][0], data, output)
+        .await
+        .1
 }
 
 #[tokio::test]

@@ -56,11 +56,7 @@ pub struct Target {
 /// Finds the nodes to quantize: a listed op type whose weight is a float initializer of the right rank.
 pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<LayerDecision>) {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
-    let inits: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.as_deref().map(|n| (n, t)))
-        .collect();
+    let inits = super::rewrite::initializers(graph);
     let (mut targets, mut decisions) = (Vec::new(), Vec::new());
     for (i, node) in graph.node.iter().enumerate() {
         let op = node.op_type.clone().unwrap_or_default();
