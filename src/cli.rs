@@ -1,4 +1,7 @@
-//! Subcommands: `serve`, `worker`, `migrate`, `openapi`, `eval`.
+//! Subcommands: `serve`, `worker`, `migrate`, `openapi`, `eval`, `quantize`.
+//!
+//! Exit statuses: 0 success; 1 an error (printed with its causes); `shrink quantize` exits
+//! [`EXIT_BUDGET_FAILED`] (3) when the model it wrote misses its `--max-accuracy-drop` budget.
 use crate::config::Settings;
 use crate::domain::spec::EvaluateOptions;
 use crate::engine::{self, runtime::Runtime};
@@ -244,7 +247,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let load = |p: &std::path::Path| {
         engine::dataset::load(p).with_context(|| format!("while reading {}", p.display()))
     };
-    let needed = crate::worker::quantize_stage::reads_data(q, &model, &spec);
+    let needed = crate::pipeline::quantize::reads_data(q, &model, &spec);
     let data = if needed {
         load(&args.calibration)?
     } else {
@@ -255,19 +258,20 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let train = args.train.as_deref().map(load).transpose()?;
-    let out = crate::worker::quantize_stage::run(
-        &rt,
-        q,
-        crate::worker::quantize_stage::StageInputs {
-            current: &model,
-            calibration: Some(&data),
-            train: train.as_ref(),
-            eval_data: eval.as_ref().unwrap_or(&data),
-            spec: &spec,
-            eval_opts: &eval_opts,
-        },
-        &engine::NoProgress,
-    )?;
+    let eval_data = eval.as_ref().unwrap_or(&data);
+    let ctx = crate::pipeline::StageContext {
+        rt: &rt,
+        spec: &spec,
+        current: &model,
+        eval_data,
+        eval_opts: &eval_opts,
+        calibration: Some(&data),
+        train: train.as_ref(),
+        student: None,
+        teacher: None,
+        progress: &engine::NoProgress,
+    };
+    let out = crate::pipeline::quantize::run(q, &ctx)?;
     for l in &out.layers {
         let s = l.sensitivity.map_or(String::new(), |s| format!("{s:+.4} "));
         println!(
@@ -289,5 +293,38 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         model.bytes.len(),
         started.elapsed().as_secs_f64()
     );
+    // The budget's verdict, measured as the service measures it: the written model against the
+    // input on the evaluation rows.
+    if let (Some(limit), Some(quantized)) = (out.budget, &out.model) {
+        let quick = EvaluateOptions {
+            latency_runs: 1,
+            warmup_runs: 0,
+            ..eval_opts.clone()
+        };
+        let progress = &engine::NoProgress;
+        let base = engine::evaluate::evaluate(&rt, &model, eval_data, &quick, None, progress)?;
+        let after = engine::evaluate::evaluate(
+            &rt,
+            quantized,
+            eval_data,
+            &quick,
+            Some(&base.as_baseline()),
+            progress,
+        )?;
+        let verdict =
+            crate::domain::report::stage_budget_verdict(0, limit, &base.metrics, &after.metrics);
+        println!(
+            "budget: {} ({})",
+            if verdict.passed { "passed" } else { "FAILED" },
+            verdict.detail
+        );
+        if !verdict.passed {
+            return Ok(ExitCode::from(EXIT_BUDGET_FAILED));
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `shrink quantize`'s exit status when the written model misses `--max-accuracy-drop`
+/// (1 is any error: unreadable input, invalid options).
+pub const EXIT_BUDGET_FAILED: u8 = 3;

@@ -73,7 +73,7 @@ where
 pub async fn inspect_model(staged: &Staged) -> Result<ModelSummary, IngestError> {
     let path = staged.file.to_path_buf();
     let summary = tokio::task::spawn_blocking(move || {
-        engine::onnx::load_model_file(&path).map(|m| engine::onnx::summarize(&m.proto))
+        engine::onnx::load_model_file(&path).map(|m| engine::inspect(&m))
     })
     .await
     .map_err(|e| IngestError::Interrupted(e.to_string()))??;

@@ -7,7 +7,9 @@
 //! - [`store`]: the database (PostgreSQL or SQLite through sqlx): rows and the job queue.
 //! - [`blob`]: artifact storage behind one trait: S3 or a local directory.
 //! - [`ingest`]: turns an uploaded byte stream into a hashed, validated, stored model or dataset.
-//! - [`worker`]: claims jobs, runs the pipeline on the engine off the async runtime, stores results.
+//! - [`pipeline`]: the synchronous job pipeline: baseline, one file per stage, a measurement after
+//!   each, the report. Imports the engine and the domain; no async runtime, database or web.
+//! - [`worker`]: async only: claims jobs, runs the pipeline off the async runtime, stores results.
 //! - [`http`]: the axum API, its errors and its OpenAPI document.
 //! - [`app`]: wires everything together and runs until shutdown.
 pub mod app;
@@ -18,6 +20,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod ingest;
+pub mod pipeline;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -1,48 +1,30 @@
-//! Options of the `finetune` stage and their validation.
-use super::training::{check_keys, needs_train_data, validate_training, TrainingOptions};
-use super::validation::Problems;
+//! Options of the `finetune` stage.
+use super::training::Recovery;
+use super::validation::{Checker, Validate};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-/// Options of the `finetune` stage: the current model trains on `train_dataset_id` with
-/// cross-entropy on its labels, or without labels with T²·KL to the model as it entered the stage
-/// (what recovers a pruned or quantized model without labelled data).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// Options of the `finetune` stage: the current model trains on `train_dataset_id`. With labels,
+/// on α·CE + (1−α)·T²·KL to the model as it entered the stage (α 1: cross-entropy alone, by
+/// default); without labels, on T²·KL alone (T 1 by default) — what recovers a pruned model
+/// without labelled data.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FinetuneOptions {
-    /// Softmax temperature of the KL term when the training data has no labels.
-    #[serde(default = "default_temperature")]
-    pub temperature: f64,
-    /// The classifier output (inferred when the model has one output or an evaluate stage
-    /// names it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
     #[serde(flatten)]
-    pub training: TrainingOptions,
+    pub recovery: Recovery,
 }
 
-fn default_temperature() -> f64 {
-    1.0
-}
+pub const DEFAULT_ALPHA: f64 = 1.0;
+pub const DEFAULT_TEMPERATURE: f64 = 1.0;
 
-const KNOWN: &[&str] = &["stage", "temperature", "output"];
-
-pub(super) fn validate(
-    obj: &Map<String, Value>,
-    base: &str,
-    spec: &Map<String, Value>,
-    provided: &[&str],
-    p: &mut Problems,
-) {
-    check_keys(obj, base, "finetune", KNOWN, p);
-    needs_train_data(spec, provided, "finetune", p);
-    if let Some(v) = obj.get("temperature") {
-        if !v.as_f64().is_some_and(|x| x > 0.0 && x <= 100.0) {
-            p.add(
-                format!("{base}/temperature"),
-                "`temperature` must be in (0, 100]",
-            );
-        }
+impl Validate for FinetuneOptions {
+    fn validate(&self, c: &mut Checker<'_>) {
+        c.flattened(&self.recovery);
     }
-    validate_training(obj, base, p);
+}
+
+impl super::stage::StageOptions for FinetuneOptions {
+    fn training(&self) -> Option<&Recovery> {
+        Some(&self.recovery)
+    }
 }

@@ -10,5 +10,6 @@ pub mod prune;
 pub mod quantize;
 pub mod report;
 pub mod spec;
+pub mod stage;
 pub mod training;
 pub mod validation;

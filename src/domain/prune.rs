@@ -1,8 +1,7 @@
-//! Options of the `prune` stage and their validation.
-use super::training::{check_keys, needs_train_data, validate_training, TrainingOptions};
-use super::validation::{pointer_key, Problems};
+//! Options of the `prune` stage.
+use super::training::Recovery;
+use super::validation::{Checker, Validate};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -21,6 +20,7 @@ pub enum PruneMethod {
     Structured,
 }
 
+/// Where the threshold is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneScope {
@@ -31,6 +31,7 @@ pub enum PruneScope {
     Global,
 }
 
+/// How a channel's (or head's) importance is scored from its weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneImportance {
@@ -53,31 +54,18 @@ pub enum PruneTarget {
 }
 
 /// Recovery training inside the stage: the pruned model learns from the model as it entered
-/// the stage — α·CE(labels) + (1−α)·T²·KL, KL alone without labels — with zeros held.
+/// the stage — α·CE(labels) + (1−α)·T²·KL, KL alone without labels (α 0.5, T 2 by default) —
+/// with zeros held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PruneFinetune {
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    #[serde(default = "default_temperature")]
-    pub temperature: f64,
     /// `magnitude`: prune in this many steps on the cubic schedule (Zhu & Gupta), training
     /// `epochs / steps` epochs after each; 1 prunes at once then trains.
     #[serde(default = "default_steps")]
     pub steps: u32,
-    /// The classifier output (inferred when the model has one output or an evaluate stage
-    /// names it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
     #[serde(flatten)]
-    pub training: TrainingOptions,
+    pub recovery: Recovery,
 }
 
-fn default_alpha() -> f64 {
-    0.5
-}
-fn default_temperature() -> f64 {
-    2.0
-}
 fn default_steps() -> u32 {
     1
 }
@@ -144,24 +132,6 @@ pub struct PruneOptions {
     pub finetune: Option<PruneFinetune>,
 }
 
-const KNOWN: &[&str] = &[
-    "stage",
-    "method",
-    "sparsity",
-    "scope",
-    "n",
-    "m",
-    "targets",
-    "importance",
-    "multiple_of",
-    "exclude",
-    "skip_first",
-    "skip_last",
-    "finetune",
-];
-
-const FINETUNE_KEYS: &[&str] = &["finetune", "alpha", "temperature", "steps", "output"];
-
 /// Options that only one method reads, so that a spec naming them for another is refused.
 const ONLY_FOR: &[(&str, &str)] = &[
     ("scope", "magnitude"),
@@ -174,160 +144,87 @@ const ONLY_FOR: &[(&str, &str)] = &[
     ("skip_last", "magnitude or n_m"),
 ];
 
-pub(super) fn validate(
-    obj: &Map<String, Value>,
-    base: &str,
-    spec: &Map<String, Value>,
-    provided: &[&str],
-    p: &mut Problems,
-) {
-    for key in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
-        p.add(
-            format!("{base}/{}", pointer_key(key)),
-            format!(
-                "unknown option `{key}` for prune; expected one of: {}",
-                KNOWN[1..].join(", ")
-            ),
-        );
-    }
-    let method = match obj.get("method") {
-        None => "magnitude",
-        Some(Value::String(m)) if ["magnitude", "n_m", "structured"].contains(&m.as_str()) => {
-            m.as_str()
+impl PruneMethod {
+    /// The name a spec uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            PruneMethod::Magnitude => "magnitude",
+            PruneMethod::NM => "n_m",
+            PruneMethod::Structured => "structured",
         }
-        Some(_) => {
-            p.add(
-                format!("{base}/method"),
-                "`method` must be one of: magnitude, n_m, structured",
-            );
-            return;
-        }
-    };
-    for (key, owner) in ONLY_FOR {
-        if obj.contains_key(*key) && !owner.split(" or ").any(|o| o == method) {
-            p.add(
-                format!("{base}/{key}"),
-                format!("`{key}` applies to method {owner}, not {method}"),
-            );
-        }
-    }
-    match obj.get("sparsity") {
-        Some(_) if method == "n_m" => p.add(
-            format!("{base}/sparsity"),
-            "`n_m` sparsity is 1 − n/m; set `n` and `m` instead",
-        ),
-        Some(v) if !v.as_f64().is_some_and(|s| s > 0.0 && s < 1.0) => p.add(
-            format!("{base}/sparsity"),
-            "`sparsity` must be a fraction between 0 and 1 (exclusive)",
-        ),
-        _ => {}
-    }
-    let int = |key: &str, lo: u64, hi: u64, p: &mut Problems| -> Option<u64> {
-        let v = obj.get(key)?;
-        match v.as_u64() {
-            Some(x) if (lo..=hi).contains(&x) => Some(x),
-            _ => {
-                p.add(
-                    format!("{base}/{key}"),
-                    format!("`{key}` must be an integer in {lo}..={hi}"),
-                );
-                None
-            }
-        }
-    };
-    let n = int("n", 1, 31, p).unwrap_or(default_n() as u64);
-    let m = int("m", 2, 32, p).unwrap_or(default_m() as u64);
-    if method == "n_m" && n >= m {
-        p.add(format!("{base}/n"), "`n` must be smaller than `m`");
-    }
-    int("multiple_of", 1, 256, p);
-    let one_of = |key: &str, allowed: &[&str], p: &mut Problems| {
-        if let Some(v) = obj.get(key) {
-            if !v.as_str().is_some_and(|s| allowed.contains(&s)) {
-                p.add(
-                    format!("{base}/{key}"),
-                    format!("`{key}` must be one of: {}", allowed.join(", ")),
-                );
-            }
-        }
-    };
-    one_of("scope", &["per_layer", "global"], p);
-    one_of("importance", &["l1", "l2"], p);
-    if let Some(v) = obj.get("targets") {
-        match v.as_array() {
-            Some(t) if !t.is_empty() => {
-                for (i, x) in t.iter().enumerate() {
-                    if !x
-                        .as_str()
-                        .is_some_and(|s| ["channels", "neurons", "heads"].contains(&s))
-                    {
-                        p.add(
-                            format!("{base}/targets/{i}"),
-                            "targets are: channels, neurons, heads",
-                        );
-                    }
-                }
-            }
-            _ => p.add(
-                format!("{base}/targets"),
-                "`targets` must be a non-empty list of: channels, neurons, heads",
-            ),
-        }
-    }
-    if let Some(v) = obj.get("exclude") {
-        if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
-            p.add(
-                format!("{base}/exclude"),
-                "`exclude` must be a list of node names",
-            );
-        }
-    }
-    for key in ["skip_first", "skip_last"] {
-        if obj.get(key).is_some_and(|v| !v.is_boolean()) {
-            p.add(
-                format!("{base}/{key}"),
-                format!("`{key}` must be true or false"),
-            );
-        }
-    }
-    match obj.get("finetune") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(f)) => {
-            needs_train_data(spec, provided, "prune stage with `finetune`", p);
-            let at = format!("{base}/finetune");
-            check_keys(f, &at, "finetune", FINETUNE_KEYS, p);
-            if f.get("alpha")
-                .is_some_and(|v| !v.as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)))
-            {
-                p.add(format!("{at}/alpha"), "`alpha` must be in [0, 1]");
-            }
-            if f.get("temperature")
-                .is_some_and(|v| !v.as_f64().is_some_and(|t| t > 0.0 && t <= 100.0))
-            {
-                p.add(
-                    format!("{at}/temperature"),
-                    "`temperature` must be in (0, 100]",
-                );
-            }
-            match f.get("steps") {
-                Some(v) if !v.as_u64().is_some_and(|s| (1..=100).contains(&s)) => p.add(
-                    format!("{at}/steps"),
-                    "`steps` must be an integer in 1..=100",
-                ),
-                Some(v) if method != "magnitude" && v.as_u64() != Some(1) => p.add(
-                    format!("{at}/steps"),
-                    "gradual `steps` apply to method magnitude",
-                ),
-                _ => {}
-            }
-            validate_training(f, &at, p);
-        }
-        Some(_) => p.add(
-            format!("{base}/finetune"),
-            "`finetune` must be an object of training options",
-        ),
     }
 }
+
+impl Validate for PruneOptions {
+    fn validate(&self, c: &mut Checker<'_>) {
+        let method = self.method.name();
+        for (key, owner) in ONLY_FOR {
+            if c.given(key) && !owner.split(" or ").any(|o| o == method) {
+                c.add(
+                    key,
+                    format!("`{key}` applies to method {owner}, not {method}"),
+                );
+            }
+        }
+        if self.method == PruneMethod::NM && c.given("sparsity") {
+            c.add(
+                "sparsity",
+                "`n_m` sparsity is 1 − n/m; set `n` and `m` instead",
+            );
+        } else {
+            c.check(
+                "sparsity",
+                self.sparsity > 0.0 && self.sparsity < 1.0,
+                "`sparsity` must be a fraction between 0 and 1 (exclusive)",
+            );
+        }
+        let n_ok = (1..=31).contains(&self.n);
+        let m_ok = (2..=32).contains(&self.m);
+        c.check("n", n_ok, "`n` must be an integer in 1..=31");
+        c.check("m", m_ok, "`m` must be an integer in 2..=32");
+        if self.method == PruneMethod::NM && n_ok && m_ok && self.n >= self.m {
+            c.add("n", "`n` must be smaller than `m`");
+        }
+        c.check(
+            "multiple_of",
+            (1..=256).contains(&self.multiple_of),
+            "`multiple_of` must be an integer in 1..=256",
+        );
+        c.check(
+            "targets",
+            !self.targets.is_empty(),
+            "`targets` must be a non-empty list of: channels, neurons, heads",
+        );
+        if let Some(f) = &self.finetune {
+            c.nested("finetune", f);
+            if f.steps != 1 && self.method != PruneMethod::Magnitude {
+                let at = format!("{}/steps", c.pointer("finetune"));
+                c.add_at(at, "gradual `steps` apply to method magnitude");
+            }
+        }
+    }
+}
+
+impl Validate for PruneFinetune {
+    fn validate(&self, c: &mut Checker<'_>) {
+        c.check(
+            "steps",
+            (1..=100).contains(&self.steps),
+            "`steps` must be an integer in 1..=100",
+        );
+        c.flattened(&self.recovery);
+    }
+}
+
+impl super::stage::StageOptions for PruneOptions {
+    fn training(&self) -> Option<&Recovery> {
+        self.finetune.as_ref().map(|f| &f.recovery)
+    }
+}
+
+/// The loss weight and temperature of recovery training when the spec leaves them unset.
+pub const DEFAULT_ALPHA: f64 = 0.5;
+pub const DEFAULT_TEMPERATURE: f64 = 2.0;
 
 #[cfg(test)]
 mod tests {
@@ -337,7 +234,7 @@ mod tests {
     const M: &str = "0193a4f0-8c1e-7b3a-9d2e-5f6a7b8c9d0e";
 
     fn problems(stage: serde_json::Value) -> Vec<String> {
-        JobSpec::parse(
+        let mut got: Vec<String> = JobSpec::parse(
             &json!({"model_id": M, "dataset_id": M, "pipeline": [stage]}),
             &[],
         )
@@ -345,7 +242,16 @@ mod tests {
         .unwrap_or_default()
         .into_iter()
         .map(|e| e.pointer)
-        .collect()
+        .collect();
+        // Every problem is reported; their order is not part of the contract.
+        got.sort();
+        got
+    }
+
+    fn sorted(pointers: &[&str]) -> Vec<String> {
+        let mut p: Vec<String> = pointers.iter().map(|s| s.to_string()).collect();
+        p.sort();
+        p
     }
 
     #[test]
@@ -367,25 +273,25 @@ mod tests {
     fn options_of_another_method_and_bad_values_are_named() {
         assert_eq!(
             problems(json!({"stage": "prune", "method": "n_m", "sparsity": 0.5, "n": 4, "m": 4})),
-            vec!["/pipeline/0/sparsity", "/pipeline/0/n"]
+            sorted(&["/pipeline/0/sparsity", "/pipeline/0/n"])
         );
         assert_eq!(
             problems(json!({"stage": "prune", "method": "magnitude", "targets": ["heads"]})),
-            vec!["/pipeline/0/targets"]
+            sorted(&["/pipeline/0/targets"])
         );
         assert_eq!(
             problems(
                 json!({"stage": "prune", "method": "structured", "sparsity": 1.0, "targets": ["rows"]})
             ),
-            vec!["/pipeline/0/sparsity", "/pipeline/0/targets/0"]
+            sorted(&["/pipeline/0/sparsity", "/pipeline/0/targets/0"])
         );
         assert_eq!(
             problems(json!({"stage": "prune", "finetune": {"epochs": 0}})),
-            vec!["/train_dataset_id", "/pipeline/0/finetune/epochs"]
+            sorted(&["/train_dataset_id", "/pipeline/0/finetune/epochs"])
         );
         assert_eq!(
             problems(json!({"stage": "prune", "method": "wavelet"})),
-            vec!["/pipeline/0/method"]
+            sorted(&["/pipeline/0/method"])
         );
     }
 }

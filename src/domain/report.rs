@@ -78,6 +78,18 @@ pub struct MemoryMetrics {
     pub peak_rss_growth_bytes: u64,
     /// Resident-set growth right after the session loaded.
     pub load_rss_growth_bytes: u64,
+    /// What the figures cover.
+    pub scope: MemoryScope,
+}
+
+/// Whose memory a [`MemoryMetrics`] figure counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryScope {
+    /// The whole worker process's resident set: jobs that run at the same time in one process
+    /// (several worker slots) add to each other's figures. For an exact figure run the worker
+    /// with one slot (`--workers 1`), or `shrink eval`.
+    Process,
 }
 
 /// Everything measured on one model.
@@ -427,6 +439,7 @@ mod tests {
             memory: MemoryMetrics {
                 peak_rss_growth_bytes: 0,
                 load_rss_growth_bytes: 0,
+                scope: MemoryScope::Process,
             },
         }
     }

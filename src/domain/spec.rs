@@ -1,15 +1,15 @@
 //! The declarative job spec: which inputs, which stages in which order, which constraints.
 //!
-//! Parsing walks the raw JSON so that every unknown field, wrong type and out-of-range value is
-//! reported together with its JSON pointer; serde's own errors stop at the first problem.
-use super::validation::{pointer_key, FieldError, Problems};
+//! Every option is defined once, by its serde type; [`super::validation`] parses a spec into
+//! those types and reports every unknown key, wrong type and out-of-range value together, each
+//! with its JSON pointer. The checks that span stages (order, inputs a stage needs) run on the
+//! typed spec, through [`StageOptions`].
+pub use super::stage::{Given, StageOptions};
+use super::validation::{self, Checker, FieldError, Problems, Validate};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
-
-/// Stages that this version of Shrink can run. Others are rejected when a job is created.
-pub const AVAILABLE_STAGES: &[&str] = &["evaluate", "quantize", "distill", "finetune", "prune"];
 
 /// Spec fields that reference uploaded models or datasets, and the multipart file part that can stand in for each.
 pub const REFERENCE_FIELDS: &[(&str, &str, RefKind)] = &[
@@ -47,6 +47,7 @@ pub struct JobSpec {
     pub train_dataset_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student_model_id: Option<String>,
+    /// A teacher for `distill` stages: the job's model is then the student and learns from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_model_id: Option<String>,
     pub pipeline: Vec<Stage>,
@@ -58,31 +59,54 @@ pub struct JobSpec {
     pub labels: BTreeMap<String, String>,
 }
 
-/// One pipeline stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(tag = "stage", rename_all = "snake_case")]
-pub enum Stage {
-    /// Measure the current model: task metrics, fidelity to the baseline, size, latency, memory.
-    Evaluate(EvaluateOptions),
-    /// Quantize the current model to int8.
-    Quantize(super::quantize::QuantizeOptions),
-    /// Distil the current model (the teacher) into a smaller student.
-    Distill(super::distill::DistillOptions),
-    /// Train the current model further (recovery after pruning or quantization).
-    Finetune(super::finetune::FinetuneOptions),
-    /// Zero weights (magnitude, N:M) or remove channels, neurons and attention heads (structured).
-    Prune(super::prune::PruneOptions),
+/// Declares the stages: the `Stage` enum, each stage's name and its options type. Adding a stage
+/// is one line here, its options type, and its file and match arm in `pipeline/`.
+macro_rules! stages {
+    ($( $(#[$doc:meta])* $variant:ident($options:ty) = $name:literal, )*) => {
+        /// One pipeline stage.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+        #[serde(tag = "stage")]
+        pub enum Stage {
+            $( $(#[$doc])* #[serde(rename = $name)] $variant($options), )*
+        }
+
+        impl Stage {
+            /// The names a spec's `stage` field takes.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(Stage::$variant(_) => $name,)*
+                }
+            }
+
+            /// The stage's options, as what they ask of the job.
+            pub fn options(&self) -> &dyn StageOptions {
+                match self {
+                    $(Stage::$variant(o) => o,)*
+                }
+            }
+        }
+    };
 }
 
-impl Stage {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Stage::Evaluate(_) => "evaluate",
-            Stage::Quantize(_) => "quantize",
-            Stage::Distill(_) => "distill",
-            Stage::Finetune(_) => "finetune",
-            Stage::Prune(_) => "prune",
-        }
+stages! {
+    /// Measure the current model: task metrics, fidelity to the baseline, size, latency, memory.
+    Evaluate(EvaluateOptions) = "evaluate",
+    /// Quantize the current model (int8, int4 weights or fp16).
+    Quantize(super::quantize::QuantizeOptions) = "quantize",
+    /// Distil a teacher into a student (the current model teaches a smaller one, or an uploaded
+    /// teacher teaches the current model).
+    Distill(super::distill::DistillOptions) = "distill",
+    /// Train the current model further (recovery after pruning).
+    Finetune(super::finetune::FinetuneOptions) = "finetune",
+    /// Zero weights (magnitude, N:M) or remove channels, neurons and attention heads (structured).
+    Prune(super::prune::PruneOptions) = "prune",
+}
+
+impl Validate for Stage {
+    fn validate(&self, c: &mut Checker<'_>) {
+        self.options().validate(c);
     }
 }
 
@@ -122,6 +146,31 @@ impl Default for EvaluateOptions {
     }
 }
 
+impl StageOptions for EvaluateOptions {
+    fn needs_float_model(&self) -> bool {
+        false
+    }
+}
+
+impl Validate for EvaluateOptions {
+    fn validate(&self, c: &mut Checker<'_>) {
+        let range = |c: &mut Checker<'_>, key: &str, v: u64, lo: u64, hi: u64| {
+            c.check(
+                key,
+                (lo..=hi).contains(&v),
+                format!("`{key}` must be an integer from {lo} to {hi}"),
+            )
+        };
+        range(c, "batch_size", self.batch_size.into(), 1, 4096);
+        range(c, "latency_runs", self.latency_runs.into(), 1, 100_000);
+        range(c, "warmup_runs", self.warmup_runs.into(), 0, 10_000);
+        range(c, "threads", self.threads.into(), 1, 256);
+        if let Some(n) = self.max_samples {
+            range(c, "max_samples", n, 1, u32::MAX as u64);
+        }
+    }
+}
+
 mod defaults {
     pub fn batch_size() -> u32 {
         32
@@ -156,6 +205,66 @@ pub struct Constraints {
     pub min_speedup: Option<f64>,
 }
 
+impl Validate for Constraints {
+    fn validate(&self, c: &mut Checker<'_>) {
+        for (key, v) in [
+            ("max_accuracy_drop", self.max_accuracy_drop),
+            ("min_fidelity", self.min_fidelity),
+        ] {
+            c.check(
+                key,
+                v.is_none_or(|x| (0.0..=1.0).contains(&x)),
+                format!("`{key}` must be a fraction between 0 and 1"),
+            );
+        }
+        c.check(
+            "max_size_bytes",
+            self.max_size_bytes != Some(0),
+            "`max_size_bytes` must be a positive integer",
+        );
+        for (key, v) in [
+            ("max_latency_ms", self.max_latency_ms),
+            ("min_speedup", self.min_speedup),
+        ] {
+            c.check(
+                key,
+                v.is_none_or(|x| x > 0.0 && x.is_finite()),
+                format!("`{key}` must be a positive number"),
+            );
+        }
+    }
+}
+
+impl Validate for JobSpec {
+    fn validate(&self, c: &mut Checker<'_>) {
+        for (field, _, id) in self.references() {
+            c.check(
+                field,
+                uuid::Uuid::parse_str(id).is_ok(),
+                format!("`{field}` must be a model or dataset id (a UUID string)"),
+            );
+        }
+        c.nested("constraints", &self.constraints);
+        c.check(
+            "labels",
+            self.labels.len() <= 64,
+            "`labels` may hold at most 64 entries",
+        );
+        for (k, v) in &self.labels {
+            if k.len() > 128 || v.len() > 1024 {
+                let at = format!("{}/{}", c.pointer("labels"), validation::pointer_key(k));
+                c.add_at(
+                    at,
+                    "label keys are up to 128 bytes, values up to 1024 bytes",
+                );
+            }
+        }
+    }
+}
+
+/// At most this many stages in one pipeline.
+const MAX_STAGES: usize = 16;
+
 impl JobSpec {
     /// The first evaluate stage's options, used for the baseline too, so that numbers compare.
     /// Without an evaluate stage naming the classifier output, a training stage's `output` names it.
@@ -169,12 +278,10 @@ impl JobSpec {
             })
             .unwrap_or_default();
         if opts.output.is_none() {
-            opts.output = self.pipeline.iter().find_map(|s| match s {
-                Stage::Distill(d) => d.output.clone(),
-                Stage::Finetune(f) => f.output.clone(),
-                Stage::Prune(p) => p.finetune.as_ref().and_then(|f| f.output.clone()),
-                _ => None,
-            });
+            opts.output = self
+                .pipeline
+                .iter()
+                .find_map(|s| s.options().training().and_then(|r| r.output.clone()));
         }
         opts
     }
@@ -186,82 +293,99 @@ impl JobSpec {
             p.add("", "the job spec must be a JSON object");
             return Err(p.0);
         };
-        let known: Vec<&str> = REFERENCE_FIELDS
-            .iter()
-            .map(|(f, _, _)| *f)
-            .chain(["pipeline", "constraints", "seed", "labels"])
-            .collect();
-        unknown_fields(obj, "", &known, &mut p);
-
-        for (field, _, _) in REFERENCE_FIELDS {
-            match obj.get(*field) {
-                None | Some(Value::Null) => {
-                    let required = matches!(*field, "model_id" | "dataset_id");
-                    if required && !provided.contains(field) {
-                        p.add(
-                            format!("/{field}"),
-                            format!("`{field}` is required (or send the file as a multipart part)"),
-                        );
-                    }
-                }
-                Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => {}
-                Some(_) => p.add(
-                    format!("/{field}"),
-                    format!("`{field}` must be a model or dataset id (a UUID string)"),
-                ),
-            }
-        }
-
-        validate_pipeline(obj.get("pipeline"), obj, provided, &mut p);
-        if let Some(c) = obj.get("constraints") {
-            validate_constraints(c, &mut p);
-        }
-        if let Some(seed) = obj.get("seed") {
-            if seed.as_u64().is_none() {
-                p.add("/seed", "`seed` must be a non-negative integer");
-            }
-        }
-        if let Some(labels) = obj.get("labels") {
-            validate_labels(labels, &mut p);
-        }
-        if !p.is_empty() {
-            return Err(p.0);
-        }
-        let mut filled = value.clone();
+        let mut top = obj.clone();
+        // Placeholders for file parts; the caller replaces them with real ids once stored.
+        let placeholder = Value::String(uuid::Uuid::nil().to_string());
         for field in provided {
-            // Placeholders for file parts; the caller replaces them with real ids once stored.
-            filled[*field] = Value::String(uuid::Uuid::nil().to_string());
+            top.insert(field.to_string(), placeholder.clone());
         }
-        serde_json::from_value(filled).map_err(|e| {
-            vec![FieldError {
-                pointer: String::new(),
-                detail: e.to_string(),
-            }]
-        })
+        for field in ["model_id", "dataset_id"] {
+            if top.get(field).is_none_or(Value::is_null) {
+                p.add(
+                    format!("/{field}"),
+                    format!("`{field}` is required (or send the file as a multipart part)"),
+                );
+                top.insert(field.into(), placeholder.clone());
+            }
+        }
+        let stages = parse_pipeline(top.insert("pipeline".into(), Value::Array(vec![])), &mut p);
+        let spec = validation::parse_into::<JobSpec>(&Value::Object(top), "", &mut p);
+        match (spec, stages) {
+            (Some(mut spec), Some(stages)) => {
+                spec.pipeline = stages;
+                spec.check_stages(&mut p);
+                p.into_result(spec)
+            }
+            _ => Err(p.0),
+        }
+    }
+
+    /// Checks that span stages: a stage after `quantize` that needs a float model, and the
+    /// inputs each stage needs.
+    fn check_stages(&self, p: &mut Problems) {
+        let given = Given {
+            train_data: self.train_dataset_id.is_some(),
+            student_model: self.student_model_id.is_some(),
+            teacher_model: self.teacher_model_id.is_some(),
+        };
+        let mut quantized_at = None;
+        for (i, stage) in self.pipeline.iter().enumerate() {
+            let at = format!("/pipeline/{i}");
+            let o = stage.options();
+            if let (Some(q), true) = (quantized_at, o.needs_float_model()) {
+                let hint = if o.training().is_some() {
+                    " (to train with quantization in the loop, use quantize `mode: qat`)"
+                } else {
+                    ""
+                };
+                p.add(
+                    at.clone(),
+                    format!(
+                        "`{}` needs a float model, but stage {q} (`quantize`) has already quantized it: only `evaluate` can follow a quantize stage; move this stage before it{hint}",
+                        stage.name()
+                    ),
+                );
+            }
+            if o.quantizes() {
+                quantized_at.get_or_insert(i);
+            }
+            if o.training().is_some() && !given.train_data {
+                p.add(
+                    "/train_dataset_id",
+                    format!(
+                        "the {} stage at {at} trains on `train_dataset_id` (labels optional); the job's dataset is kept for evaluation",
+                        stage.name()
+                    ),
+                );
+            }
+            o.check_inputs(given, &at, p);
+        }
+        if self.teacher_model_id.is_some()
+            && !self.pipeline.iter().any(|s| matches!(s, Stage::Distill(_)))
+        {
+            p.add(
+                "/teacher_model_id",
+                "`teacher_model_id` teaches the job's model in a `distill` stage, and the pipeline has none",
+            );
+        }
     }
 
     /// Every (spec field, id) reference this spec makes.
     pub fn references(&self) -> Vec<(&'static str, RefKind, &str)> {
-        let mut out = vec![
-            ("model_id", RefKind::Model, self.model_id.as_str()),
-            ("dataset_id", RefKind::Dataset, self.dataset_id.as_str()),
-        ];
         let optional = [
-            (
-                "calibration_dataset_id",
-                RefKind::Dataset,
-                &self.calibration_dataset_id,
-            ),
-            ("train_dataset_id", RefKind::Dataset, &self.train_dataset_id),
-            ("student_model_id", RefKind::Model, &self.student_model_id),
-            ("teacher_model_id", RefKind::Model, &self.teacher_model_id),
+            &self.calibration_dataset_id,
+            &self.train_dataset_id,
+            &self.student_model_id,
+            &self.teacher_model_id,
         ];
-        for (f, k, v) in optional {
-            if let Some(v) = v {
-                out.push((f, k, v.as_str()));
-            }
-        }
-        out
+        let ids = [Some(&self.model_id), Some(&self.dataset_id)]
+            .into_iter()
+            .chain(optional.into_iter().map(Option::as_ref));
+        REFERENCE_FIELDS
+            .iter()
+            .zip(ids)
+            .filter_map(|((field, _, kind), id)| id.map(|id| (*field, *kind, id.as_str())))
+            .collect()
     }
 
     /// Sets a reference field by name (used when multipart file parts stand in for ids).
@@ -278,164 +402,34 @@ impl JobSpec {
     }
 }
 
-fn unknown_fields(obj: &Map<String, Value>, base: &str, known: &[&str], p: &mut Problems) {
-    for key in obj.keys() {
-        if !known.contains(&key.as_str()) {
-            p.add(
-                format!("{base}/{}", pointer_key(key)),
-                format!(
-                    "unknown field `{key}`; expected one of: {}",
-                    known.join(", ")
-                ),
-            );
-        }
-    }
-}
-
-fn validate_pipeline(
-    pipeline: Option<&Value>,
-    spec: &Map<String, Value>,
-    provided: &[&str],
-    p: &mut Problems,
-) {
+/// Parses each stage on its own, so that every stage's problems are reported.
+fn parse_pipeline(pipeline: Option<Value>, p: &mut Problems) -> Option<Vec<Stage>> {
     let Some(pipeline) = pipeline else {
         p.add(
             "/pipeline",
             "`pipeline` is required: a list of stages such as [{\"stage\": \"evaluate\"}]",
         );
-        return;
+        return None;
     };
-    let Some(stages) = pipeline.as_array() else {
+    let Value::Array(stages) = pipeline else {
         p.add("/pipeline", "`pipeline` must be an array of stage objects");
-        return;
+        return None;
     };
     if stages.is_empty() {
         p.add("/pipeline", "`pipeline` must contain at least one stage");
     }
-    if stages.len() > 16 {
-        p.add("/pipeline", "`pipeline` may contain at most 16 stages");
+    if stages.len() > MAX_STAGES {
+        p.add(
+            "/pipeline",
+            format!("`pipeline` may contain at most {MAX_STAGES} stages"),
+        );
     }
-    for (i, stage) in stages.iter().enumerate() {
-        let base = format!("/pipeline/{i}");
-        let Some(obj) = stage.as_object() else {
-            p.add(base, "each stage must be an object with a `stage` name");
-            continue;
-        };
-        match obj.get("stage").and_then(Value::as_str) {
-            Some("evaluate") => validate_evaluate(obj, &base, p),
-            Some("quantize") => super::quantize::validate(obj, &base, spec, provided, p),
-            Some("distill") => super::distill::validate(obj, &base, spec, provided, p),
-            Some("finetune") => super::finetune::validate(obj, &base, spec, provided, p),
-            Some("prune") => super::prune::validate(obj, &base, spec, provided, p),
-            Some(name) => p.add(
-                format!("{base}/stage"),
-                format!(
-                    "unknown stage `{name}`; expected one of: {}",
-                    AVAILABLE_STAGES.join(", ")
-                ),
-            ),
-            None => p.add(
-                format!("{base}/stage"),
-                "`stage` is required and must be a string",
-            ),
-        }
-    }
-}
-
-fn validate_evaluate(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
-    let known = [
-        "stage",
-        "output",
-        "batch_size",
-        "latency_runs",
-        "warmup_runs",
-        "threads",
-        "max_samples",
-    ];
-    unknown_fields(obj, base, &known, p);
-    if let Some(v) = obj.get("output") {
-        if !v.is_string() {
-            p.add(
-                format!("{base}/output"),
-                "`output` must be the name of a model output",
-            );
-        }
-    }
-    int_in_range(obj, base, "batch_size", 1, 4096, p);
-    int_in_range(obj, base, "latency_runs", 1, 100_000, p);
-    int_in_range(obj, base, "warmup_runs", 0, 10_000, p);
-    int_in_range(obj, base, "threads", 1, 256, p);
-    int_in_range(obj, base, "max_samples", 1, u32::MAX as u64, p);
-}
-
-fn int_in_range(
-    obj: &Map<String, Value>,
-    base: &str,
-    key: &str,
-    min: u64,
-    max: u64,
-    p: &mut Problems,
-) {
-    if let Some(v) = obj.get(key) {
-        match v.as_u64() {
-            Some(n) if (min..=max).contains(&n) => {}
-            _ => p.add(
-                format!("{base}/{key}"),
-                format!("`{key}` must be an integer from {min} to {max}"),
-            ),
-        }
-    }
-}
-
-fn validate_constraints(c: &Value, p: &mut Problems) {
-    let Some(obj) = c.as_object() else {
-        p.add("/constraints", "`constraints` must be an object");
-        return;
-    };
-    let known = [
-        "max_accuracy_drop",
-        "min_fidelity",
-        "max_size_bytes",
-        "max_latency_ms",
-        "min_speedup",
-    ];
-    unknown_fields(obj, "/constraints", &known, p);
-    for (key, v) in obj {
-        let ptr = format!("/constraints/{}", pointer_key(key));
-        let num = v.as_f64();
-        match key.as_str() {
-            "max_accuracy_drop" | "min_fidelity" if !matches!(num, Some(x) if (0.0..=1.0).contains(&x)) =>
-            {
-                p.add(ptr, format!("`{key}` must be a fraction between 0 and 1"));
-            }
-            "max_size_bytes" if !matches!(v.as_u64(), Some(n) if n > 0) => {
-                p.add(ptr, "`max_size_bytes` must be a positive integer");
-            }
-            "max_latency_ms" | "min_speedup" if !matches!(num, Some(x) if x > 0.0 && x.is_finite()) =>
-            {
-                p.add(ptr, format!("`{key}` must be a positive number"));
-            }
-            _ => {}
-        }
-    }
-}
-
-fn validate_labels(labels: &Value, p: &mut Problems) {
-    let Some(obj) = labels.as_object() else {
-        p.add("/labels", "`labels` must be an object of string values");
-        return;
-    };
-    if obj.len() > 64 {
-        p.add("/labels", "`labels` may hold at most 64 entries");
-    }
-    for (k, v) in obj {
-        if !v.is_string() || k.len() > 128 || v.as_str().is_some_and(|s| s.len() > 1024) {
-            p.add(
-                format!("/labels/{}", pointer_key(k)),
-                "each label must be a string (keys up to 128, values up to 1024 bytes)",
-            );
-        }
-    }
+    let parsed: Vec<Option<Stage>> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| validation::parse_into::<Stage>(s, &format!("/pipeline/{i}"), p))
+        .collect();
+    parsed.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -504,5 +498,68 @@ mod tests {
             pointers(json!({"model_id": M, "dataset_id": M, "pipeline": []})),
             vec!["/pipeline"]
         );
+    }
+
+    #[test]
+    fn a_stage_after_quantize_that_needs_a_float_model_is_refused_naming_it() {
+        let got = pointers(json!({
+            "model_id": M, "dataset_id": M, "train_dataset_id": M,
+            "pipeline": [{"stage": "quantize"}, {"stage": "evaluate"}, {"stage": "finetune"},
+                         {"stage": "prune"}, {"stage": "quantize", "mode": "fp16"}]
+        }));
+        assert_eq!(got, vec!["/pipeline/2", "/pipeline/3", "/pipeline/4"]);
+        let ok = JobSpec::parse(
+            &json!({"model_id": M, "dataset_id": M, "train_dataset_id": M,
+                    "pipeline": [{"stage": "prune"}, {"stage": "finetune"}, {"stage": "quantize"},
+                                 {"stage": "evaluate"}]}),
+            &[],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn every_training_stage_needs_training_rows() {
+        for stage in [
+            json!({"stage": "distill"}),
+            json!({"stage": "finetune"}),
+            json!({"stage": "prune", "finetune": {}}),
+            json!({"stage": "quantize", "mode": "qat"}),
+        ] {
+            let got = pointers(json!({"model_id": M, "dataset_id": M, "pipeline": [stage]}));
+            assert_eq!(got, vec!["/train_dataset_id"], "{stage}");
+        }
+    }
+
+    #[test]
+    fn the_shared_training_options_are_one_block_in_every_training_stage() {
+        for (stage, base) in [
+            (
+                json!({"stage": "distill", "epochs": 0, "alpha": 2}),
+                "/pipeline/0",
+            ),
+            (
+                json!({"stage": "finetune", "epochs": 0, "alpha": 2}),
+                "/pipeline/0",
+            ),
+            (
+                json!({"stage": "prune", "finetune": {"epochs": 0, "alpha": 2}}),
+                "/pipeline/0/finetune",
+            ),
+            (
+                json!({"stage": "quantize", "mode": "qat", "qat": {"epochs": 0, "alpha": 2}}),
+                "/pipeline/0/qat",
+            ),
+        ] {
+            let mut got = pointers(
+                json!({"model_id": M, "dataset_id": M, "train_dataset_id": M,
+                                          "pipeline": [stage.clone()]}),
+            );
+            got.sort();
+            assert_eq!(
+                got,
+                vec![format!("{base}/alpha"), format!("{base}/epochs")],
+                "{stage}"
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
-//! Training options shared by the stages that train (`distill`, `finetune`), and their checks.
-use super::validation::Problems;
+//! The options of every stage that trains (`distill`, `finetune`, a `prune` stage's recovery,
+//! `quantize` with `mode: qat`): one [`Recovery`] block, with one [`TrainingOptions`] schedule.
+use super::validation::{Checker, Validate};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 /// How the learning rate decays after warm-up.
@@ -88,103 +88,102 @@ fn default_validation_share() -> f64 {
     0.15
 }
 
-/// The option names of [`TrainingOptions`].
-pub const TRAINING_KEYS: &[&str] = &[
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "weight_decay",
-    "warmup",
-    "schedule",
-    "max_grad_norm",
-    "patience",
-    "time_budget_s",
-    "validation_share",
-];
-
-/// Flags keys that are neither the stage's own (`known`, starting with "stage") nor training
-/// options, and checks the `output` name every training stage takes.
-pub(super) fn check_keys(
-    obj: &Map<String, Value>,
-    base: &str,
-    stage: &str,
-    known: &[&str],
-    p: &mut Problems,
-) {
-    let known: Vec<&str> = known.iter().chain(TRAINING_KEYS).copied().collect();
-    for key in obj.keys().filter(|k| !known.contains(&k.as_str())) {
-        p.add(
-            format!("{base}/{}", super::validation::pointer_key(key)),
-            format!(
-                "unknown option `{key}` for {stage}; expected one of: {}",
-                known[1..].join(", ")
-            ),
+impl Validate for TrainingOptions {
+    fn validate(&self, c: &mut Checker<'_>) {
+        let t = self;
+        c.check(
+            "learning_rate",
+            t.learning_rate > 0.0 && t.learning_rate < 10.0,
+            "`learning_rate` must be in (0, 10)",
         );
-    }
-    if obj.get("output").is_some_and(|v| !v.is_string()) {
-        p.add(format!("{base}/output"), "`output` must be an output name");
-    }
-}
-
-/// A training stage needs `train_dataset_id`: the job's dataset is kept for evaluation.
-pub(super) fn needs_train_data(
-    spec: &Map<String, Value>,
-    provided: &[&str],
-    stage: &str,
-    p: &mut Problems,
-) {
-    let given = spec.get("train_dataset_id").is_some_and(|v| !v.is_null())
-        || provided.contains(&"train_dataset_id");
-    if !given {
-        p.add(
-            "/train_dataset_id",
-            format!("a {stage} stage trains on `train_dataset_id` (labels optional); the job's dataset is kept for evaluation"),
+        c.check(
+            "weight_decay",
+            (0.0..1.0).contains(&t.weight_decay),
+            "`weight_decay` must be in [0, 1)",
+        );
+        c.check(
+            "warmup",
+            (0.0..1.0).contains(&t.warmup),
+            "`warmup` must be in [0, 1)",
+        );
+        c.check(
+            "max_grad_norm",
+            t.max_grad_norm >= 0.0,
+            "`max_grad_norm` must be 0 (off) or positive",
+        );
+        c.check(
+            "time_budget_s",
+            t.time_budget_s.is_none_or(|s| s > 0.0 && s.is_finite()),
+            "`time_budget_s` must be positive seconds",
+        );
+        c.check(
+            "validation_share",
+            t.validation_share > 0.0 && t.validation_share < 1.0,
+            "`validation_share` must be between 0 and 1 (exclusive)",
+        );
+        c.check(
+            "epochs",
+            (1..=1000).contains(&t.epochs),
+            "`epochs` must be an integer in 1..=1000",
+        );
+        c.check(
+            "batch_size",
+            (1..=4096).contains(&t.batch_size),
+            "`batch_size` must be an integer in 1..=4096",
+        );
+        c.check(
+            "patience",
+            t.patience <= 1000,
+            "`patience` must be an integer in 0..=1000",
         );
     }
 }
 
-/// Checks the [`TrainingOptions`] keys of a stage object.
-pub(super) fn validate_training(obj: &Map<String, Value>, base: &str, p: &mut Problems) {
-    let number = |key: &str, ok: &dyn Fn(f64) -> bool, what: &str, p: &mut Problems| {
-        if let Some(v) = obj.get(key) {
-            if !v.as_f64().is_some_and(ok) {
-                p.add(format!("{base}/{key}"), format!("`{key}` must be {what}"));
-            }
-        }
-    };
-    number("learning_rate", &|x| x > 0.0 && x < 10.0, "in (0, 10)", p);
-    number("weight_decay", &|x| (0.0..1.0).contains(&x), "in [0, 1)", p);
-    number("warmup", &|x| (0.0..1.0).contains(&x), "in [0, 1)", p);
-    number("max_grad_norm", &|x| x >= 0.0, "0 (off) or positive", p);
-    number("time_budget_s", &|x| x > 0.0, "positive seconds", p);
-    number(
-        "validation_share",
-        &|x| x > 0.0 && x < 1.0,
-        "between 0 and 1 (exclusive)",
-        p,
-    );
-    let integer = |key: &str, lo: u64, hi: u64, p: &mut Problems| {
-        if let Some(v) = obj.get(key) {
-            if !v.as_u64().is_some_and(|x| (lo..=hi).contains(&x)) {
-                p.add(
-                    format!("{base}/{key}"),
-                    format!("`{key}` must be an integer in {lo}..={hi}"),
-                );
-            }
-        }
-    };
-    integer("epochs", 1, 1000, p);
-    integer("batch_size", 1, 4096, p);
-    integer("patience", 0, 1000, p);
-    if let Some(v) = obj.get("schedule") {
-        if !v
-            .as_str()
-            .is_some_and(|s| ["cosine", "linear", "constant"].contains(&s))
-        {
-            p.add(
-                format!("{base}/schedule"),
-                "`schedule` must be one of: cosine, linear, constant",
-            );
-        }
+/// How a stage trains the model on `train_dataset_id`: α·CE(labels) + (1−α)·T²·KL(reference ‖
+/// trained), KL alone without labels. The reference is the model as it entered the stage (the
+/// teacher, for `distill`). Unset `alpha` and `temperature` take the stage's own defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Recovery {
+    /// Weight of the label cross-entropy (0..=1; ignored without labels). Default: 0.5, and 1
+    /// (cross-entropy alone) for `finetune`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Softmax temperature of the KL term (0 < T <= 100). Default: 4 for `distill`, 1 for
+    /// `finetune`, 2 otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The classifier output (inferred when the model has one output or an evaluate stage
+    /// names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(flatten)]
+    pub training: TrainingOptions,
+}
+
+impl Recovery {
+    /// α, or the stage's default.
+    pub fn alpha_or(&self, default: f64) -> f64 {
+        self.alpha.unwrap_or(default)
+    }
+
+    /// T, or the stage's default.
+    pub fn temperature_or(&self, default: f64) -> f64 {
+        self.temperature.unwrap_or(default)
+    }
+}
+
+impl Validate for Recovery {
+    fn validate(&self, c: &mut Checker<'_>) {
+        c.check(
+            "alpha",
+            self.alpha.is_none_or(|a| (0.0..=1.0).contains(&a)),
+            "`alpha` must be in [0, 1]",
+        );
+        c.check(
+            "temperature",
+            self.temperature.is_none_or(|t| t > 0.0 && t <= 100.0),
+            "`temperature` must be in (0, 100]",
+        );
+        c.flattened(&self.training);
     }
 }

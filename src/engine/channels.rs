@@ -52,7 +52,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
     let Some(graph) = model.graph.as_ref() else {
         return Vec::new();
     };
-    let inits = crate::engine::quantize::rewrite::initializers(graph);
+    let inits = crate::engine::onnx::rewrite::initializers(graph);
     let mut uses: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         for (k, input) in n.input.iter().enumerate() {
@@ -324,11 +324,22 @@ fn region_exit<'g>(
     Some(exit.to_string())
 }
 
-/// How a channel's (or head's) importance is scored from its weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Importance {
-    L1,
-    L2,
+pub use crate::domain::prune::PruneImportance as Importance;
+
+/// How many of `total` to keep when removing `sparsity` of them, rounded up to `multiple_of`.
+pub fn kept_count(total: usize, sparsity: f64, multiple_of: usize) -> usize {
+    let keep = ((total as f64) * (1.0 - sparsity)).round().max(1.0) as usize;
+    let m = multiple_of.max(1);
+    keep.div_ceil(m).saturating_mul(m).clamp(1, total)
+}
+
+/// The `keep` highest-scoring indices, ascending.
+pub fn top(scores: &[f32], keep: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut kept = order[..keep.min(scores.len())].to_vec();
+    kept.sort_unstable();
+    kept
 }
 
 /// The norm of each slice along `axis` of a row-major tensor.

@@ -196,6 +196,7 @@ pub fn evaluate(
         memory: MemoryMetrics {
             peak_rss_growth_bytes: peak_growth,
             load_rss_growth_bytes: load_growth,
+            scope: crate::domain::report::MemoryScope::Process,
         },
     };
     Ok(Evaluation {

@@ -19,6 +19,16 @@ pub mod train;
 
 pub use error::{EngineError, Result};
 
+/// A model's summary as an upload records it: its graph ([`onnx::summarize`]) and, for each
+/// output, the operators on its path that training cannot run.
+pub fn inspect(model: &onnx::LoadedModel) -> crate::domain::model::ModelSummary {
+    let mut summary = onnx::summarize(&model.proto);
+    if let Some(graph) = model.proto.graph.as_ref() {
+        summary.untrainable_ops = train::graph::untrainable_ops(graph);
+    }
+    summary
+}
+
 /// Called by long computations between units of work; returning an error stops the work.
 /// Workers use it to report progress and to honour cancellation.
 pub trait Progress: Sync {

@@ -159,7 +159,7 @@ pub fn render_metrics(m: &Metrics) -> String {
     }
     let _ = writeln!(
         out,
-        "runtime: {}, {} thread(s); memory: peak RSS growth {} bytes (load {})",
+        "runtime: {}, {} thread(s); memory: peak RSS growth {} bytes (load {}) of the whole process (jobs running beside it count too)",
         m.latency.runtime,
         m.latency.intra_op_threads,
         m.memory.peak_rss_growth_bytes,

@@ -8,9 +8,8 @@ use crate::domain::dataset::DatasetSummary;
 use crate::domain::ids::{JobId, DEFAULT_PROJECT};
 use crate::domain::job::{Job, JobStatus};
 use crate::domain::model::ModelSummary;
-use crate::domain::quantize::QuantizeMode;
 use crate::domain::report::Report;
-use crate::domain::spec::{JobSpec, RefKind, Stage, REFERENCE_FIELDS};
+use crate::domain::spec::{JobSpec, RefKind, REFERENCE_FIELDS};
 use crate::domain::validation::Problems;
 use crate::ingest::{self, Staged};
 use crate::store::jobs::{Inserted, JobRow, NewJob};
@@ -53,8 +52,8 @@ enum Part {
         (status = 413, description = "A file part is over the upload limit", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Every invalid field, as JSON pointers", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422, "detail": "2 fields are invalid",
-                "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown stage `quantise`; expected one of: evaluate"},
-                           {"pointer": "/dataset_id", "detail": "no dataset with id 0193a4f0-9a2b-7c4d-8e5f-6a7b8c9d0e1f"}]}))
+                "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown variant `quantise`, expected one of `evaluate`, `quantize`, `distill`, `finetune`, `prune`"},
+                           {"pointer": "/pipeline/1/temprature", "detail": "unknown option `temprature`; expected one of: alpha, batch_size, epochs, learning_rate, max_grad_norm, patience, schedule, stage, student, validation_share, warmup, weight_decay, width"}]}))
     ))]
 pub async fn create_job(
     State(state): State<AppState>,
@@ -116,16 +115,32 @@ pub async fn create_job(
         }
     }
 
+    // The file parts this request stored: removed again when no job of this request keeps them.
+    let mut stored: Vec<(UploadKind, String)> = Vec::new();
+    let mut stored_all = Ok(());
     for (field, part) in parts {
-        let id = match part {
-            Part::Model(staged, summary, name) => {
-                store_model(&state, staged, &name, summary).await?.id
-            }
-            Part::Dataset(staged, summary, name) => {
-                store_dataset(&state, staged, &name, summary).await?.id
-            }
+        let upload = match part {
+            Part::Model(staged, summary, name) => store_model(&state, staged, &name, summary)
+                .await
+                .map(|u| (UploadKind::Model, u.id)),
+            Part::Dataset(staged, summary, name) => store_dataset(&state, staged, &name, summary)
+                .await
+                .map(|u| (UploadKind::Dataset, u.id)),
         };
-        spec.set_reference(&field, id);
+        match upload {
+            Ok((kind, id)) => {
+                spec.set_reference(&field, id.clone());
+                stored.push((kind, id));
+            }
+            Err(e) => {
+                stored_all = Err(e);
+                break;
+            }
+        }
+    }
+    if let Err(e) = stored_all {
+        discard_uploads(&state, &stored).await;
+        return Err(e);
     }
     let id = JobId::new().to_string();
     let inserted = state
@@ -140,13 +155,35 @@ pub async fn create_job(
             request_id: super::request_id(&headers).as_deref(),
             now: now_ms(),
         })
-        .await?;
+        .await;
     match inserted {
-        Inserted::Created(row) => {
+        Ok(Inserted::Created(row)) => {
             tracing::info!(job_id = %row.id, "job queued");
             respond(row)
         }
-        Inserted::Existing(row) => respond(row),
+        Ok(Inserted::Existing(row)) => {
+            // A concurrent retry created the job first; its files are the job's.
+            discard_uploads(&state, &stored).await;
+            respond(row)
+        }
+        Err(e) => {
+            discard_uploads(&state, &stored).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Deletes uploads this request stored but no job references (nothing else can know their ids).
+async fn discard_uploads(state: &AppState, stored: &[(UploadKind, String)]) {
+    for (kind, id) in stored {
+        match state.db.delete_upload(*kind, DEFAULT_PROJECT, id).await {
+            Ok(key) => {
+                if let Err(e) = state.blobs.delete(&key).await {
+                    tracing::warn!(upload = %id, error = %e, "could not delete an unused upload's file");
+                }
+            }
+            Err(e) => tracing::warn!(upload = %id, error = %e, "could not delete an unused upload"),
+        }
     }
 }
 
@@ -283,78 +320,11 @@ async fn check_references(
             },
         }
     }
-    if let Some(model) = models.get("model_id") {
-        for field in ["dataset_id", "calibration_dataset_id", "train_dataset_id"] {
-            if let Some(data) = datasets.get(field) {
-                if let Err(e) = crate::engine::dataset::bind(model, data) {
-                    problems.add(
-                        format!("/{field}"),
-                        format!("the dataset does not fit the model: {e}"),
-                    );
-                }
-            }
-        }
-        for (i, stage) in spec.pipeline.iter().enumerate() {
-            let training_output = match stage {
-                Stage::Distill(d) => Some((d.output.clone(), models.get("student_model_id"))),
-                Stage::Finetune(f) => Some((f.output.clone(), None)),
-                Stage::Prune(p) => p.finetune.as_ref().map(|f| (f.output.clone(), None)),
-                Stage::Quantize(q) if q.mode == QuantizeMode::Qat => {
-                    Some((q.qat.output.clone(), None))
-                }
-                _ => None,
-            };
-            if let Some((output, student)) = training_output {
-                let named = output.or_else(|| spec.evaluate_options().output);
-                match crate::engine::evaluate::choose_classifier(
-                    &model.outputs,
-                    named.as_deref(),
-                    true,
-                ) {
-                    Ok(Some(out)) => {
-                        let roles = [("model_id", Some(model)), ("student_model_id", student)];
-                        for (field, m) in roles {
-                            let Some(m) = m else { continue };
-                            if !m.outputs.iter().any(|o| o.name == out) {
-                                problems.add(
-                                    format!("/{field}"),
-                                    format!("the student has no output `{out}` like the teacher's"),
-                                );
-                            } else if let Some(ops) = m.untrainable_ops.get(&out) {
-                                problems.add(
-                                    format!("/{field}"),
-                                    format!(
-                                        "{} cannot train through output `{out}`: the op(s) {} are outside the training subset ({})",
-                                        stage.name(),
-                                        ops.join(", "),
-                                        crate::engine::train::SUPPORTED_OPS.join(", ")
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => problems.add(format!("/pipeline/{i}/output"), e.to_string()),
-                }
-                continue;
-            }
-            let Stage::Evaluate(opts) = stage else {
-                continue;
-            };
-            if let Some(out) = &opts.output {
-                if !model.outputs.iter().any(|o| &o.name == out) {
-                    let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
-                    problems.add(
-                        format!("/pipeline/{i}/output"),
-                        format!(
-                            "the model has no output `{out}` (it has: {})",
-                            names.join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-    }
+    let uploads = crate::pipeline::checks::Uploads {
+        models: &models,
+        datasets: &datasets,
+    };
+    crate::pipeline::checks::check_inputs(spec, &uploads, &mut problems);
     problems.into_result(()).map_err(ApiError::Validation)
 }
 
@@ -456,26 +426,38 @@ pub async fn cancel_job(
     Ok((StatusCode::ACCEPTED, Json(row.to_job()?)))
 }
 
-/// Follow a job: Server-Sent Events (`event: job`, data = the job) on every status, stage or progress change, until it ends.
-#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+/// Follow a job: Server-Sent Events (`event: job`, data = the job) on every status, stage or
+/// progress change, until it ends. Each event's `id` is the job's version (its `updated_at` in
+/// milliseconds): a client that reconnects with `Last-Event-ID` gets the job's current state at
+/// once when it changed since that event, and nothing repeated when it did not.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received")),
     responses((status = 200, description = "An event stream", content_type = "text/event-stream"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn job_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     find_job(&state, &id).await?;
+    let seen: Option<i64> = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok());
     let stream = async_stream::stream! {
         let mut last: Option<(String, Option<String>, i64)> = None;
         loop {
             let Ok(row) = state.db.get_job(DEFAULT_PROJECT, &id).await else { break };
             let key = (row.status.clone(), row.stage.clone(), (row.progress * 1000.0) as i64);
-            if last.as_ref() != Some(&key) {
+            let already_seen = last.is_none() && seen.is_some_and(|v| row.updated_at <= v);
+            if last.as_ref() != Some(&key) && !already_seen {
                 if let Ok(job) = row.to_job() {
-                    if let Ok(ev) = Event::default().event("job").json_data(&job) {
+                    if let Ok(ev) = Event::default().event("job").id(row.updated_at.to_string()).json_data(&job) {
                         yield Ok(ev);
                     }
                 }
+            }
+            if last.as_ref() != Some(&key) {
                 last = Some(key);
             }
             if row.status().is_final() {
@@ -485,6 +467,34 @@ pub async fn job_events(
         }
     };
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Get a job's log: what the pipeline wrote, and for an attempt that failed or was cancelled,
+/// how it ended with every cause. Present once an attempt has ended, whatever its outcome.
+#[utoipa::path(get, path = "/jobs/{id}/log", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "The log", content_type = "text/plain", body = String),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No attempt has ended yet", body = Problem, content_type = "application/problem+json")))]
+pub async fn job_log(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let row = find_job(&state, &id).await?;
+    let log = state
+        .db
+        .list_artifacts(&id)
+        .await?
+        .into_iter()
+        .find(|a| a.name == "job.log")
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "job {id} has no log yet: it is {} and no attempt has ended",
+                row.status
+            ))
+        })?;
+    let blob = state.blobs.get_stream(&log.blob_key).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(blob.body),
+    )
+        .into_response())
 }
 
 /// Get the report of a succeeded job.

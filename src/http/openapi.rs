@@ -31,6 +31,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::job_events))
         .routes(routes!(jobs::job_report))
+        .routes(routes!(jobs::job_log))
         .routes(routes!(jobs::list_artifacts))
         .routes(routes!(jobs::get_artifact))
         .routes(routes!(health::healthz))

@@ -141,24 +141,16 @@ impl Db {
         select_by_idempotency_key(&self.pool, project, key).await
     }
 
-    /// Inserts a queued job and its input references in one transaction, honouring the idempotency key.
+    /// Inserts a queued job and its input references in one transaction, honouring the
+    /// idempotency key: a job already created with the key is returned when the request matches.
     pub async fn insert_job(&self, j: NewJob<'_>) -> Result<Inserted> {
         let spec_json =
             serde_json::to_string(j.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // The insert comes first: the unique index on the key settles races between retries,
+        // and a transaction that starts by writing never has to upgrade a read lock (which
+        // SQLite refuses while another writer commits).
         let mut tx = self.pool.begin().await?;
-        if let Some(key) = j.idempotency_key {
-            let existing = select_by_idempotency_key(&mut *tx, j.project, key).await?;
-            if let Some(row) = existing {
-                return if row.request_sha256.as_deref() == Some(j.request_sha256) {
-                    Ok(Inserted::Existing(row))
-                } else {
-                    Err(StoreError::Conflict(format!(
-                        "Idempotency-Key `{key}` was already used with a different request body"
-                    )))
-                };
-            }
-        }
-        let row: JobRow = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let inserted: std::result::Result<JobRow, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO jobs (id, project, status, spec, model_id, max_attempts, run_at, idempotency_key, request_sha256, request_id, \
              created_at, updated_at) VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $6, $6) RETURNING {JOB_COLUMNS}"
         )))
@@ -172,11 +164,21 @@ impl Db {
         .bind(j.request_sha256)
         .bind(j.request_id)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| match e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict("a concurrent request used the same Idempotency-Key".into()),
-            other => other.into(),
-        })?;
+        .await;
+        let row = match (inserted, j.idempotency_key) {
+            (Ok(row), _) => row,
+            // A concurrent request with the same key won the race: answer as it was answered.
+            (Err(sqlx::Error::Database(d)), Some(key)) if d.is_unique_violation() => {
+                tx.rollback().await?;
+                return match select_by_idempotency_key(&self.pool, j.project, key).await? {
+                    Some(row) => replay(row, key, j.request_sha256),
+                    None => Err(StoreError::Conflict(
+                        "a concurrent request used the same Idempotency-Key".into(),
+                    )),
+                };
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
         let mut ids: Vec<&str> = j
             .spec
             .references()
@@ -267,5 +269,16 @@ impl Db {
             .bind(job_id)
             .fetch_all(&self.pool)
             .await?)
+    }
+}
+
+/// The job an earlier request with the same Idempotency-Key created, when the body matches.
+fn replay(row: JobRow, key: &str, request_sha256: &str) -> Result<Inserted> {
+    if row.request_sha256.as_deref() == Some(request_sha256) {
+        Ok(Inserted::Existing(row))
+    } else {
+        Err(StoreError::Conflict(format!(
+            "Idempotency-Key `{key}` was already used with a different request body"
+        )))
     }
 }

@@ -16,8 +16,12 @@ pub enum Lease {
 /// How a failed attempt ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOutcome {
-    Retrying { run_at: i64 },
+    Retrying {
+        run_at: i64,
+    },
     Failed,
+    /// A user asked to cancel the job: it ends cancelled instead of retrying.
+    Cancelled,
     LeaseLost,
 }
 
@@ -79,7 +83,7 @@ impl Db {
         let row: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, locked_by = $1, lease_expires_at = $2, \
              started_at = COALESCE(started_at, $3), updated_at = $3, stage = 'baseline', progress = 0 \
-             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_at <= $3 ORDER BY run_at, id LIMIT 1 {lock}) \
+             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested = 0 AND run_at <= $3 ORDER BY run_at, id LIMIT 1 {lock}) \
              RETURNING {JOB_COLUMNS}"
         )))
         .bind(worker)
@@ -176,7 +180,7 @@ impl Db {
         error: &str,
         retryable: bool,
     ) -> Result<FailOutcome> {
-        let job = match sqlx::query_as::<_, (i64, i64)>("SELECT attempt, max_attempts FROM jobs WHERE id = $1 AND locked_by = $2 AND status = 'running'")
+        let job = match sqlx::query_as::<_, (i64, i64, i64)>("SELECT attempt, max_attempts, cancel_requested FROM jobs WHERE id = $1 AND locked_by = $2 AND status = 'running'")
             .bind(id)
             .bind(worker)
             .fetch_optional(&self.pool)
@@ -185,7 +189,19 @@ impl Db {
             Some(j) => j,
             None => return Ok(FailOutcome::LeaseLost),
         };
-        let (attempt, max) = job;
+        let (attempt, max, cancel) = job;
+        if cancel != 0 {
+            // Nobody wants the result any more: no retry.
+            let ending = Ending {
+                error: Some(error),
+                ..Ending::cancelled()
+            };
+            return Ok(if self.finish_job(id, worker, now, ending).await? {
+                FailOutcome::Cancelled
+            } else {
+                FailOutcome::LeaseLost
+            });
+        }
         if retryable && attempt < max {
             let run_at = now + backoff_ms(attempt);
             let mut tx = self.pool.begin().await?;
@@ -222,11 +238,14 @@ impl Db {
         )
     }
 
-    /// Gives a running job back to the queue without using up an attempt (graceful shutdown).
+    /// Gives a running job back to the queue without using up an attempt (graceful shutdown);
+    /// a job whose cancel was requested ends cancelled instead.
     pub async fn hand_back(&self, id: &str, worker: &str, now: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET status = 'queued', attempt = attempt - 1, run_at = $1, updated_at = $1, locked_by = NULL, lease_expires_at = NULL \
+            "UPDATE jobs SET status = CASE WHEN cancel_requested = 0 THEN 'queued' ELSE 'cancelled' END, \
+             finished_at = CASE WHEN cancel_requested = 0 THEN NULL ELSE $1 END, \
+             attempt = attempt - 1, run_at = $1, updated_at = $1, locked_by = NULL, lease_expires_at = NULL \
              WHERE id = $2 AND locked_by = $3 AND status = 'running'",
         )
         .bind(now)
@@ -242,7 +261,8 @@ impl Db {
         Ok(n == 1)
     }
 
-    /// Requeues jobs whose lease expired (their worker died); fails those out of attempts.
+    /// Requeues jobs whose lease expired (their worker died); fails those out of attempts and
+    /// cancels those whose cancel was requested.
     /// Returns the number of jobs rescued.
     pub async fn rescue_expired(&self, now: i64) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
@@ -266,8 +286,9 @@ impl Db {
             })
             .to_string();
             sqlx::query(
-                "UPDATE jobs SET status = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END, \
-                 finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE $1 END, \
+                "UPDATE jobs SET status = CASE WHEN cancel_requested <> 0 THEN 'cancelled' \
+                 WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END, \
+                 finished_at = CASE WHEN cancel_requested = 0 AND attempt < max_attempts THEN NULL ELSE $1 END, \
                  error = $2, run_at = $1, updated_at = $1, locked_by = NULL, lease_expires_at = NULL \
                  WHERE id = $3 AND status = 'running' AND lease_expires_at < $1",
             )

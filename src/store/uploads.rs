@@ -129,28 +129,34 @@ impl Db {
     }
 
     /// Deletes an upload unless a queued or running job reads it. Returns its blob key.
+    ///
+    /// One statement: a read-then-write transaction can fail on SQLite (WAL) when another
+    /// writer commits in between, which concurrent requests do.
     pub async fn delete_upload(&self, kind: UploadKind, project: &str, id: &str) -> Result<String> {
-        let mut tx = self.pool.begin().await?;
-        let in_use: Option<(String,)> = sqlx::query_as(
-            "SELECT j.id FROM job_inputs i JOIN jobs j ON j.id = i.job_id WHERE i.input_id = $1 AND j.status IN ('queued', 'running') LIMIT 1",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((job,)) = in_use {
-            return Err(StoreError::Conflict(format!(
-                "job {job} is queued or running with it"
-            )));
-        }
         let key: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM {} WHERE project = $1 AND id = $2 RETURNING blob_key",
+            "DELETE FROM {} WHERE project = $1 AND id = $2 AND NOT EXISTS (\
+             SELECT 1 FROM job_inputs i JOIN jobs j ON j.id = i.job_id \
+             WHERE i.input_id = $2 AND j.status IN ('queued', 'running')) RETURNING blob_key",
             kind.table()
         )))
         .bind(project)
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
-        tx.commit().await?;
-        key.map(|(k,)| k).ok_or(StoreError::NotFound)
+        if let Some((key,)) = key {
+            return Ok(key);
+        }
+        let job: Option<(String,)> = sqlx::query_as(
+            "SELECT j.id FROM job_inputs i JOIN jobs j ON j.id = i.job_id WHERE i.input_id = $1 AND j.status IN ('queued', 'running') LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match job {
+            Some((job,)) => Err(StoreError::Conflict(format!(
+                "job {job} is queued or running with it"
+            ))),
+            None => Err(StoreError::NotFound),
+        }
     }
 }

@@ -27,14 +27,30 @@ pub struct JobProgress {
     cancelled: AtomicBool,
     lease_lost: AtomicBool,
     shutdown: AtomicBool,
+    /// What the pipeline logged so far: stored as `job.log` when the attempt fails.
+    log: Mutex<String>,
 }
 
-impl JobProgress {
-    /// Starts a step covering `span` of the whole job from `start`.
-    pub fn enter(&self, stage: &str, start: f64, span: f64) {
+impl crate::pipeline::JobProgress for JobProgress {
+    fn enter(&self, stage: &str, start: f64, span: f64) {
         *self.stage.lock().unwrap() = stage.to_string();
         *self.window.lock().unwrap() = (start, span);
         self.overall.store(start.to_bits(), Ordering::Relaxed);
+    }
+
+    fn log(&self, line: &str) {
+        let mut log = self.log.lock().unwrap();
+        log.push_str(line);
+        if !line.ends_with('\n') {
+            log.push('\n');
+        }
+    }
+}
+
+impl JobProgress {
+    /// The log lines written so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn snapshot(&self) -> (String, f64) {

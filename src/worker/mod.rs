@@ -1,14 +1,10 @@
-//! Workers: claim a job, run its pipeline on the engine off the async runtime, store the results.
+//! Workers: async orchestration only. Claim a job, fetch its inputs, run the
+//! [`pipeline`](crate::pipeline) on a blocking thread, store the results.
 //!
 //! Each worker slot loops: claim -> run -> finish. A heartbeat task renews the lease and carries
-//! progress and cancellation between the database and the engine. A rescuer requeues jobs whose
+//! progress and cancellation between the database and the pipeline. A rescuer requeues jobs whose
 //! worker died. On shutdown, slots stop claiming and hand running jobs back to the queue.
-pub mod distill_stage;
 mod heartbeat;
-pub mod pipeline;
-pub mod prune_stage;
-pub mod qat_stage;
-pub mod quantize_stage;
 mod runner;
 
 use crate::blob::BlobStore;

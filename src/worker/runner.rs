@@ -1,13 +1,13 @@
 //! One attempt at one job: fetch inputs, run the pipeline on a blocking thread, store the outputs,
 //! and end the attempt as succeeded, failed (maybe retried), cancelled or handed back.
 use super::heartbeat::{self, JobProgress, LeaseTerms, StopReason};
-use super::pipeline::{self, InputHashes, PipelineInputs, PipelineOutput};
 use super::WorkerContext;
 use crate::blob::artifact_key;
 use crate::domain::dataset::DatasetSummary;
 use crate::domain::job::JobError;
 use crate::domain::model::ModelSummary;
 use crate::engine::{self, EngineError};
+use crate::pipeline::{self, InputHashes, JobProgress as _, PipelineInputs, PipelineOutput};
 use crate::store::jobs::{ArtifactRow, JobRow};
 use crate::store::now_ms;
 use crate::store::queue::{Ending, FailOutcome};
@@ -177,6 +177,15 @@ async fn attempt(
         "student",
     )
     .await?;
+    let teacher_path = fetch_optional(
+        ctx,
+        job,
+        UploadKind::Model,
+        &spec.teacher_model_id,
+        dir_path,
+        "teacher",
+    )
+    .await?;
 
     let hashes = InputHashes {
         spec: hex::encode(Sha256::digest(job.spec.as_bytes())),
@@ -202,15 +211,20 @@ async fn attempt(
             .as_deref()
             .map(engine::onnx::load_model_file)
             .transpose()?;
+        let teacher = teacher_path
+            .as_deref()
+            .map(engine::onnx::load_model_file)
+            .transpose()?;
         let inputs = PipelineInputs {
             model,
             data,
             calibration,
             train,
             student,
+            teacher,
             hashes,
         };
-        pipeline::run(&rt, &job_id, &spec, inputs, &p)
+        pipeline::run(&rt, &job_id, &spec, inputs, p.as_ref())
     })
     .await
     .map_err(|e| Failure::Invalid(anyhow::anyhow!("the engine crashed: {e}")))?;
@@ -245,13 +259,9 @@ async fn store_outputs(
     let mut files: Vec<(String, bytes::Bytes, &str)> = out
         .stage_models
         .iter()
-        .map(|(name, bytes)| (name.clone(), bytes.clone(), "application/octet-stream"))
+        .chain([&out.final_model])
+        .map(|a| (a.name.clone(), a.bytes.clone(), a.content_type))
         .collect();
-    files.push((
-        "model.onnx".into(),
-        out.final_model.clone(),
-        "application/octet-stream",
-    ));
     files.push((
         "job.log".into(),
         bytes::Bytes::from(out.log.clone()),
@@ -264,23 +274,7 @@ async fn store_outputs(
     ));
     let mut report_key = String::new();
     for (name, bytes, content_type) in files {
-        let key = artifact_key(&job.project, &job.id, job.attempt, &name);
-        ctx.blobs
-            .put_bytes(&key, bytes.clone())
-            .await
-            .with_context(|| format!("while storing {name}"))?;
-        ctx.db
-            .insert_artifact(&ArtifactRow {
-                job_id: job.id.clone(),
-                name: name.to_string(),
-                blob_key: key.clone(),
-                size_bytes: bytes.len() as i64,
-                sha256: hex::encode(Sha256::digest(&bytes)),
-                content_type: content_type.to_string(),
-                created_at: now_ms(),
-            })
-            .await
-            .with_context(|| format!("while recording {name}"))?;
+        let key = store_file(ctx, job, &name, bytes, content_type).await?;
         if name == "report.json" {
             report_key = key;
         }
@@ -301,6 +295,57 @@ async fn store_outputs(
     Ok(())
 }
 
+/// Stores one artifact of this attempt; returns its blob key.
+async fn store_file(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    name: &str,
+    bytes: bytes::Bytes,
+    content_type: &str,
+) -> anyhow::Result<String> {
+    let key = artifact_key(&job.project, &job.id, job.attempt, name);
+    ctx.blobs
+        .put_bytes(&key, bytes.clone())
+        .await
+        .with_context(|| format!("while storing {name}"))?;
+    ctx.db
+        .insert_artifact(&ArtifactRow {
+            job_id: job.id.clone(),
+            name: name.to_string(),
+            blob_key: key.clone(),
+            size_bytes: bytes.len() as i64,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            content_type: content_type.to_string(),
+            created_at: now_ms(),
+        })
+        .await
+        .with_context(|| format!("while recording {name}"))?;
+    Ok(key)
+}
+
+/// Stores `job.log` for an attempt that did not succeed: what the pipeline logged, then how the
+/// attempt ended with the whole cause chain.
+async fn store_failure_log(ctx: &WorkerContext, job: &JobRow, progress: &JobProgress, end: &str) {
+    let mut text = progress.log_text();
+    text.push_str(&format!("attempt {} {end}\n", job.attempt));
+    let log = bytes::Bytes::from(text);
+    if let Err(e) = store_file(ctx, job, "job.log", log, "text/plain; charset=utf-8").await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "could not store the failed attempt's log"
+        );
+    }
+}
+
+/// "failed (kind): message" and one "caused by" line per cause.
+fn failure_text(kind: &str, e: &anyhow::Error) -> String {
+    let mut s = format!("failed ({kind}): {e}");
+    for cause in e.chain().skip(1) {
+        s.push_str(&format!("\n  caused by: {cause}"));
+    }
+    s
+}
+
 fn job_error(kind: &str, e: &anyhow::Error) -> String {
     let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
     let err = JobError {
@@ -315,7 +360,7 @@ async fn finish(
     ctx: &WorkerContext,
     job: &JobRow,
     result: Result<(), Failure>,
-    _progress: &JobProgress,
+    progress: &JobProgress,
 ) {
     let now = now_ms();
     let outcome = match result {
@@ -325,6 +370,7 @@ async fn finish(
         }
         Err(Failure::Stopped(StopReason::Cancelled)) => {
             tracing::info!("job cancelled");
+            store_failure_log(ctx, job, progress, "was cancelled").await;
             ctx.db
                 .finish_job(&job.id, &ctx.worker_id, now, Ending::cancelled())
                 .await
@@ -348,6 +394,7 @@ async fn finish(
                 "invalid_input"
             };
             tracing::warn!(error = format!("{e:#}"), "job failed");
+            store_failure_log(ctx, job, progress, &failure_text(kind, &e)).await;
             ctx.db
                 .fail_attempt(&job.id, &ctx.worker_id, now, &job_error(kind, &e), false)
                 .await
@@ -363,6 +410,7 @@ async fn finish(
                 "infrastructure"
             };
             tracing::warn!(error = format!("{e:#}"), "attempt failed");
+            store_failure_log(ctx, job, progress, &failure_text(kind, &e)).await;
             match ctx
                 .db
                 .fail_attempt(&job.id, &ctx.worker_id, now, &job_error(kind, &e), true)

@@ -282,3 +282,75 @@ async fn a_feature_hint_trains_through_the_api_and_a_wrong_tensor_fails_the_job_
     let text = j["error"].to_string();
     assert!(text.contains("features") && text.contains("shape"), "{j}");
 }
+
+#[tokio::test]
+async fn an_uploaded_teacher_distils_the_jobs_model_as_the_student() {
+    let app = spawn_app(Setup::Embedded).await;
+    let teacher = app.model("digits_mlp.onnx").await;
+    let student = app.model("digits_student.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    let (id, report) = run_job(
+        &app,
+        json!({"model_id": student["id"], "teacher_model_id": teacher["id"],
+               "dataset_id": d["id"], "train_dataset_id": t["id"], "seed": 4,
+               "pipeline": [{"stage": "distill", "epochs": 25, "patience": 0}]}),
+    )
+    .await;
+    let (base, stage) = (&report["baseline"], &report["stages"][0]);
+    assert!(
+        stage["notes"]
+            .to_string()
+            .contains("teacher: the uploaded teacher_model_id; student: the job's model"),
+        "{stage}"
+    );
+    // The job's model was trained, not replaced: same architecture, new weights.
+    assert_eq!(
+        stage["metrics"]["size"]["parameters"],
+        base["size"]["parameters"]
+    );
+    assert_ne!(
+        stage["metrics"]["task"], base["task"],
+        "the student changed"
+    );
+    // It learned from the teacher: at least 97% of the teacher's accuracy on the same rows.
+    let (_, teacher_eval) = run_job(
+        &app,
+        json!({"model_id": teacher["id"], "dataset_id": d["id"], "pipeline": [{"stage": "evaluate"}]}),
+    )
+    .await;
+    let (tt, ts) = (top1(&teacher_eval["baseline"]), top1(&stage["metrics"]));
+    assert!(ts >= 0.97 * tt, "teacher {tt}, student {ts}");
+    check_artifact(&app, &id, &report).await;
+}
+
+#[tokio::test]
+async fn a_teacher_without_a_distill_stage_or_with_a_derived_student_is_refused() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_student.onnx").await;
+    let teacher = app.model("digits_mlp.onnx").await;
+    let d = app.dataset("digits_val.npz").await;
+    let t = app.dataset("digits_train.npz").await;
+    for (stage, pointer) in [
+        (json!({"stage": "evaluate"}), "/teacher_model_id"),
+        (
+            json!({"stage": "distill", "student": "width"}),
+            "/pipeline/0/student",
+        ),
+    ] {
+        let r = app
+            .post_job(&json!({"model_id": m["id"], "teacher_model_id": teacher["id"],
+                              "dataset_id": d["id"], "train_dataset_id": t["id"], "pipeline": [stage]}))
+            .await;
+        assert_eq!(r.status(), 422, "{stage}");
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["errors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["pointer"] == pointer),
+            "{stage}: {body}"
+        );
+    }
+}

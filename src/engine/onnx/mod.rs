@@ -1,8 +1,10 @@
-//! ONNX model files: the protobuf types, loading, summaries and a graph view.
+//! ONNX model files: the protobuf types, loading, summaries, a graph view, and the graph
+//! rewriting that quantization, pruning and channel surgery share.
 pub mod dtype;
 pub mod graph;
 pub mod load;
 pub mod params;
+pub mod rewrite;
 pub mod summary;
 pub mod tensor;
 

@@ -60,7 +60,8 @@ pub fn summarize(model: &ModelProto) -> ModelSummary {
             .into_iter()
             .map(params::element_count)
             .sum(),
-        untrainable_ops: crate::engine::train::graph::untrainable_ops(&graph),
+        // What training can run is the trainer's to say: see `engine::inspect`.
+        untrainable_ops: Default::default(),
     }
 }
 

@@ -4,9 +4,8 @@
 //! [.., .., H·D] -> MatMul` output projection) and removes whole heads: the heads' columns of
 //! the three projections and biases, their rows of the output projection, and the head count
 //! in both Reshape shapes.
-use super::structured::{norms_along, top, Importance, StructuredOptions};
 use super::LayerPruning;
-use crate::engine::channels::select_along;
+use crate::engine::channels::{kept_count, norms_along, select_along, top, Importance};
 use crate::engine::onnx::proto::{GraphProto, ModelProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, i64_tensor, i64_values};
 use crate::engine::Result;
@@ -330,10 +329,20 @@ fn scores(model: &ModelProto, b: &AttentionBlock, importance: Importance) -> Vec
     (0..b.heads).map(|h| v[h] * o[h] + q[h] * k[h]).collect()
 }
 
+/// Which heads to remove.
+#[derive(Debug, Clone)]
+pub struct HeadOptions {
+    /// Share of every block's heads removed.
+    pub sparsity: f64,
+    pub importance: Importance,
+    /// Attention blocks (by name) left whole.
+    pub exclude: Vec<String>,
+}
+
 /// Removes `opts.sparsity` of every block's heads.
 pub fn prune(
     model: &mut ModelProto,
-    opts: &StructuredOptions,
+    opts: &HeadOptions,
 ) -> Result<(Vec<LayerPruning>, Vec<String>)> {
     let found = blocks(model);
     let mut rows = Vec::new();
@@ -349,7 +358,7 @@ pub fn prune(
         }
         let keep_heads = top(
             &scores(model, b, opts.importance),
-            super::structured::kept_count(b.heads, opts.sparsity, 1),
+            kept_count(b.heads, opts.sparsity, 1),
         );
         if keep_heads.len() == b.heads {
             continue;

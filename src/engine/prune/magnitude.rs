@@ -6,12 +6,7 @@ use crate::engine::onnx::proto::ModelProto;
 use crate::engine::{EngineError, Result};
 use std::collections::BTreeMap;
 
-/// Where the threshold is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    PerLayer,
-    Global,
-}
+pub use crate::domain::prune::PruneScope as Scope;
 
 #[derive(Debug, Clone)]
 pub struct MagnitudeOptions {

@@ -11,8 +11,8 @@ pub mod n_m;
 pub mod structured;
 
 use crate::engine::onnx::proto::{ModelProto, NodeProto};
+use crate::engine::onnx::rewrite::attr_i;
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
-use crate::engine::quantize::rewrite::attr_i;
 use std::collections::HashSet;
 
 pub use mask::Masks;
@@ -89,7 +89,7 @@ pub fn prunable_weights(model: &ModelProto) -> Vec<PrunableWeight> {
     let Some(graph) = model.graph.as_ref() else {
         return Vec::new();
     };
-    let inits = crate::engine::quantize::rewrite::initializers(graph);
+    let inits = crate::engine::onnx::rewrite::initializers(graph);
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (i, n) in graph.node.iter().enumerate() {

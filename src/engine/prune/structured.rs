@@ -2,7 +2,7 @@
 //! with every tensor that depends on them sliced to match (see [`crate::engine::channels`] and
 //! [`super::heads`]), so the written graph is smaller and ONNX Runtime runs fewer operations.
 use super::{heads, LayerPruning, Pruned};
-use crate::engine::channels::{channel_groups, keep_channels, ChannelGroup};
+use crate::engine::channels::{channel_groups, keep_channels, kept_count, top, ChannelGroup};
 pub use crate::engine::channels::{norms_along, Importance};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::tensor::dims;
@@ -22,22 +22,6 @@ pub struct StructuredOptions {
     /// Kept channel counts are rounded up to a multiple of this (SIMD-friendly widths).
     pub multiple_of: usize,
     pub exclude: Vec<String>,
-}
-
-/// How many of `total` to keep when removing `sparsity` of them, rounded up to `multiple_of`.
-pub fn kept_count(total: usize, sparsity: f64, multiple_of: usize) -> usize {
-    let keep = ((total as f64) * (1.0 - sparsity)).round().max(1.0) as usize;
-    let m = multiple_of.max(1);
-    keep.div_ceil(m).saturating_mul(m).clamp(1, total)
-}
-
-/// The `keep` highest-scoring indices, ascending.
-pub(crate) fn top(scores: &[f32], keep: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let mut kept = order[..keep.min(scores.len())].to_vec();
-    kept.sort_unstable();
-    kept
 }
 
 fn group_op(model: &ModelProto, group: &ChannelGroup) -> String {
@@ -145,7 +129,12 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
         }
     }
     if opts.heads {
-        let (rows, head_notes) = heads::prune(&mut pruned, opts)?;
+        let head_opts = heads::HeadOptions {
+            sparsity: opts.sparsity,
+            importance: opts.importance,
+            exclude: opts.exclude.clone(),
+        };
+        let (rows, head_notes) = heads::prune(&mut pruned, &head_opts)?;
         layers.extend(rows);
         notes.extend(head_notes);
     }

@@ -36,6 +36,30 @@ impl RangeMethod {
     }
 }
 
+pub use crate::domain::quantize::CalibrationMethod;
+
+/// The range method a user's choice builds with (None: min/max) and the alternatives the
+/// accuracy budget may score after it.
+pub fn ranges_for(
+    method: CalibrationMethod,
+    percentile: f64,
+) -> (Option<RangeMethod>, Vec<RangeMethod>) {
+    match method {
+        CalibrationMethod::Auto => (
+            None,
+            vec![
+                RangeMethod::Percentile(percentile),
+                RangeMethod::Entropy,
+                RangeMethod::Mse,
+            ],
+        ),
+        CalibrationMethod::Minmax => (None, Vec::new()),
+        CalibrationMethod::Percentile => (Some(RangeMethod::Percentile(percentile)), Vec::new()),
+        CalibrationMethod::Entropy => (Some(RangeMethod::Entropy), Vec::new()),
+        CalibrationMethod::Mse => (Some(RangeMethod::Mse), Vec::new()),
+    }
+}
+
 /// Describes a calibration: min/max when `method` is None.
 pub fn describe(method: Option<RangeMethod>) -> String {
     method.map_or("min/max".into(), |m| m.describe())

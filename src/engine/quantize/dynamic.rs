@@ -5,9 +5,9 @@
 use super::embedding::{quantize_lookup, quantize_table, Tables};
 use super::layers::{candidate, embedding, linear, Candidate, Embedding, Linear};
 use super::params::{quantize_weights_bits, QuantizedWeights};
-use super::rewrite::{initializers, int_attr, node, Rewrite};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{GraphProto, ModelProto, TensorProto};
+use crate::engine::onnx::rewrite::{initializers, int_attr, node, Rewrite};
 use crate::engine::onnx::tensor::{dims, f16_tensor, f32_le, f32_view, i8_tensor_owned};
 use std::collections::HashMap;
 
@@ -46,7 +46,7 @@ pub fn quantize_dynamic(
     let mut pre = precompute(graph, &inits, opts);
     for (i, n) in graph.node.iter().enumerate() {
         let op = n.op_type.as_deref().unwrap_or("");
-        let name = super::rewrite::layer_name(n, i);
+        let name = crate::engine::onnx::rewrite::layer_name(n, i);
         let mut decide = |precision: &str, reason: String| {
             decisions.push(LayerDecision::new(&name, op, precision, reason));
         };
@@ -179,7 +179,7 @@ fn precompute(
     let mut work = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, n) in graph.node.iter().enumerate() {
-        let name = super::rewrite::layer_name(n, i);
+        let name = crate::engine::onnx::rewrite::layer_name(n, i);
         if !matches!(
             candidate(n, &name, &opts.op_types, &opts.exclude),
             Candidate::Take

@@ -2,8 +2,8 @@
 //! looked-up rows are ever converted (a 30k-row vocabulary shrinks 4x and costs nothing per run).
 use super::layers::Embedding;
 use super::params::{quantize_weights_per_channel, quantize_weights_per_tensor};
-use super::rewrite::{int_attr, node, Rewrite};
 use crate::engine::onnx::proto::{NodeProto, TensorProto};
+use crate::engine::onnx::rewrite::{int_attr, node, Rewrite};
 use crate::engine::onnx::tensor::{f32_le, i8_tensor_owned};
 use std::collections::HashMap;
 
@@ -97,7 +97,7 @@ pub fn quantize_tables(
     Vec<super::LayerDecision>,
 ) {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
-    let inits = super::rewrite::initializers(graph);
+    let inits = crate::engine::onnx::rewrite::initializers(graph);
     let (mut rw, mut tables, mut decisions) = (Rewrite::default(), Tables::new(), Vec::new());
     for (i, n) in graph.node.iter().enumerate() {
         if n.op_type.as_deref() != Some("Gather") {

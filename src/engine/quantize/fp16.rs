@@ -1,11 +1,11 @@
 //! Half precision: float32 weights, constants, casts and activations become float16. With
 //! `keep_io_types` the graph keeps float32 inputs and outputs behind Cast nodes, so callers need
 //! no change. Inputs that ONNX requires in float32 (Resize/Upsample scales and roi) stay float32.
-use super::rewrite::{int_attr, node};
 use crate::engine::onnx::proto::{
     tensor_proto::DataType, type_proto, GraphProto, ModelProto, NodeProto, TensorProto,
     ValueInfoProto,
 };
+use crate::engine::onnx::rewrite::{int_attr, node};
 use crate::engine::onnx::tensor::f32_view;
 use crate::engine::{EngineError, Result};
 use bytes::Bytes;

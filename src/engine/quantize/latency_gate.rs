@@ -80,7 +80,7 @@ pub fn compare_latency(
 /// what one int8 layer can save against the requantization it adds.
 fn work_per_output(model: &ModelProto) -> HashMap<String, usize> {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
-    let inits = super::rewrite::initializers(graph);
+    let inits = crate::engine::onnx::rewrite::initializers(graph);
     let mut out = HashMap::new();
     for (i, n) in graph.node.iter().enumerate() {
         let Some(w) = n.input.get(1).and_then(|w| inits.get(w.as_str())) else {
@@ -91,12 +91,12 @@ fn work_per_output(model: &ModelProto) -> HashMap<String, usize> {
             Some("Conv") => d.iter().skip(1).product(),
             Some("MatMul") => d.first().copied().unwrap_or(0),
             Some("Gemm") => {
-                let trans_b = super::rewrite::attr_i(n, "transB") == Some(1);
+                let trans_b = crate::engine::onnx::rewrite::attr_i(n, "transB") == Some(1);
                 d.get(if trans_b { 1 } else { 0 }).copied().unwrap_or(0)
             }
             _ => continue,
         };
-        out.insert(super::rewrite::layer_name(n, i), work);
+        out.insert(crate::engine::onnx::rewrite::layer_name(n, i), work);
     }
     out
 }

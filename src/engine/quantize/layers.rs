@@ -1,7 +1,7 @@
 //! The layers quantization schemes rewrite: linear layers (MatMul, Gemm) with a constant weight,
 //! and embedding lookups (Gather from a constant table).
-use super::rewrite::{attr_f, attr_i, layer_name};
 use crate::engine::onnx::proto::{NodeProto, TensorProto};
+use crate::engine::onnx::rewrite::{attr_f, attr_i, layer_name};
 use crate::engine::onnx::tensor::{dims, f32_view, is_f32};
 use std::borrow::Cow;
 use std::collections::HashMap;

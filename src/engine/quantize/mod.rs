@@ -12,12 +12,11 @@ pub mod params;
 pub mod prepare;
 pub mod qat;
 pub mod qdq;
-pub mod rewrite;
 pub mod weight_only;
 
 use crate::engine::dataset::Dataset;
 use crate::engine::onnx::proto::ModelProto;
-use crate::engine::onnx::{load_model_bytes, LoadedModel};
+use crate::engine::onnx::{load_model_bytes, rewrite, LoadedModel};
 use crate::engine::runtime::Runtime;
 use crate::engine::{EngineError, Progress, Result, SubProgress};
 pub use dynamic::DynamicOptions;

@@ -3,8 +3,8 @@
 //! Split / Squeeze / Unsqueeze / ReduceSum take their axes (or split sizes) as inputs instead of
 //! attributes; Softmax / LogSoftmax / Hardmax no longer flatten to 2-D, so a Flatten before and a
 //! Reshape back keep the old meaning; Dropout's ratio became an input in 12 (ignored at inference).
-use super::rewrite::{attr_i, int_attr, node, Rewrite};
 use crate::engine::onnx::proto::{AttributeProto, ModelProto, NodeProto};
+use crate::engine::onnx::rewrite::{attr_i, int_attr, node, Rewrite};
 use crate::engine::onnx::tensor::i64_tensor;
 use crate::engine::{EngineError, Result};
 
@@ -25,7 +25,7 @@ fn without(attrs: &[AttributeProto], name: &str) -> Vec<AttributeProto> {
 
 /// Upgrades an opset 11 or 12 model to 13 in place; returns false when it is already 13+.
 pub fn upgrade_to_13(model: &mut ModelProto) -> Result<bool> {
-    let opset = super::rewrite::default_opset(model);
+    let opset = crate::engine::onnx::rewrite::default_opset(model);
     if opset >= 13 {
         return Ok(false);
     }

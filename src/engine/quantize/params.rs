@@ -1,14 +1,7 @@
 //! Quantization arithmetic: scales and zero points from ranges, and float -> integer conversion.
 //! Rounding is half-to-even, as ONNX Runtime's QuantizeLinear does.
 
-/// Integer type of quantized activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivationType {
-    /// Asymmetric uint8 (zero point anywhere in 0..=255): ORT's default for activations.
-    Uint8,
-    /// Symmetric int8 (zero point 0).
-    Int8,
-}
+pub use crate::domain::quantize::ActivationType;
 
 /// Scale and zero point of one tensor or one channel.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,7 +1,7 @@
 //! Graph preparation before quantization. Each transformation keeps outputs equal within float
 //! tolerance (tested on real models).
-use super::rewrite::attr_f;
 use crate::engine::onnx::proto::{GraphProto, ModelProto, TensorProto};
+use crate::engine::onnx::rewrite::attr_f;
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
 use std::collections::HashMap;
 
@@ -182,8 +182,8 @@ pub fn constants_to_initializers(model: &mut ModelProto) -> usize {
 /// QLinearAdd and QLinearMul, and the Clip vanishes into the quantization range before it.
 /// Constants of equal value are one initializer. Returns how many nodes were rewritten.
 pub fn decompose_hard_activations(model: &mut ModelProto) -> usize {
-    use super::rewrite::node;
-    let opset = super::rewrite::default_opset(model);
+    use crate::engine::onnx::rewrite::node;
+    let opset = crate::engine::onnx::rewrite::default_opset(model);
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
@@ -493,7 +493,7 @@ pub fn remove_identities(model: &mut ModelProto) -> usize {
 /// microseconds. Only for a 2-D ArgMax input along axis 1 and an int64 label. Returns how many
 /// were rewritten.
 pub fn simplify_label_lookups(model: &mut ModelProto) -> usize {
-    use super::rewrite::{attr_i, int_attr};
+    use crate::engine::onnx::rewrite::{attr_i, int_attr};
     use crate::engine::onnx::tensor::{i64_values, int_values};
     const INT64: i64 = 7;
     let Some(graph) = model.graph.as_mut() else {

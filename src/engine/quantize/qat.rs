@@ -13,7 +13,7 @@ use crate::engine::dataset::{bind, Dataset};
 use crate::engine::onnx::tensor::dims;
 use crate::engine::onnx::{summarize, LoadedModel};
 use crate::engine::runtime::Runtime;
-use crate::engine::train::distill::{self, DistillOptions, Pair};
+use crate::engine::train::distill::{self, Pair, Recipe};
 use crate::engine::train::fake_quant::{FakeQuant, FakeQuantSpec, RoundTrip};
 use crate::engine::train::fit::FitReport;
 use crate::engine::train::{candle_error, TrainGraph, ValueHook};
@@ -107,7 +107,7 @@ pub struct QatData<'a> {
 pub fn train(
     data: QatData<'_>,
     prepared: &Prepared,
-    opts: &DistillOptions,
+    opts: &Recipe,
     progress: &dyn Progress,
 ) -> Result<Trained> {
     let fq = fake_quant(prepared)?;

@@ -6,9 +6,9 @@ use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
     activation_params, quantize, quantize_weights_bits, ActivationType, QParams, QuantizedWeights,
 };
-use super::rewrite::{attr_i, int_attr, layer_name, node, scale_tensors};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
+use crate::engine::onnx::rewrite::{attr_i, int_attr, layer_name, node, scale_tensors};
 use crate::engine::onnx::tensor::{
     dims, f32_le, f32_tensor, f32_values, i32_tensor, i8_tensor, i8_tensor_owned, is_f32, u8_tensor,
 };
@@ -56,7 +56,7 @@ pub struct Target {
 /// Finds the nodes to quantize: a listed op type whose weight is a float initializer of the right rank.
 pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<LayerDecision>) {
     let graph = model.graph.as_ref().expect("loaded models have a graph");
-    let inits = super::rewrite::initializers(graph);
+    let inits = crate::engine::onnx::rewrite::initializers(graph);
     let (mut targets, mut decisions) = (Vec::new(), Vec::new());
     for (i, node) in graph.node.iter().enumerate() {
         let op = node.op_type.clone().unwrap_or_default();

@@ -5,9 +5,11 @@
 use super::embedding::{quantize_lookup, Tables};
 use super::layers::{candidate, embedding, linear, Candidate, Linear};
 use super::params::{quantize_weights_per_channel, round_even};
-use super::rewrite::{default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN};
 use super::LayerDecision;
 use crate::engine::onnx::proto::{ModelProto, TensorProto};
+use crate::engine::onnx::rewrite::{
+    default_opset, initializers, int_attr, layer_name, node, Rewrite, MS_DOMAIN,
+};
 use crate::engine::onnx::tensor::{dims, f32_le, f32_tensor, i8_tensor_owned, is_f32, u8_tensor};
 use crate::engine::{EngineError, Result};
 use std::collections::HashMap;

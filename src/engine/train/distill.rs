@@ -12,17 +12,12 @@ use crate::engine::{EngineError, Progress, Result};
 use candle_core::{DType, Tensor};
 use prost::Message;
 
-/// An intermediate-feature hint: the student's tensor `student` learns the teacher's tensor
-/// `teacher` (same shape) by mean squared error, weighted by `weight`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FeatureHint {
-    pub teacher: String,
-    pub student: String,
-    pub weight: f64,
-}
+pub use crate::domain::distill::FeatureHint;
 
+/// How a student is trained: the loss weights, the temperature, feature hints and the
+/// training schedule.
 #[derive(Debug, Clone)]
-pub struct DistillOptions {
+pub struct Recipe {
     /// Weight of the hard-label cross-entropy (ignored without labels).
     pub alpha: f64,
     pub temperature: f64,
@@ -31,7 +26,7 @@ pub struct DistillOptions {
     pub features: Vec<FeatureHint>,
 }
 
-impl Default for DistillOptions {
+impl Default for Recipe {
     fn default() -> Self {
         Self {
             alpha: 0.5,
@@ -121,7 +116,7 @@ struct Distillation<'a> {
     teacher: Tensor,
     labels: Option<Tensor>,
     validation: Option<Validation<'a>>,
-    opts: &'a DistillOptions,
+    opts: &'a Recipe,
     /// The teacher's value of each feature hint on every training row.
     hints: Vec<Tensor>,
 }
@@ -157,7 +152,7 @@ impl Objective for Distillation<'_> {
                     option: "features".into(),
                     problem: format!(
                         "the student's `{}` has shape {:?} but the teacher's `{}` has {:?}",
-                        hint.student,
+                        hint.student_tensor(),
                         value.dims(),
                         hint.teacher,
                         target.dims()
@@ -279,11 +274,7 @@ pub struct Pair<'a> {
 /// Distils the teacher into the student through the classifier output; validation rows (with
 /// labels, else scored as agreement with the teacher) pick the epoch to keep. The trained
 /// student is returned as ONNX.
-pub fn distill(
-    pair: Pair<'_>,
-    opts: &DistillOptions,
-    progress: &dyn Progress,
-) -> Result<Distilled> {
+pub fn distill(pair: Pair<'_>, opts: &Recipe, progress: &dyn Progress) -> Result<Distilled> {
     distill_with(pair, None, opts, progress)
 }
 
@@ -292,7 +283,7 @@ pub fn distill(
 pub fn distill_with(
     pair: Pair<'_>,
     hook: Option<std::sync::Arc<dyn super::ValueHook>>,
-    opts: &DistillOptions,
+    opts: &Recipe,
     progress: &dyn Progress,
 ) -> Result<Distilled> {
     let Pair {
@@ -305,7 +296,7 @@ pub fn distill_with(
     } = pair;
     let (logits, _) = logits_of(student, output);
     let mut computed = vec![logits];
-    computed.extend(opts.features.iter().map(|f| f.student.clone()));
+    computed.extend(opts.features.iter().map(|f| f.student_tensor().to_string()));
     let mut graph = TrainGraph::new(student, &computed)?;
     if let Some(h) = hook {
         graph.set_hook(h);

@@ -55,8 +55,8 @@ impl FakeQuantSpec {
             } => values
                 .iter()
                 .map(|&x| {
-                    let q = (crate::engine::quantize::params::round_even(x / scale) + zero_point)
-                        .clamp(*qmin, *qmax);
+                    // Half to even, as ONNX Runtime's QuantizeLinear rounds.
+                    let q = ((x / scale).round_ties_even() as i32 + zero_point).clamp(*qmin, *qmax);
                     (q - zero_point) as f32 * scale
                 })
                 .collect(),

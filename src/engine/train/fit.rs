@@ -11,13 +11,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::time::{Duration, Instant};
 
-/// How the learning rate decays after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    Constant,
-    Linear,
-    Cosine,
-}
+pub use crate::domain::training::LrSchedule as Schedule;
 
 #[derive(Debug, Clone)]
 pub struct FitOptions {

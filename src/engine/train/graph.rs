@@ -9,13 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-/// Forward-pass mode: `Train` normalises BatchNormalization with batch statistics (and updates
-/// the running ones); `Eval` runs the model as ONNX Runtime does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Eval,
-    Train,
-}
+pub use super::ops::Mode;
 
 /// Which inputs of an op are weights the training may change. Scalars (epsilons, exponents,
 /// scaling constants of decomposed ops) never are.

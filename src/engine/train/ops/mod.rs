@@ -4,7 +4,6 @@ mod norm;
 mod shape;
 mod spatial;
 
-use super::graph::Mode;
 use super::tensors::{dtype_of, to_f32s, to_i64s};
 use crate::engine::onnx::proto::NodeProto;
 use attrs::{attr, attr_f, attr_i, attr_ints, axes_of, axis, input, optional};
@@ -14,6 +13,14 @@ use shape::{broadcast_dims, constant, gather, reduce, reshape, slice};
 use spatial::{conv, pool};
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+/// Forward-pass mode: `Train` normalises BatchNormalization with batch statistics (and updates
+/// the running ones); `Eval` runs the model as ONNX Runtime does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train,
+}
 
 pub struct Ctx<'a> {
     pub mode: Mode,

@@ -2,8 +2,8 @@
 //! LayerNormalization, composed so that gradients flow.
 use super::attrs::{attr_f, attr_i, axis, input, optional};
 use super::Ctx;
+use super::Mode;
 use crate::engine::onnx::proto::NodeProto;
-use crate::engine::train::graph::Mode;
 use candle_core::{Result, Tensor};
 
 pub(super) fn batch_norm(n: &NodeProto, inputs: &[Option<Tensor>], ctx: &Ctx) -> Result<Tensor> {

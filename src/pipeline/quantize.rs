@@ -1,18 +1,15 @@
 //! The `quantize` stage: options -> engine scheme, the accuracy budget, the speed search and the
 //! latency gate, and the notes and per-layer table the report carries.
-use crate::domain::quantize::{
-    ActivationType, CalibrationMethod, Granularity, QuantizeMode, QuantizeOptions,
-};
-use crate::domain::report::{LayerReport, QatParity};
-use crate::domain::spec::{EvaluateOptions, JobSpec};
-use crate::engine::dataset::Dataset;
+use super::{StageContext, StageOutcome};
+use crate::domain::quantize::{Granularity, QuantizeMode, QuantizeOptions};
+use crate::domain::report::LayerReport;
+use crate::domain::spec::JobSpec;
 use crate::engine::onnx::{summarize, LoadedModel};
-use crate::engine::quantize::calibrate::{self, RangeMethod};
+use crate::engine::quantize::calibrate;
 use crate::engine::quantize::{
     self, budget, latency_gate, params, CalibrationData, DynamicOptions, LayerDecision, Prepared,
     Scheme, StaticOptions, WeightOnlyOptions,
 };
-use crate::engine::runtime::Runtime;
 use crate::engine::{Progress, Result, SubProgress};
 use std::collections::HashSet;
 
@@ -49,14 +46,13 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
     };
     match mode {
         QuantizeMode::Static | QuantizeMode::Auto | QuantizeMode::Qat => {
+            let (calibration, also_try) =
+                calibrate::ranges_for(q.calibration.method, q.calibration.percentile);
             Scheme::Static(StaticOptions {
                 per_channel,
                 auto_granularity,
                 tables_per_row: per_channel,
-                activation: match q.activation_type {
-                    ActivationType::Uint8 => params::ActivationType::Uint8,
-                    ActivationType::Int8 => params::ActivationType::Int8,
-                },
+                activation: q.activation_type,
                 symmetric: q.symmetric,
                 // Training does not simulate int8 embedding tables, so QAT leaves them float.
                 op_types: if mode == QuantizeMode::Qat {
@@ -66,15 +62,8 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
                 },
                 exclude: q.exclude.clone(),
                 reduce_range: q.reduce_range.unwrap_or(false),
-                calibration: range_method(q.calibration.method, q.calibration.percentile),
-                also_try: match q.calibration.method {
-                    CalibrationMethod::Auto => vec![
-                        RangeMethod::Percentile(q.calibration.percentile),
-                        RangeMethod::Entropy,
-                        RangeMethod::Mse,
-                    ],
-                    _ => Vec::new(),
-                },
+                calibration,
+                also_try,
             })
         }
         QuantizeMode::Dynamic => Scheme::Dynamic(DynamicOptions {
@@ -108,15 +97,6 @@ fn with_gather(ops: &[String]) -> Vec<String> {
     ops
 }
 
-fn range_method(method: CalibrationMethod, percentile: f64) -> Option<RangeMethod> {
-    match method {
-        CalibrationMethod::Auto | CalibrationMethod::Minmax => None,
-        CalibrationMethod::Percentile => Some(RangeMethod::Percentile(percentile)),
-        CalibrationMethod::Entropy => Some(RangeMethod::Entropy),
-        CalibrationMethod::Mse => Some(RangeMethod::Mse),
-    }
-}
-
 fn calibration_note(prepared: &Prepared) -> String {
     let Scheme::Static(o) = &prepared.scheme else {
         return String::new();
@@ -129,29 +109,6 @@ fn calibration_note(prepared: &Prepared) -> String {
         methods.join(", "),
         prepared.calibration_samples
     )
-}
-
-/// What the stage decided.
-pub struct Outcome {
-    /// The quantized model, or None when the stage keeps its input.
-    pub model: Option<LoadedModel>,
-    pub notes: Vec<String>,
-    pub layers: Vec<LayerReport>,
-    /// The stage's own accuracy budget, which gets a verdict of its own.
-    pub budget: Option<f64>,
-    /// `mode: qat`: the export parity.
-    pub qat: Option<QatParity>,
-}
-
-#[derive(Clone, Copy)]
-pub struct StageInputs<'a> {
-    pub current: &'a LoadedModel,
-    pub calibration: Option<&'a Dataset>,
-    /// Training rows (`mode: qat`).
-    pub train: Option<&'a Dataset>,
-    pub eval_data: &'a Dataset,
-    pub spec: &'a JobSpec,
-    pub eval_opts: &'a EvaluateOptions,
 }
 
 /// Whether `mode: auto` measures both int8 forms: graphs without convolutions or embedding
@@ -169,46 +126,44 @@ pub fn auto_compares(q: &QuantizeOptions, model: &LoadedModel) -> bool {
     q.mode == QuantizeMode::Auto && !has("Conv") && !has("Gather")
 }
 
-pub fn run(
-    rt: &Runtime,
-    q: &QuantizeOptions,
-    inputs: StageInputs<'_>,
-    progress: &dyn Progress,
-) -> Result<Outcome> {
-    if inputs.calibration.is_some() && auto_compares(q, inputs.current) {
-        return fastest_of_both(rt, q, inputs, progress);
+pub fn run(q: &QuantizeOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
+    // Calibration rows are read only where the mode calibrates; auto on an MLP compares static
+    // with dynamic when they are at hand.
+    let needs = needs_calibration(q, ctx.current) || auto_compares(q, ctx.current);
+    let ctx = StageContext {
+        calibration: ctx.calibration.filter(|_| needs),
+        ..*ctx
+    };
+    if ctx.calibration.is_some() && auto_compares(q, ctx.current) {
+        return fastest_of_both(q, &ctx);
     }
-    run_mode(rt, q, inputs, progress)
+    run_mode(q, &ctx, ctx.progress)
 }
 
 /// `mode: auto` on an MLP: the dynamic and the static stage, each with its budget and latency
 /// gate, then the faster of the two results in ONNX Runtime (static only when it also scores
 /// at least as well).
-fn fastest_of_both(
-    rt: &Runtime,
-    q: &QuantizeOptions,
-    inputs: StageInputs<'_>,
-    progress: &dyn Progress,
-) -> Result<Outcome> {
+fn fastest_of_both(q: &QuantizeOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
+    let (rt, progress) = (ctx.rt, ctx.progress);
     let part = |start: f64, span: f64| SubProgress {
         parent: progress,
         start,
         span,
     };
     let with = |mode| QuantizeOptions { mode, ..q.clone() };
-    let dynamic = run_mode(rt, &with(QuantizeMode::Dynamic), inputs, &part(0.0, 0.45))?;
-    let fixed = run_mode(rt, &with(QuantizeMode::Static), inputs, &part(0.45, 0.45))?;
+    let dynamic = run_mode(&with(QuantizeMode::Dynamic), ctx, &part(0.0, 0.45))?;
+    let fixed = run_mode(&with(QuantizeMode::Static), ctx, &part(0.45, 0.45))?;
     let (d, s) = match (&dynamic.model, &fixed.model) {
         (Some(d), Some(s)) => (d, s),
         (None, Some(_)) => return Ok(chosen(fixed, "static: dynamic int8 kept no int8 model")),
         (Some(_), None) => return Ok(chosen(dynamic, "dynamic: static int8 kept no int8 model")),
         (None, None) => return Ok(chosen(dynamic, "the input: neither form beat it")),
     };
-    let batch = summarize(&inputs.current.proto)
+    let batch = summarize(&ctx.current.proto)
         .fixed_batch()
-        .unwrap_or(inputs.eval_opts.batch_size.max(1) as usize);
-    let (td, ts) = latency_gate::compare_latency(rt, d, s, inputs.eval_data, batch, 30)?;
-    let scorer = budget::Scorer::new(rt, inputs.current, inputs.eval_data, inputs.eval_opts)?;
+        .unwrap_or(ctx.eval_opts.batch_size.max(1) as usize);
+    let (td, ts) = latency_gate::compare_latency(rt, d, s, ctx.eval_data, batch, 30)?;
+    let scorer = budget::Scorer::new(rt, ctx.current, ctx.eval_data, ctx.eval_opts)?;
     let (sd, ss) = (scorer.score(&d.proto)?, scorer.score(&s.proto)?);
     let note = format!(
         "ONNX Runtime p50 at batch {batch}: dynamic {td:.3} ms, static {ts:.3} ms; {}: dynamic {sd:.4}, static {ss:.4}",
@@ -221,7 +176,7 @@ fn fastest_of_both(
     })
 }
 
-fn chosen(mut out: Outcome, why: &str) -> Outcome {
+fn chosen(mut out: StageOutcome, why: &str) -> StageOutcome {
     out.notes.insert(
         0,
         format!("mode auto on a graph without convolutions built both int8 forms and kept {why}"),
@@ -230,19 +185,19 @@ fn chosen(mut out: Outcome, why: &str) -> Outcome {
 }
 
 fn run_mode(
-    rt: &Runtime,
     q: &QuantizeOptions,
-    inputs: StageInputs<'_>,
+    ctx: &StageContext<'_>,
     progress: &dyn Progress,
-) -> Result<Outcome> {
-    let StageInputs {
+) -> Result<StageOutcome> {
+    let StageContext {
+        rt,
         current,
         calibration,
-        train,
         eval_data,
         spec,
         eval_opts,
-    } = inputs;
+        ..
+    } = *ctx;
     let mut scheme = scheme(q, current);
     let int8 = matches!(scheme, Scheme::Static(_) | Scheme::Dynamic(_));
     let budget = int8.then(|| {
@@ -281,13 +236,7 @@ fn run_mode(
     }
     let mut qat = None;
     if q.mode == QuantizeMode::Qat {
-        let inputs = super::qat_stage::QatInputs {
-            current,
-            train,
-            eval_data,
-            spec,
-        };
-        let trained = super::qat_stage::run(rt, &q.qat, &prepared, inputs, &part(0.3, 0.3))?;
+        let trained = super::qat::run(&q.qat, &prepared, ctx, &part(0.3, 0.3))?;
         notes.extend(trained.notes);
         prepared = trained.prepared;
         qat = Some(trained.parity);
@@ -382,12 +331,13 @@ fn run_mode(
         None
     };
     progress.update(1.0)?;
-    Ok(Outcome {
+    Ok(StageOutcome {
         model,
         notes,
         layers: layers.into_iter().map(report_row).collect(),
         budget: q.max_accuracy_drop.filter(|_| int8),
         qat,
+        pruning: None,
     })
 }
 

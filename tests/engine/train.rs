@@ -1,6 +1,6 @@
 //! The trainable evaluator on candle: forward outputs match ONNX Runtime on the bench models, and
 //! gradients match finite differences.
-use crate::helpers::fixture;
+use crate::fixtures::fixture;
 use candle_core::{Device, Tensor};
 use shrink::engine::dataset::{self, bind, Dataset};
 use shrink::engine::onnx::{load_model_file, summarize, LoadedModel};
@@ -289,7 +289,7 @@ fn distil_into(
         (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
     let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
     let runtime = rt();
-    let opts = train::distill::DistillOptions {
+    let opts = train::distill::Recipe {
         fit: train::fit::FitOptions {
             epochs,
             batch_size: 32,
@@ -376,7 +376,7 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
     let student = load_model_file(&fixture("digits_student.onnx")).unwrap();
     let data = dataset::load(&fixture("digits_train.npz")).unwrap();
     let runtime = rt();
-    let run = |opts: &train::distill::DistillOptions, progress: &dyn shrink::engine::Progress| {
+    let run = |opts: &train::distill::Recipe, progress: &dyn shrink::engine::Progress| {
         let pair = train::distill::Pair {
             rt: &runtime,
             teacher: &teacher,
@@ -387,7 +387,7 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
         };
         train::distill::distill(pair, opts, progress)
     };
-    let opts = train::distill::DistillOptions::default();
+    let opts = train::distill::Recipe::default();
     let cancel = CancelAfter(Default::default(), 3);
     let err = run(&opts, &cancel).err().expect("cancelled");
     assert!(
@@ -396,7 +396,7 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
     );
     assert_eq!(cancel.0.load(std::sync::atomic::Ordering::SeqCst), 3);
 
-    let budget = train::distill::DistillOptions {
+    let budget = train::distill::Recipe {
         fit: train::fit::FitOptions {
             epochs: 1000,
             time_budget: Some(std::time::Duration::from_millis(300)),
@@ -550,7 +550,7 @@ fn hidden_gap(student: &LoadedModel, teacher: &LoadedModel, val: &Dataset) -> f6
         .remove(0);
     let hint = train::distill::FeatureHint {
         teacher: "next_activations1".into(),
-        student: "r1".into(),
+        student: Some("r1".into()),
         weight: 1.0,
     };
     let want = train::distill::feature_targets(&rt(), teacher, val, &[hint])
@@ -576,7 +576,7 @@ fn a_feature_hint_pulls_the_students_hidden_layer_toward_the_teachers_and_keeps_
     );
     let runtime = rt();
     let distil = |features: Vec<train::distill::FeatureHint>| {
-        let opts = train::distill::DistillOptions {
+        let opts = train::distill::Recipe {
             fit: train::fit::FitOptions {
                 epochs: 15,
                 learning_rate: 3e-3,
@@ -601,7 +601,7 @@ fn a_feature_hint_pulls_the_students_hidden_layer_toward_the_teachers_and_keeps_
     };
     let hint = train::distill::FeatureHint {
         teacher: "next_activations1".into(),
-        student: "r1".into(),
+        student: Some("r1".into()),
         weight: 1.0,
     };
     let (plain, hinted) = (distil(vec![]), distil(vec![hint]));
@@ -627,14 +627,14 @@ fn a_feature_hint_between_tensors_of_different_shapes_or_a_missing_tensor_is_ref
         ("next_activations", "shape"),
         ("no_such_tensor", "computes no tensor `no_such_tensor`"),
     ] {
-        let opts = train::distill::DistillOptions {
+        let opts = train::distill::Recipe {
             fit: train::fit::FitOptions {
                 epochs: 1,
                 ..Default::default()
             },
             features: vec![train::distill::FeatureHint {
                 teacher: name.into(),
-                student: "r1".into(),
+                student: Some("r1".into()),
                 weight: 1.0,
             }],
             ..Default::default()

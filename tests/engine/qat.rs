@@ -1,13 +1,13 @@
 //! Quantization-aware training through the engine: on a model that static int8 PTQ hurts, QAT
 //! wins back at least half of the loss, and the exported QDQ model scores in ONNX Runtime what
 //! the fake-quantized training graph scored.
-use crate::helpers::{fixture, onnxruntime_python};
+use crate::fixtures::{fixture, onnxruntime_python};
 use shrink::engine::dataset::{self, Dataset};
 use shrink::engine::onnx::{load_model_file, LoadedModel};
 use shrink::engine::quantize::params::ActivationType;
 use shrink::engine::quantize::{self, qat, CalibrationData, Prepared, Scheme, StaticOptions};
 use shrink::engine::runtime::Runtime;
-use shrink::engine::train::distill::DistillOptions;
+use shrink::engine::train::distill::Recipe;
 use shrink::engine::train::fit::FitOptions;
 use shrink::engine::NoProgress;
 use std::collections::HashSet;
@@ -58,8 +58,8 @@ fn python_top1(m: &LoadedModel) -> f64 {
         .unwrap()
 }
 
-fn qat_options(seed: u64) -> DistillOptions {
-    DistillOptions {
+fn qat_options(seed: u64) -> Recipe {
+    Recipe {
         alpha: 0.5,
         temperature: 2.0,
         fit: FitOptions {

@@ -1,30 +1,17 @@
 //! The `prune` stage: spec options -> engine pruning, recovery training with the zeros held
 //! (gradual for magnitude pruning), and the report's pruning section.
+use super::recovery::{epoch_notes, Setup};
+use super::{StageContext, StageOutcome};
 use crate::domain::prune::{
-    PruneFinetune, PruneImportance, PruneMethod, PruneOptions, PruneScope, PruneTarget,
+    PruneFinetune, PruneMethod, PruneOptions, PruneTarget, DEFAULT_ALPHA, DEFAULT_TEMPERATURE,
 };
 use crate::domain::report::{PrunedLayer, PruningReport};
-use crate::domain::spec::JobSpec;
-use crate::engine::dataset::{bind, Dataset};
-use crate::engine::evaluate::{choose_classifier, zstd_size};
+use crate::engine::evaluate::zstd_size;
 use crate::engine::onnx::proto::ModelProto;
-use crate::engine::onnx::{summarize, LoadedModel};
+use crate::engine::onnx::LoadedModel;
 use crate::engine::prune::{magnitude, n_m, structured, Masks, Pruned};
-use crate::engine::runtime::Runtime;
 use crate::engine::train::distill;
-use crate::engine::{quantize, EngineError, Progress, Result, SubProgress};
-
-pub struct StageInputs<'a> {
-    pub current: &'a LoadedModel,
-    pub train: Option<&'a Dataset>,
-    pub spec: &'a JobSpec,
-}
-
-pub struct Outcome {
-    pub model: LoadedModel,
-    pub notes: Vec<String>,
-    pub report: PruningReport,
-}
+use crate::engine::{quantize, Progress, Result, SubProgress};
 
 fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pruned> {
     match p.method {
@@ -32,10 +19,7 @@ fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pru
             model,
             &magnitude::MagnitudeOptions {
                 sparsity,
-                scope: match p.scope {
-                    PruneScope::PerLayer => magnitude::Scope::PerLayer,
-                    PruneScope::Global => magnitude::Scope::Global,
-                },
+                scope: p.scope,
                 exclude: p.exclude.clone(),
                 skip_first: p.skip_first,
                 skip_last: p.skip_last,
@@ -55,10 +39,7 @@ fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pru
             model,
             &structured::StructuredOptions {
                 sparsity,
-                importance: match p.importance {
-                    PruneImportance::L1 => structured::Importance::L1,
-                    PruneImportance::L2 => structured::Importance::L2,
-                },
+                importance: p.importance,
                 channels: p.targets.contains(&PruneTarget::Channels),
                 neurons: p.targets.contains(&PruneTarget::Neurons),
                 heads: p.targets.contains(&PruneTarget::Heads),
@@ -71,68 +52,44 @@ fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pru
 
 /// Trains `pruned` from `dense` (the model before the stage) with `masks` held.
 fn recover(
-    rt: &Runtime,
     f: &PruneFinetune,
     dense: &LoadedModel,
     pruned: &ModelProto,
     masks: &Masks,
-    inputs: &StageInputs<'_>,
+    ctx: &StageContext<'_>,
     progress: &dyn Progress,
 ) -> Result<(ModelProto, Vec<String>)> {
-    let train = inputs.train.ok_or_else(|| EngineError::InvalidOption {
-        option: "train_dataset_id".into(),
-        problem: "recovery fine-tuning needs training data".into(),
-    })?;
-    let summary = summarize(&dense.proto);
-    let named = f
-        .output
-        .clone()
-        .or_else(|| inputs.spec.evaluate_options().output);
-    let output = choose_classifier(&summary.outputs, named.as_deref(), true)?
-        .expect("with labels assumed, a choice or an error");
-    let labelled = bind(&summary, &train.summary)?.labels.is_some();
-    let (fit_data, val_data, fit_rows, val_rows) = super::distill_stage::split_validation(
-        train,
-        f.training.validation_share,
-        inputs.spec.seed,
-    );
-    let epochs = f.training.epochs;
-    let opts = distill::DistillOptions {
-        alpha: if labelled { f.alpha } else { 0.0 },
-        temperature: f.temperature,
-        fit: super::distill_stage::fit_options(&f.training, inputs.spec.seed),
-        features: Vec::new(),
-    };
+    let setup = Setup::new(
+        ctx,
+        &f.recovery,
+        dense,
+        (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
+        "recovery fine-tuning",
+    )?;
     let pair = distill::Pair {
-        rt,
+        rt: ctx.rt,
         teacher: dense,
         student: pruned,
-        output: &output,
-        train: &fit_data,
-        validation: Some(&val_data),
+        output: &setup.output,
+        train: &setup.fit_data,
+        validation: Some(&setup.validation),
     };
-    let out = distill::distill_with(pair, masks.training_hook()?, &opts, progress)?;
+    let out = distill::distill_with(pair, masks.training_hook()?, &setup.recipe, progress)?;
     let mut model = out.model;
     masks.apply(&mut model);
     let mut notes = vec![format!(
-        "recovery: {} epochs on {fit_rows} rows ({val_rows} held out), loss {}·CE + {}·T²·KL to the model before pruning at T = {}{}",
-        epochs,
-        opts.alpha,
-        1.0 - opts.alpha,
-        f.temperature,
+        "recovery: {} epochs on {}, loss {}{}",
+        f.recovery.training.epochs,
+        setup.rows_note(),
+        setup.loss_note("the model before pruning"),
         if masks.is_empty() { "" } else { ", zeros held" }
     )];
-    notes.extend(super::distill_stage::epoch_notes(&out.report));
+    notes.extend(epoch_notes(&out.report));
     Ok((model, notes))
 }
 
-pub fn run(
-    rt: &Runtime,
-    p: &PruneOptions,
-    inputs: StageInputs<'_>,
-    progress: &dyn Progress,
-) -> Result<Outcome> {
-    let dense = inputs.current;
+pub fn run(p: &PruneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
+    let (dense, progress) = (ctx.current, ctx.progress);
     let mut notes = Vec::new();
     let steps = match (&p.finetune, p.method) {
         (Some(f), PruneMethod::Magnitude) => f.steps.max(1),
@@ -152,7 +109,7 @@ pub fn run(
         }
         proto = pruned.model.clone();
         if let Some(f) = &p.finetune {
-            let epochs = (f.training.epochs / steps).max(1);
+            let epochs = (f.recovery.training.epochs / steps).max(1);
             if steps > 1 {
                 notes.push(format!(
                     "gradual step {step} of {steps}: {:.1}% zeros, then {epochs} epochs",
@@ -165,9 +122,8 @@ pub fn run(
                 span: 1.0 / steps as f64,
             };
             let mut f = f.clone();
-            f.training.epochs = epochs;
-            let (trained, recovery_notes) =
-                recover(rt, &f, dense, &proto, &pruned.masks, &inputs, &sub)?;
+            f.recovery.training.epochs = epochs;
+            let (trained, recovery_notes) = recover(&f, dense, &proto, &pruned.masks, ctx, &sub)?;
             proto = trained;
             if step == steps {
                 notes.extend(recovery_notes);
@@ -190,13 +146,14 @@ pub fn run(
             magnitude::report(&dense.proto, &proto, &pruned.masks, "unstructured")
         }
     };
-    let model = quantize::finish(rt, &proto)?;
+    let model = quantize::finish(ctx.rt, &proto)?;
     let report = pruning_report(p, dense, &model, &layers);
     notes.push(report.runtime_note.clone());
-    Ok(Outcome {
-        model,
+    Ok(StageOutcome {
+        model: Some(model),
         notes,
-        report,
+        pruning: Some(report),
+        ..Default::default()
     })
 }
 
@@ -226,12 +183,7 @@ fn pruning_report(
         ),
     };
     PruningReport {
-        method: match p.method {
-            PruneMethod::Magnitude => "magnitude",
-            PruneMethod::NM => "n_m",
-            PruneMethod::Structured => "structured",
-        }
-        .into(),
+        method: p.method.name().into(),
         parameters_before: before,
         nonzero_after: after,
         sparsity: if before == 0 {

@@ -1,6 +1,6 @@
 //! Quantization schemes through the engine: every output runs in onnxruntime-Python, keeps the
 //! accuracy it should, and has the form ONNX Runtime turns into fast kernels.
-use crate::helpers::{fixture, onnxruntime_python};
+use crate::fixtures::{fixture, onnxruntime_python};
 use serde_json::Value;
 use shrink::domain::spec::EvaluateOptions;
 use shrink::engine::dataset::{self, Dataset};

@@ -1,6 +1,6 @@
 //! Without the ONNX Runtime library the service still starts, says why at start-up and in
 //! `/readyz`, and jobs fail with a clear, typed error — never a silent fallback.
-use crate::helpers::fixture;
+use crate::fixtures::fixture;
 use serde_json::{json, Value};
 use std::io::Read;
 use std::process::{Command, Stdio};

@@ -1,5 +1,5 @@
 //! The engine as a library: outputs and metrics equal onnxruntime-Python's; errors are specific.
-use crate::helpers::{fixture, reference};
+use crate::fixtures::{fixture, reference};
 use shrink::domain::spec::EvaluateOptions;
 use shrink::engine::dataset::{self, TensorData};
 use shrink::engine::evaluate::evaluate;

@@ -1,0 +1,111 @@
+//! The `distill` stage: a teacher trains a student. The teacher is the job's current model and
+//! the student is uploaded or derived from it (by width or depth); or, with `teacher_model_id`,
+//! the uploaded teacher trains the job's current model.
+use super::recovery::{epoch_notes, Setup};
+use super::{StageContext, StageOutcome};
+use crate::domain::distill::{DistillOptions, StudentSource, DEFAULT_ALPHA, DEFAULT_TEMPERATURE};
+use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::{summarize, LoadedModel};
+use crate::engine::train::distill;
+use crate::engine::{quantize, EngineError, Result};
+
+pub fn run(d: &DistillOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
+    let teacher = ctx.teacher.unwrap_or(ctx.current);
+    let mut setup = Setup::new(
+        ctx,
+        &d.recovery,
+        teacher,
+        (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
+        "a distill stage",
+    )?;
+    setup.recipe.features = d.features.clone();
+    let mut notes = Vec::new();
+    let student = student(d, ctx, teacher, &setup.output, &mut notes)?;
+    let pair = distill::Pair {
+        rt: ctx.rt,
+        teacher,
+        student: &student,
+        output: &setup.output,
+        train: &setup.fit_data,
+        validation: Some(&setup.validation),
+    };
+    let out = distill::distill(pair, &setup.recipe, ctx.progress)?;
+    notes.push(format!(
+        "trained {} parameters (teacher {}) on {}; loss {}",
+        out.student_parameters,
+        summarize(&teacher.proto).parameters,
+        setup.rows_note(),
+        setup.loss_note("the teacher")
+    ));
+    for h in &setup.recipe.features {
+        notes.push(format!(
+            "feature hint: + {}·MSE(student `{}`, teacher `{}`)",
+            h.weight,
+            h.student_tensor(),
+            h.teacher
+        ));
+    }
+    notes.extend(epoch_notes(&out.report));
+    Ok(StageOutcome {
+        model: Some(quantize::finish(ctx.rt, &out.model)?),
+        notes,
+        ..Default::default()
+    })
+}
+
+/// The student's graph, with a note saying where it came from.
+fn student(
+    d: &DistillOptions,
+    ctx: &StageContext<'_>,
+    teacher: &LoadedModel,
+    output: &str,
+    notes: &mut Vec<String>,
+) -> Result<ModelProto> {
+    let has_output = |s: &LoadedModel, field: &str| {
+        if summarize(&s.proto).outputs.iter().any(|o| o.name == output) {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidOption {
+                option: field.into(),
+                problem: format!("the student has no output `{output}` like the teacher's"),
+            })
+        }
+    };
+    if ctx.teacher.is_some() {
+        has_output(ctx.current, "model_id")?;
+        notes.push("teacher: the uploaded teacher_model_id; student: the job's model".into());
+        return Ok(ctx.current.proto.clone());
+    }
+    match (d.student, ctx.student) {
+        (StudentSource::Uploaded | StudentSource::Auto, Some(s)) => {
+            has_output(s, "student_model_id")?;
+            notes.push("student: the uploaded student_model_id".to_string());
+            Ok(s.proto.clone())
+        }
+        (StudentSource::Uploaded, None) => Err(EngineError::InvalidOption {
+            option: "student_model_id".into(),
+            problem: "`student: uploaded` needs student_model_id".into(),
+        }),
+        (StudentSource::Depth, _) => {
+            let (s, note) =
+                crate::engine::train::depth::every_other(&teacher.proto, d.keep_every as usize)?;
+            notes.push(format!("student: the teacher's depth cut: {note}"));
+            Ok(s)
+        }
+        _ => {
+            let (s, layer_notes) = distill::width_student(&teacher.proto, d.width);
+            if layer_notes.is_empty() {
+                return Err(EngineError::InvalidOption {
+                    option: "student".into(),
+                    problem: "no layer of this model can be narrowed (every layer's channels reach a residual, concat or output); upload a student instead".into(),
+                });
+            }
+            notes.push(format!(
+                "student: the teacher at width {} ({})",
+                d.width,
+                layer_notes.join("; ")
+            ));
+            Ok(s)
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `shrink quantize` on the command line: its exit status tells CI whether the budget held.
+use crate::fixtures::fixture;
+use std::process::{Command, Output};
+
+fn quantize(model: &str, data: &str, extra: &[&str]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .arg("quantize")
+        .arg(fixture(model))
+        .arg(fixture(data))
+        .arg(dir.path().join("out.onnx"))
+        .args(extra)
+        .output()
+        .unwrap();
+    (out, dir)
+}
+
+#[test]
+fn a_model_that_misses_its_accuracy_budget_exits_3_and_says_so() {
+    // A chaotic 100-layer chain: int8 rounding changes most rows' argmax, and a budget of 0
+    // cannot be met (the search runs out of trial models first).
+    let (out, dir) = quantize(
+        "chaotic_chain.onnx",
+        "chaotic_chain.npz",
+        &[
+            "--mode",
+            "static",
+            "--max-accuracy-drop",
+            "0",
+            "--all-layers",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("budget: FAILED"), "{stdout}");
+    assert!(
+        dir.path().join("out.onnx").exists(),
+        "the model is still written"
+    );
+}
+
+#[test]
+fn a_model_within_its_accuracy_budget_exits_0() {
+    let (out, _dir) = quantize(
+        "digits_mlp.onnx",
+        "digits_val.npz",
+        &[
+            "--mode",
+            "static",
+            "--max-accuracy-drop",
+            "0.01",
+            "--all-layers",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("budget: passed"), "{stdout}");
+}

@@ -1,0 +1,10 @@
+//! Engine tests: the ML library on its own (no app, database or object store), one binary, one
+//! module per area, against fixtures and the onnxruntime Python package.
+mod cli;
+mod evaluate;
+#[path = "../common/fixtures.rs"]
+mod fixtures;
+mod qat;
+mod quantize;
+mod runtime;
+mod train;
