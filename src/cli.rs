@@ -295,7 +295,9 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     );
     // The budget's verdict, measured as the service measures it: the written model against the
     // input on the evaluation rows.
-    if let (Some(limit), Some(quantized)) = (out.budget, &out.model) {
+    // `--max-accuracy-drop 1` turns the budget off: no verdict.
+    let limit = out.budget.filter(|l| *l < 1.0);
+    if let (Some(limit), Some(quantized)) = (limit, &out.model) {
         let quick = EvaluateOptions {
             latency_runs: 1,
             warmup_runs: 0,

@@ -61,13 +61,6 @@ pub struct StageContext<'a> {
     pub progress: &'a dyn Progress,
 }
 
-impl<'a> StageContext<'a> {
-    /// The same context reporting into `progress`.
-    pub fn with_progress(self, progress: &'a dyn Progress) -> Self {
-        Self { progress, ..self }
-    }
-}
-
 /// What a stage returns.
 #[derive(Default)]
 pub struct StageOutcome {

@@ -118,6 +118,8 @@ fn the_worker_runs_no_stage_logic_and_the_api_reaches_the_engine_only_through_th
         // `shrink quantize` runs the pipeline's stage, not the worker's.
         ("cli", &["crate::worker"][..]),
         ("engine", &["crate::pipeline"][..]),
+        // The shared vocabulary stands below the engine.
+        ("domain", &["crate::engine"][..]),
     ] {
         for (file, code) in sources(dir) {
             for f in forbidden {
