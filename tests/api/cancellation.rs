@@ -1,23 +1,11 @@
 //! A job whose cancel was requested while it ran never runs again: retried, handed back or
 //! rescued, it ends `cancelled`.
 use crate::helpers::*;
-use serde_json::Value;
 use shrink::store::now_ms;
 
 /// Queues an evaluate job, claims it as worker `w`, and asks through the API to cancel it.
 async fn running_job_with_cancel_requested(app: &TestApp) -> String {
-    let m = app.model("two_input.onnx").await;
-    let d = app.dataset("two_input.npz").await;
-    let job: Value = app
-        .post_job(&TestApp::evaluate_spec(
-            m["id"].as_str().unwrap(),
-            d["id"].as_str().unwrap(),
-        ))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
+    let id = app.queue_evaluate_job().await;
     let now = now_ms();
     let claimed = app.db.claim_next_job("w", now, now + 60_000).await.unwrap();
     assert_eq!(claimed.map(|j| j.id), Some(id.clone()));

@@ -241,6 +241,15 @@ impl TestApp {
         }
     }
 
+    /// Uploads the two-input model and its dataset and queues a quick evaluate job; its id.
+    pub async fn queue_evaluate_job(&self) -> String {
+        let m = self.model("two_input.onnx").await;
+        let d = self.dataset("two_input.npz").await;
+        let spec = Self::evaluate_spec(m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+        let job: Value = self.post_job(&spec).await.json().await.unwrap();
+        job["id"].as_str().unwrap().to_string()
+    }
+
     /// A quick evaluate spec for the given ids.
     pub fn evaluate_spec(model_id: &str, dataset_id: &str) -> Value {
         serde_json::json!({

@@ -494,18 +494,8 @@ async fn events_stream_the_job_until_it_ends() {
 #[tokio::test]
 async fn events_carry_ids_and_a_reconnect_with_last_event_id_repeats_nothing_and_misses_nothing() {
     let app = spawn_app(Setup::Embedded).await;
-    let m = app.model("two_input.onnx").await;
-    let d = app.dataset("two_input.npz").await;
-    let job: Value = app
-        .post_job(&TestApp::evaluate_spec(
-            m["id"].as_str().unwrap(),
-            d["id"].as_str().unwrap(),
-        ))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = job["id"].as_str().unwrap();
+    let id = app.queue_evaluate_job().await;
+    let id = id.as_str();
     let follow = |last: Option<String>| {
         let mut r = app.client.get(app.url(&format!("/jobs/{id}/events")));
         if let Some(last) = last {
