@@ -562,4 +562,19 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn an_unknown_stage_names_the_stages_there_are() {
+        let errors = JobSpec::parse(
+            &json!({"model_id": M, "dataset_id": M, "pipeline": [{"stage": "quantise"}]}),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].pointer, "/pipeline/0/stage");
+        assert_eq!(
+            errors[0].detail,
+            "unknown value `quantise`; expected one of: evaluate, quantize, distill, finetune, prune"
+        );
+    }
 }

@@ -23,7 +23,9 @@ pub struct FieldError {
     #[schema(example = "/pipeline/0/stage")]
     pub pointer: String,
     /// A sentence for a person.
-    #[schema(example = "unknown variant `quantise`, expected one of `evaluate`, `quantize`")]
+    #[schema(
+        example = "unknown value `quantise`; expected one of: evaluate, quantize, distill, finetune, prune"
+    )]
     pub detail: String,
 }
 

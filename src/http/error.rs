@@ -14,7 +14,7 @@ use utoipa::ToSchema;
     "title": "The request is invalid",
     "status": 422,
     "detail": "2 fields are invalid",
-    "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown variant `quantise`, expected one of `evaluate`, `quantize`, `distill`, `finetune`, `prune`"}]
+    "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown value `quantise`; expected one of: evaluate, quantize, distill, finetune, prune"}]
 }))]
 pub struct Problem {
     /// Stable problem type; clients branch on it.

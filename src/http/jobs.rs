@@ -52,8 +52,8 @@ enum Part {
         (status = 413, description = "A file part is over the upload limit", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Every invalid field, as JSON pointers", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422, "detail": "2 fields are invalid",
-                "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown variant `quantise`, expected one of `evaluate`, `quantize`, `distill`, `finetune`, `prune`"},
-                           {"pointer": "/pipeline/1/temprature", "detail": "unknown option `temprature`; expected one of: alpha, batch_size, epochs, learning_rate, max_grad_norm, patience, schedule, stage, student, validation_share, warmup, weight_decay, width"}]}))
+                "errors": [{"pointer": "/pipeline/0/stage", "detail": "unknown value `quantise`; expected one of: evaluate, quantize, distill, finetune, prune"},
+                           {"pointer": "/pipeline/1/batch_size", "detail": "`batch_size` must be an integer from 1 to 4096"}]}))
     ))]
 pub async fn create_job(
     State(state): State<AppState>,
