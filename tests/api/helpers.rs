@@ -260,6 +260,19 @@ impl TestApp {
     }
 }
 
+/// Asserts a 422 problem+json and returns the pointers of its invalid fields.
+pub async fn problem_pointers(r: reqwest::Response) -> Vec<String> {
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.unwrap();
+    p["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Files under a directory, recursively (to check that failed uploads leave nothing behind).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -1,7 +1,7 @@
 //! Creating jobs, validation, idempotency, cancellation, events, reports and artifacts.
 use crate::helpers::{
-    files_under, fixture, onnxruntime_python, reference, spawn_app, spawn_with, test_settings,
-    Setup, TestApp,
+    files_under, fixture, onnxruntime_python, problem_pointers, reference, spawn_app, spawn_with,
+    test_settings, Setup, TestApp,
 };
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -157,18 +157,6 @@ async fn an_evaluate_job_reports_what_onnxruntime_python_computes_embedded() {
 #[tokio::test]
 async fn an_evaluate_job_reports_what_onnxruntime_python_computes_on_postgres_and_s3() {
     evaluate_job_matches_onnxruntime_python(Setup::Production).await;
-}
-
-async fn problem_pointers(r: reqwest::Response) -> Vec<String> {
-    assert_eq!(r.status(), 422);
-    assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let p: Value = r.json().await.unwrap();
-    p["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["pointer"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[tokio::test]
