@@ -26,6 +26,8 @@ pub struct Application {
     pub workers: WorkerContext,
     listener: Option<TcpListener>,
     port: u16,
+    /// The listener serves only `/metrics` and `/healthz` (a worker process).
+    metrics_only: bool,
 }
 
 impl Application {
@@ -49,16 +51,27 @@ impl Application {
                 tracing::error!(error = %e, "ONNX Runtime is unavailable: jobs will fail until it is installed")
             }
         }
-        let (listener, port) = if with_http {
-            let l = TcpListener::bind(&settings.bind)
-                .await
-                .with_context(|| format!("while binding {}", settings.bind))?;
-            let port = l.local_addr()?.port();
-            (Some(l), port)
+        let bind = if with_http {
+            Some(&settings.bind)
         } else {
-            (None, 0)
+            settings.metrics_bind.as_ref()
         };
+        let (listener, port) = match bind {
+            Some(bind) => {
+                let l = TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("while binding {bind}"))?;
+                let port = l.local_addr()?.port();
+                (Some(l), port)
+            }
+            None => (None, 0),
+        };
+        if with_http {
+            bootstrap_admin_key(&db, &settings.data_dir).await?;
+        }
+        let metrics = Arc::new(crate::metrics::Metrics::new(with_http));
         let workers = WorkerContext {
+            metrics: metrics.clone(),
             db: db.clone(),
             blobs: blobs.clone(),
             runtime: runtime.clone(),
@@ -68,6 +81,8 @@ impl Application {
             scratch_dir: settings.data_dir.join("work"),
         };
         let state = AppState {
+            limiter: http::auth::limiter(settings.rate_limit_per_second, settings.rate_limit_burst),
+            metrics,
             db,
             blobs,
             runtime: Arc::new(runtime.map(|r| r.version.clone())),
@@ -78,6 +93,7 @@ impl Application {
             workers,
             listener,
             port,
+            metrics_only: !with_http,
         })
     }
 
@@ -104,7 +120,11 @@ impl Application {
         };
         let mut stop_http = stop_rx.clone();
         let server = self.listener.take().map(|listener| {
-            let router = http::router(self.state.clone());
+            let router = if self.metrics_only {
+                http::metrics_router(self.state.clone())
+            } else {
+                http::router(self.state.clone())
+            };
             tokio::spawn(async move {
                 axum::serve(listener, router)
                     .with_graceful_shutdown(async move {
@@ -124,6 +144,60 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// Where the first `serve` writes the admin key it creates.
+pub fn admin_key_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("admin.key")
+}
+
+/// On a database with no API key at all, creates an admin key in the `default` project and
+/// writes it to `<data-dir>/admin.key` (mode 0600), so the embedded default needs no set-up.
+pub async fn bootstrap_admin_key(db: &Db, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if db.count_keys().await? > 0 {
+        return Ok(());
+    }
+    let key = db
+        .create_key(
+            crate::domain::team::DEFAULT_PROJECT,
+            "bootstrap admin",
+            crate::domain::team::Role::Admin,
+            crate::store::now_ms(),
+        )
+        .await?;
+    let path = admin_key_path(data_dir);
+    if let Err(e) = write_secret(&path, &key.secret) {
+        // A key nobody can read is useless: take it back so the next start tries again.
+        let _ = db
+            .revoke_key(
+                crate::domain::team::DEFAULT_PROJECT,
+                &key.key.id,
+                crate::store::now_ms(),
+            )
+            .await;
+        return Err(e)
+            .with_context(|| format!("while writing the admin key to {}", path.display()));
+    }
+    tracing::warn!(path = %path.display(), prefix = %key.key.prefix,
+        "created the first admin API key (project `default`); it is in this file, readable only by this user. \
+         Use it as `Authorization: Bearer <key>`, or SHRINK_API_KEY for the CLI");
+    Ok(())
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("key.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 async fn open_blobs(s: &Settings) -> anyhow::Result<Arc<dyn BlobStore>> {

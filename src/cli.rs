@@ -1,7 +1,10 @@
-//! Subcommands: `serve`, `worker`, `migrate`, `openapi`, `eval`, `quantize`.
+//! Subcommands: `serve`, `worker`, `migrate`, `admin`, `whoami`, `openapi`, `eval`, `quantize`.
 //!
 //! Exit statuses: 0 success; 1 an error (printed with its causes); `shrink quantize` exits
 //! [`EXIT_BUDGET_FAILED`] (3) when the model it wrote misses its `--max-accuracy-drop` budget.
+pub mod admin;
+pub mod remote;
+
 use crate::config::Settings;
 use crate::domain::spec::EvaluateOptions;
 use crate::engine::{self, runtime::Runtime};
@@ -29,6 +32,10 @@ pub enum Command {
     Worker(Settings),
     /// Apply database migrations and exit.
     Migrate(Settings),
+    /// Manage projects, API keys and quotas directly in the database (no server needed).
+    Admin(admin::AdminArgs),
+    /// Show the project and role of the API key this CLI sends to the server.
+    Whoami(remote::RemoteArgs),
     /// Print the OpenAPI document.
     Openapi {
         /// Write to this file instead of standard output.
@@ -151,6 +158,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(s) => async_main(s, crate::app::Role::Serve),
         Command::Worker(s) => async_main(s, crate::app::Role::Worker),
         Command::Migrate(s) => async_main(s, crate::app::Role::Migrate),
+        Command::Admin(args) => admin::run(args),
+        Command::Whoami(args) => remote::whoami(args),
     }
 }
 

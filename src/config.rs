@@ -75,6 +75,18 @@ pub struct Settings {
     #[arg(long, env = "SHRINK_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// `shrink worker` only: serve `/metrics` and `/healthz` on this address (e.g. `0.0.0.0:9090`).
+    #[arg(long, env = "SHRINK_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+
+    /// Requests per second each API key may make (token bucket; 0 turns the limit off).
+    #[arg(long, env = "SHRINK_RATE_LIMIT_PER_SECOND", default_value_t = 50)]
+    pub rate_limit_per_second: u32,
+
+    /// How many requests a key may make at once before the per-second rate applies.
+    #[arg(long, env = "SHRINK_RATE_LIMIT_BURST", default_value_t = 200)]
+    pub rate_limit_burst: u32,
+
     #[arg(long, env = "SHRINK_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
@@ -153,6 +165,8 @@ impl fmt::Debug for Settings {
             .field("lease_secs", &self.lease_secs)
             .field("max_attempts", &self.max_attempts)
             .field("cors_origins", &self.cors_origins)
+            .field("rate_limit_per_second", &self.rate_limit_per_second)
+            .field("rate_limit_burst", &self.rate_limit_burst)
             .field("log_format", &self.log_format)
             .field("ort_library", &self.ort_library)
             .finish_non_exhaustive()

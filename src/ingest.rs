@@ -20,6 +20,9 @@ pub enum IngestError {
     TooLarge { limit: u64 },
     #[error("the upload was interrupted: {0}")]
     Interrupted(String),
+    /// A project quota (`limit` names it) would be exceeded; nothing was stored.
+    #[error("{detail}")]
+    OverQuota { limit: &'static str, detail: String },
     #[error("{0}")]
     Invalid(#[from] EngineError),
     #[error("temporary storage: {0}")]
@@ -123,6 +126,7 @@ pub async fn commit<S: serde::Serialize + Clone>(
         },
         &id,
     );
+    check_stored_bytes(db, project, staged.size).await?;
     blobs.put_file(&key, &staged.file).await?;
     let upload = Upload {
         id,
@@ -140,4 +144,21 @@ pub async fn commit<S: serde::Serialize + Clone>(
         return Err(e.into());
     }
     Ok(upload)
+}
+
+/// Refuses an upload that would take the project over its `max_stored_bytes`.
+async fn check_stored_bytes(db: &Db, project: &str, size: u64) -> Result<(), IngestError> {
+    let Some(max) = db.project_quotas(project).await?.max_stored_bytes else {
+        return Ok(());
+    };
+    let used = db.project_usage(project).await?.stored_bytes;
+    if used.saturating_add(size as i64) > max {
+        return Err(IngestError::OverQuota {
+            limit: "max_stored_bytes",
+            detail: format!(
+                "project `{project}` stores {used} of its {max} bytes (max_stored_bytes); this {size}-byte upload does not fit, so nothing was stored"
+            ),
+        });
+    }
+    Ok(())
 }

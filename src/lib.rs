@@ -20,6 +20,7 @@ pub mod domain;
 pub mod engine;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod pipeline;
 pub mod store;
 pub mod telemetry;

@@ -105,6 +105,43 @@ impl BlobStore for LocalBlobs {
         Ok(None)
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut dirs = vec![root.clone()];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let path = entry.path();
+                    let meta = entry.metadata()?;
+                    if meta.is_dir() {
+                        dirs.push(path);
+                        continue;
+                    }
+                    let Ok(rel) = path.strip_prefix(&root) else {
+                        continue;
+                    };
+                    let key = rel
+                        .to_string_lossy()
+                        .replace(std::path::MAIN_SEPARATOR, "/");
+                    // Probes and half-written files are not objects.
+                    if key.starts_with(&prefix)
+                        && !key.starts_with(".readyz.")
+                        && !key.contains(".partial")
+                    {
+                        out.push((key, meta.len()));
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BlobError::Backend(e.to_string()))?
+    }
+
     async fn check(&self) -> Result<()> {
         let probe = self.root.join(format!(".readyz.{}", uuid::Uuid::new_v4()));
         tokio::fs::write(&probe, b"ok").await?;

@@ -44,6 +44,8 @@ pub trait BlobStore: Send + Sync {
     async fn delete(&self, key: &str) -> Result<()>;
     /// A time-limited URL that downloads the object without the API, when the store supports it.
     async fn presigned_get(&self, key: &str, ttl: std::time::Duration) -> Result<Option<String>>;
+    /// Every object whose key starts with `prefix`, with its size, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>>;
     /// Checks that the store is reachable and writable (for `/readyz`).
     async fn check(&self) -> Result<()>;
     /// Short description for logs.

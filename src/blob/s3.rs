@@ -273,6 +273,27 @@ impl BlobStore for S3Blobs {
         Ok(Some(req.uri().to_string()))
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.full_key(prefix))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(describe_sdk)?;
+            for o in page.contents() {
+                if let Some(k) = o.key().and_then(|k| k.strip_prefix(self.prefix.as_str())) {
+                    out.push((k.to_string(), o.size().unwrap_or(0).max(0) as u64));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     async fn check(&self) -> Result<()> {
         self.client
             .head_bucket()

@@ -11,5 +11,6 @@ pub mod quantize;
 pub mod report;
 pub mod spec;
 pub mod stage;
+pub mod team;
 pub mod training;
 pub mod validation;

@@ -65,7 +65,9 @@ macro_rules! stages {
     ($( $(#[$doc:meta])* $variant:ident($options:ty) = $name:literal, )*) => {
         /// One pipeline stage.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-        #[serde(tag = "stage")]
+        // `rename_all` says in the OpenAPI schema what each `rename` says to serde (utoipa does not
+        // see a rename whose value comes from a macro argument); the two agree for every stage.
+        #[serde(tag = "stage", rename_all = "lowercase")]
         pub enum Stage {
             $( $(#[$doc])* #[serde(rename = $name)] $variant($options), )*
         }

@@ -387,8 +387,12 @@ fn locate<T: DeserializeOwned>(work: &Value, path: Vec<Seg>, err: &TypeError) ->
         }
         match attempt::<T>(&trial) {
             Err(e) if &e == err => continue,
+            // Removing a required child: that child may be the object that lacks a field,
+            // unless it is a plain value, which lacks nothing.
             Err(e) if missing_field(&e.message).is_some() => {
-                fallback.get_or_insert(candidate);
+                if get(work, &candidate).is_some_and(|v| v.is_object() || v.is_array()) {
+                    fallback.get_or_insert(candidate);
+                }
             }
             _ => return locate::<T>(work, candidate, err),
         }
@@ -446,6 +450,10 @@ fn unknown_keys(given: &Value, back: &Value, at: &str, problems: &mut Problems) 
             for (i, (g, b)) in g.iter().zip(b).enumerate() {
                 unknown_keys(g, b, &format!("{at}/{i}"), problems);
             }
+        }
+        // serde also builds a struct from a list of its fields' values; the API takes objects only.
+        (Value::Array(_), Value::Object(_)) => {
+            problems.add(at, "must be a JSON object, not a list");
         }
         _ => {}
     }
@@ -535,6 +543,14 @@ mod tests {
         assert_eq!(
             pointers(json!({"kind": "one", "size": 11, "list": [1, "two"], "extra": 0})),
             vec!["/extra", "/list/1", "/size"]
+        );
+    }
+
+    #[test]
+    fn a_list_is_not_an_object() {
+        assert_eq!(
+            pointers(json!({"kind": "one", "inner": [3]})),
+            vec!["/inner"]
         );
     }
 

@@ -25,6 +25,10 @@ pub struct Problem {
     /// Each invalid field, for validation problems.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For quota problems: the limit that was reached (`max_stored_bytes`, `max_queued_jobs`,
+    /// `max_upload_bytes`, or `server_max_upload_bytes` for the server's own upload limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +37,21 @@ pub enum ApiError {
     NotFound(String),
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
-    #[error("the upload exceeds {0} bytes")]
+    #[error("the upload exceeds the server's limit of {0} bytes")]
     TooLarge(u64),
+    /// A project quota: 413 for bytes, 429 for job counts; `limit` names the quota.
+    #[error("{detail}")]
+    Quota {
+        limit: &'static str,
+        status: StatusCode,
+        detail: String,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("too many requests for this API key; retry in {0} s")]
+    RateLimited(u64),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -67,6 +84,18 @@ impl ApiError {
                 "too_large",
                 "The upload is too large",
             ),
+            Self::Quota { status, .. } => (*status, "quota", "A project quota is reached"),
+            Self::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Authentication required",
+            ),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Not allowed"),
+            Self::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+            ),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", "Bad request"),
             Self::Unavailable(_) => (
@@ -86,6 +115,28 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, title) = self.parts();
+        let limit = match &self {
+            Self::Quota { limit, .. } => Some(limit.to_string()),
+            Self::TooLarge(_) => Some("server_max_upload_bytes".to_string()),
+            _ => None,
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/problem+json"),
+        );
+        match &self {
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"shrink\""),
+                );
+            }
+            Self::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, header::HeaderValue::from(*secs));
+            }
+            _ => {}
+        }
         let (detail, errors) = match self {
             Self::Validation(errors) => {
                 let detail = match errors.as_slice() {
@@ -110,10 +161,11 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
             detail,
             errors,
+            limit,
         };
         (
             status,
-            [(header::CONTENT_TYPE, "application/problem+json")],
+            headers,
             serde_json::to_vec(&body).unwrap_or_default(),
         )
             .into_response()
@@ -140,6 +192,11 @@ impl From<crate::blob::BlobError> for ApiError {
 pub fn ingest_error(e: IngestError, pointer: &str) -> ApiError {
     match e {
         IngestError::TooLarge { limit } => ApiError::TooLarge(limit),
+        IngestError::OverQuota { limit, detail } => ApiError::Quota {
+            limit,
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            detail,
+        },
         IngestError::Invalid(inner) => ApiError::field(pointer, inner.to_string()),
         IngestError::Interrupted(m) => {
             ApiError::BadRequest(format!("the upload was interrupted: {m}"))

@@ -1,11 +1,12 @@
 //! `/jobs`: create from a spec (JSON or multipart with files), list, poll, cancel, follow events,
 //! fetch the report and artifacts.
-use super::error::{ingest_error, ApiError, ApiResult, Problem};
-use super::pagination::{Page, PageQuery};
-use super::uploads::{download, is_multipart, store_dataset, store_model};
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult, Problem};
+use super::pagination::{ApiQuery, Page, PageQuery};
+use super::uploads::{download, is_multipart, store_dataset, store_model, UploadLimit};
 use super::AppState;
 use crate::domain::dataset::DatasetSummary;
-use crate::domain::ids::{JobId, DEFAULT_PROJECT};
+use crate::domain::ids::JobId;
 use crate::domain::job::{Job, JobStatus};
 use crate::domain::model::ModelSummary;
 use crate::domain::report::Report;
@@ -15,7 +16,7 @@ use crate::ingest::{self, Staged};
 use crate::store::jobs::{Inserted, JobRow, NewJob};
 use crate::store::uploads::UploadKind;
 use crate::store::{now_ms, StoreError};
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -37,6 +38,33 @@ enum Part {
     Dataset(Staged, DatasetSummary, String),
 }
 
+/// A job request as `multipart/form-data`: the spec as JSON plus files that stand in for ids.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobForm {
+    /// The job spec as JSON (a `JobSpec`), without the ids the file parts give.
+    #[schema(example = r#"{"pipeline":[{"stage":"evaluate"}]}"#)]
+    pub spec: String,
+    /// The ONNX model (instead of `model_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub model: Option<Vec<u8>>,
+    /// The evaluation dataset (instead of `dataset_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub dataset: Option<Vec<u8>>,
+    /// Calibration samples (instead of `calibration_dataset_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub calibration: Option<Vec<u8>>,
+    /// Training rows (instead of `train_dataset_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub train: Option<Vec<u8>>,
+    /// A teacher model (instead of `teacher_model_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub teacher: Option<Vec<u8>>,
+    /// A student model (instead of `student_model_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub student: Option<Vec<u8>>,
+}
+
 /// Create a job.
 ///
 /// Send the spec as JSON referencing uploaded ids, or as `multipart/form-data` with a `spec` part and
@@ -45,10 +73,12 @@ enum Part {
 /// header, repeating a request returns the first job; reusing the key with another body is a 409.
 #[utoipa::path(post, path = "/jobs", tag = "jobs",
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key and body return the same job")),
-    request_body(content = JobSpec, description = "The job spec (or multipart with `spec` and file parts)"),
+    request_body(description = "The job spec as JSON referencing uploaded ids, or a multipart form with the spec and files",
+        content((JobSpec = "application/json"), (JobForm = "multipart/form-data"))),
     responses(
         (status = 202, description = "Queued", body = Job),
         (status = 409, description = "Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A malformed multipart body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "A file part is over the upload limit", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Every invalid field, as JSON pointers", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422, "detail": "2 fields are invalid",
@@ -57,6 +87,7 @@ enum Part {
     ))]
 pub async fn create_job(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     req: Request,
 ) -> ApiResult<Response> {
@@ -74,7 +105,8 @@ pub async fn create_job(
         ));
     }
     let (raw_spec, parts) = if is_multipart(&headers) {
-        read_multipart(&state, req).await?
+        let limit = UploadLimit::of(&state, &caller.project).await?;
+        read_multipart(&state, limit, req).await?
     } else {
         (read_json(req).await?, BTreeMap::new())
     };
@@ -97,13 +129,13 @@ pub async fn create_job(
             return Err(ApiError::Validation(errors));
         }
     };
-    check_references(&state, &spec, &parts).await?;
+    check_references(&state, &caller.project, &spec, &parts).await?;
 
     let request_sha256 = request_hash(&raw_spec, &parts);
     if let Some(key) = &idempotency_key {
         if let Some(existing) = state
             .db
-            .find_job_by_idempotency_key(DEFAULT_PROJECT, key)
+            .find_job_by_idempotency_key(&caller.project, key)
             .await?
         {
             if existing.request_sha256.as_deref() == Some(request_sha256.as_str()) {
@@ -115,17 +147,23 @@ pub async fn create_job(
         }
     }
 
+    check_queue_quota(&state, &caller.project).await?;
+
     // The file parts this request stored: removed again when no job of this request keeps them.
     let mut stored: Vec<(UploadKind, String)> = Vec::new();
     let mut stored_all = Ok(());
     for (field, part) in parts {
         let upload = match part {
-            Part::Model(staged, summary, name) => store_model(&state, staged, &name, summary)
-                .await
-                .map(|u| (UploadKind::Model, u.id)),
-            Part::Dataset(staged, summary, name) => store_dataset(&state, staged, &name, summary)
-                .await
-                .map(|u| (UploadKind::Dataset, u.id)),
+            Part::Model(staged, summary, name) => {
+                store_model(&state, &caller.project, staged, &name, summary)
+                    .await
+                    .map(|u| (UploadKind::Model, u.id))
+            }
+            Part::Dataset(staged, summary, name) => {
+                store_dataset(&state, &caller.project, staged, &name, summary)
+                    .await
+                    .map(|u| (UploadKind::Dataset, u.id))
+            }
         };
         match upload {
             Ok((kind, id)) => {
@@ -139,7 +177,7 @@ pub async fn create_job(
         }
     }
     if let Err(e) = stored_all {
-        discard_uploads(&state, &stored).await;
+        discard_uploads(&state, &caller.project, &stored).await;
         return Err(e);
     }
     let id = JobId::new().to_string();
@@ -147,7 +185,7 @@ pub async fn create_job(
         .db
         .insert_job(NewJob {
             id: &id,
-            project: DEFAULT_PROJECT,
+            project: &caller.project,
             spec: &spec,
             max_attempts: state.settings.max_attempts.max(1) as i64,
             idempotency_key: idempotency_key.as_deref(),
@@ -158,25 +196,26 @@ pub async fn create_job(
         .await;
     match inserted {
         Ok(Inserted::Created(row)) => {
-            tracing::info!(job_id = %row.id, "job queued");
+            state.metrics.job_created();
+            tracing::info!(job_id = %row.id, project = %row.project, "job queued");
             respond(row)
         }
         Ok(Inserted::Existing(row)) => {
             // A concurrent retry created the job first; its files are the job's.
-            discard_uploads(&state, &stored).await;
+            discard_uploads(&state, &caller.project, &stored).await;
             respond(row)
         }
         Err(e) => {
-            discard_uploads(&state, &stored).await;
+            discard_uploads(&state, &caller.project, &stored).await;
             Err(e.into())
         }
     }
 }
 
 /// Deletes uploads this request stored but no job references (nothing else can know their ids).
-async fn discard_uploads(state: &AppState, stored: &[(UploadKind, String)]) {
+async fn discard_uploads(state: &AppState, project: &str, stored: &[(UploadKind, String)]) {
     for (kind, id) in stored {
-        match state.db.delete_upload(*kind, DEFAULT_PROJECT, id).await {
+        match state.db.delete_upload(*kind, project, id).await {
             Ok(key) => {
                 if let Err(e) = state.blobs.delete(&key).await {
                     tracing::warn!(upload = %id, error = %e, "could not delete an unused upload's file");
@@ -185,6 +224,24 @@ async fn discard_uploads(state: &AppState, stored: &[(UploadKind, String)]) {
             Err(e) => tracing::warn!(upload = %id, error = %e, "could not delete an unused upload"),
         }
     }
+}
+
+/// Refuses a job when the project already has `max_queued_jobs` waiting.
+async fn check_queue_quota(state: &AppState, project: &str) -> ApiResult<()> {
+    let Some(max) = state.db.project_quotas(project).await?.max_queued_jobs else {
+        return Ok(());
+    };
+    let queued = state.db.project_usage(project).await?.queued_jobs;
+    if queued >= max {
+        return Err(ApiError::Quota {
+            limit: "max_queued_jobs",
+            status: StatusCode::TOO_MANY_REQUESTS,
+            detail: format!(
+                "project `{project}` has {queued} queued jobs, its max_queued_jobs is {max}; nothing was stored or queued"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn respond(row: JobRow) -> ApiResult<Response> {
@@ -210,6 +267,7 @@ async fn read_json(req: Request) -> ApiResult<serde_json::Value> {
 
 async fn read_multipart(
     state: &AppState,
+    limit: UploadLimit,
     req: Request,
 ) -> ApiResult<(serde_json::Value, BTreeMap<String, Part>)> {
     let mut multipart = Multipart::from_request(req, &())
@@ -241,9 +299,9 @@ async fn read_multipart(
             continue;
         };
         let file_name = field.file_name().unwrap_or("").to_string();
-        let staged = ingest::stage(&tmp, field, state.settings.max_upload_bytes)
+        let staged = ingest::stage(&tmp, field, limit.bytes)
             .await
-            .map_err(|e| ingest_error(e, &format!("/{name}")))?;
+            .map_err(|e| limit.map(e, &format!("/{name}")))?;
         let part = match kind {
             RefKind::Model => match ingest::inspect_model(&staged).await {
                 Ok(s) => Part::Model(staged, s, file_name),
@@ -278,6 +336,7 @@ async fn read_multipart(
 /// Checks that references exist and that the datasets fit the model, collecting every problem.
 async fn check_references(
     state: &AppState,
+    project: &str,
     spec: &JobSpec,
     parts: &BTreeMap<String, Part>,
 ) -> ApiResult<()> {
@@ -294,7 +353,7 @@ async fn check_references(
             }
             (None, RefKind::Model) => match state
                 .db
-                .get_upload::<ModelSummary>(UploadKind::Model, DEFAULT_PROJECT, id)
+                .get_upload::<ModelSummary>(UploadKind::Model, project, id)
                 .await
             {
                 Ok(u) => {
@@ -307,7 +366,7 @@ async fn check_references(
             },
             (None, RefKind::Dataset) => match state
                 .db
-                .get_upload::<DatasetSummary>(UploadKind::Dataset, DEFAULT_PROJECT, id)
+                .get_upload::<DatasetSummary>(UploadKind::Dataset, project, id)
                 .await
             {
                 Ok(u) => {
@@ -345,6 +404,7 @@ fn request_hash(spec: &serde_json::Value, parts: &BTreeMap<String, Part>) -> Str
 #[into_params(parameter_in = Query)]
 pub struct JobFilter {
     /// Only jobs with this status.
+    #[param(value_type = Option<JobStatus>)]
     pub status: Option<String>,
     /// Only jobs on this model.
     pub model_id: Option<String>,
@@ -355,12 +415,13 @@ pub struct JobFilter {
     responses((status = 200, body = Page<Job>), (status = 422, body = Problem, content_type = "application/problem+json")))]
 pub async fn list_jobs(
     State(state): State<AppState>,
-    Query(f): Query<JobFilter>,
-    Query(p): Query<PageQuery>,
+    caller: Caller,
+    ApiQuery(f): ApiQuery<JobFilter>,
+    ApiQuery(p): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<Job>>> {
     let limit = p.limit()?;
     let status = match f.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
             ApiError::field(
                 "/status",
@@ -371,7 +432,7 @@ pub async fn list_jobs(
     let rows = state
         .db
         .list_jobs(
-            DEFAULT_PROJECT,
+            &caller.project,
             status,
             f.model_id.as_deref(),
             p.cursor.as_deref(),
@@ -385,10 +446,10 @@ pub async fn list_jobs(
     Ok(Json(Page::new(jobs, limit, |j: &Job| j.id.clone())))
 }
 
-async fn find_job(state: &AppState, id: &str) -> ApiResult<JobRow> {
+async fn find_job(state: &AppState, caller: &Caller, id: &str) -> ApiResult<JobRow> {
     state
         .db
-        .get_job(DEFAULT_PROJECT, id)
+        .get_job(&caller.project, id)
         .await
         .map_err(|e| match e {
             StoreError::NotFound => ApiError::NotFound(format!("job {id}")),
@@ -401,9 +462,10 @@ async fn find_job(state: &AppState, id: &str) -> ApiResult<JobRow> {
     responses((status = 200, body = Job), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(find_job(&state, &id).await?.to_job()?))
+    Ok(Json(find_job(&state, &caller, &id).await?.to_job()?))
 }
 
 /// Cancel a job: a queued job ends at once; a running one stops at its next checkpoint.
@@ -413,11 +475,12 @@ pub async fn get_job(
         (status = 409, description = "The job already succeeded or failed", body = Problem, content_type = "application/problem+json")))]
 pub async fn cancel_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
     let row = state
         .db
-        .request_cancel(DEFAULT_PROJECT, &id, now_ms())
+        .request_cancel(&caller.project, &id, now_ms())
         .await
         .map_err(|e| match e {
             StoreError::NotFound => ApiError::NotFound(format!("job {id}")),
@@ -436,10 +499,11 @@ pub async fn cancel_job(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn job_events(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    find_job(&state, &id).await?;
+    find_job(&state, &caller, &id).await?;
     let seen: Option<i64> = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -447,7 +511,7 @@ pub async fn job_events(
     let stream = async_stream::stream! {
         let mut last: Option<(String, Option<String>, i64)> = None;
         loop {
-            let Ok(row) = state.db.get_job(DEFAULT_PROJECT, &id).await else { break };
+            let Ok(row) = state.db.get_job(&caller.project, &id).await else { break };
             let key = (row.status.clone(), row.stage.clone(), (row.progress * 1000.0) as i64);
             let already_seen = last.is_none() && seen.is_some_and(|v| row.updated_at <= v);
             if last.as_ref() != Some(&key) && !already_seen {
@@ -475,8 +539,12 @@ pub async fn job_events(
     responses((status = 200, description = "The log", content_type = "text/plain", body = String),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "No attempt has ended yet", body = Problem, content_type = "application/problem+json")))]
-pub async fn job_log(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let row = find_job(&state, &id).await?;
+pub async fn job_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let row = find_job(&state, &caller, &id).await?;
     let log = state
         .db
         .list_artifacts(&id)
@@ -503,9 +571,10 @@ pub async fn job_log(State(state): State<AppState>, Path(id): Path<String>) -> A
         (status = 409, description = "The job has no report (yet)", body = Problem, content_type = "application/problem+json")))]
 pub async fn job_report(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let row = find_job(&state, &id).await?;
+    let row = find_job(&state, &caller, &id).await?;
     let Some(key) = row.report_key else {
         return Err(ApiError::Conflict(format!(
             "job {id} has no report: it is {}",
@@ -537,9 +606,10 @@ pub struct Artifact {
     responses((status = 200, body = Vec<Artifact>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn list_artifacts(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<Artifact>>> {
-    find_job(&state, &id).await?;
+    find_job(&state, &caller, &id).await?;
     let rows = state.db.list_artifacts(&id).await?;
     Ok(Json(
         rows.into_iter()
@@ -562,9 +632,10 @@ pub async fn list_artifacts(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get_artifact(
     State(state): State<AppState>,
+    caller: Caller,
     Path((id, name)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    find_job(&state, &id).await?;
+    find_job(&state, &caller, &id).await?;
     let rows = state.db.list_artifacts(&id).await?;
     let a = rows
         .into_iter()

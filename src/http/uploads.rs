@@ -1,13 +1,14 @@
 //! `/models` and `/datasets`: streamed uploads, listing, download, deletion.
+use super::auth::Caller;
 use super::error::{ingest_error, ApiError, ApiResult, Problem};
-use super::pagination::{Page, PageQuery};
+use super::pagination::{ApiQuery, Page, PageQuery};
 use super::AppState;
 use crate::domain::dataset::{DatasetSummary, TensorInfo};
 use crate::domain::model::ModelSummary;
-use crate::ingest::{self, Staged};
+use crate::ingest::{self, IngestError, Staged};
 use crate::store::uploads::{Upload, UploadKind};
 use axum::body::Body;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -73,6 +74,20 @@ impl From<Upload<DatasetSummary>> for DatasetResponse {
     }
 }
 
+/// A file as the raw request body.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+pub struct RawFile(#[allow(dead_code)] Vec<u8>);
+
+/// A file as the `file` part of a `multipart/form-data` body.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct FileForm {
+    /// The file; its file name is recorded unless `?name=` is given.
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream")]
+    pub file: Vec<u8>,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UploadQuery {
@@ -83,17 +98,17 @@ pub struct UploadQuery {
 /// Receives a file from a raw body or the multipart field `file` into a staged temporary file.
 pub async fn receive(
     state: &AppState,
+    limit: UploadLimit,
     req: Request,
     query_name: Option<String>,
 ) -> ApiResult<(Staged, String)> {
-    let limit = state.settings.max_upload_bytes;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit + 64 * 1024) {
-        return Err(ApiError::TooLarge(limit));
+    if declared.is_some_and(|n| n > limit.bytes + 64 * 1024) {
+        return Err(limit.error());
     }
     let tmp = state.settings.data_dir.join("tmp");
     if is_multipart(req.headers()) {
@@ -109,9 +124,9 @@ pub async fn receive(
                 let name = query_name
                     .or_else(|| field.file_name().map(str::to_string))
                     .unwrap_or_default();
-                let staged = ingest::stage(&tmp, field, limit)
+                let staged = ingest::stage(&tmp, field, limit.bytes)
                     .await
-                    .map_err(|e| ingest_error(e, "/file"))?;
+                    .map_err(|e| limit.map(e, "/file"))?;
                 return Ok((staged, name));
             }
         }
@@ -124,10 +139,58 @@ pub async fn receive(
         .into_body()
         .into_data_stream()
         .map_err(|e| std::io::Error::other(e.to_string()));
-    let staged = ingest::stage(&tmp, body, limit)
+    let staged = ingest::stage(&tmp, body, limit.bytes)
         .await
-        .map_err(|e| ingest_error(e, "/body"))?;
+        .map_err(|e| limit.map(e, "/body"))?;
     Ok((staged, query_name.unwrap_or_default()))
+}
+
+/// The largest upload a project may send: the server's limit or the project's `max_upload_bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadLimit {
+    pub bytes: u64,
+    /// Whether the project's quota (rather than the server's limit) is the smaller.
+    by_quota: bool,
+}
+
+impl UploadLimit {
+    pub async fn of(state: &AppState, project: &str) -> ApiResult<UploadLimit> {
+        let server = state.settings.max_upload_bytes;
+        let quota = state.db.project_quotas(project).await?.max_upload_bytes;
+        Ok(match quota {
+            Some(q) if (q.max(0) as u64) < server => UploadLimit {
+                bytes: q.max(0) as u64,
+                by_quota: true,
+            },
+            _ => UploadLimit {
+                bytes: server,
+                by_quota: false,
+            },
+        })
+    }
+
+    pub fn error(&self) -> ApiError {
+        if self.by_quota {
+            ApiError::Quota {
+                limit: "max_upload_bytes",
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                detail: format!(
+                    "the upload exceeds this project's max_upload_bytes of {} bytes; nothing was stored",
+                    self.bytes
+                ),
+            }
+        } else {
+            ApiError::TooLarge(self.bytes)
+        }
+    }
+
+    /// An ingest error, with "too large" naming the limit that applied.
+    pub fn map(&self, e: IngestError, pointer: &str) -> ApiError {
+        match e {
+            IngestError::TooLarge { .. } => self.error(),
+            other => ingest_error(other, pointer),
+        }
+    }
 }
 
 pub fn is_multipart(headers: &HeaderMap) -> bool {
@@ -147,6 +210,7 @@ fn empty_name_to_id<S>(mut u: Upload<S>) -> Upload<S> {
 /// Stores a staged model after checking it is a readable ONNX graph.
 pub async fn store_model(
     state: &AppState,
+    project: &str,
     staged: Staged,
     name: &str,
     summary: ModelSummary,
@@ -156,7 +220,7 @@ pub async fn store_model(
         state.blobs.as_ref(),
         ingest::Target {
             kind: UploadKind::Model,
-            project: crate::domain::ids::DEFAULT_PROJECT,
+            project,
             name,
             format: "onnx",
         },
@@ -165,22 +229,25 @@ pub async fn store_model(
     )
     .await
     .map_err(|e| ingest_error(e, "/file"))?;
+    state.metrics.uploaded("model", u.size_bytes as u64);
     Ok(empty_name_to_id(u))
 }
 
 pub async fn store_dataset(
     state: &AppState,
+    project: &str,
     staged: Staged,
     name: &str,
     summary: DatasetSummary,
 ) -> ApiResult<Upload<DatasetSummary>> {
     let format = summary.format.as_str();
+    let size = staged.size;
     let u = ingest::commit(
         &state.db,
         state.blobs.as_ref(),
         ingest::Target {
             kind: UploadKind::Dataset,
-            project: crate::domain::ids::DEFAULT_PROJECT,
+            project,
             name,
             format,
         },
@@ -189,6 +256,7 @@ pub async fn store_dataset(
     )
     .await
     .map_err(|e| ingest_error(e, "/file"))?;
+    state.metrics.uploaded("dataset", size);
     Ok(empty_name_to_id(u))
 }
 
@@ -197,9 +265,11 @@ pub async fn store_dataset(
 /// The body is either the raw file (`application/octet-stream`, name in `?name=`) or
 /// `multipart/form-data` with a `file` part. It is streamed to storage while hashed.
 #[utoipa::path(post, path = "/models", tag = "models", params(UploadQuery),
-    request_body(content_type = "application/octet-stream", description = "The ONNX file (or multipart with a `file` part)"),
+    request_body(description = "The ONNX file, raw or as the `file` part of a multipart form",
+        content((RawFile = "application/octet-stream"), (FileForm = "multipart/form-data"))),
     responses(
         (status = 201, description = "Stored", body = ModelResponse),
+        (status = 400, description = "A malformed multipart body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over the upload limit; nothing stored", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a readable ONNX model; nothing stored", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422,
@@ -208,14 +278,16 @@ pub async fn store_dataset(
     ))]
 pub async fn upload_model(
     State(state): State<AppState>,
-    Query(q): Query<UploadQuery>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<UploadQuery>,
     req: Request,
 ) -> ApiResult<(StatusCode, Json<ModelResponse>)> {
-    let (staged, name) = receive(&state, req, q.name).await?;
+    let limit = UploadLimit::of(&state, &caller.project).await?;
+    let (staged, name) = receive(&state, limit, req, q.name).await?;
     let summary = ingest::inspect_model(&staged)
         .await
         .map_err(|e| ingest_error(e, "/file"))?;
-    let u = store_model(&state, staged, &name, summary).await?;
+    let u = store_model(&state, &caller.project, staged, &name, summary).await?;
     Ok((StatusCode::CREATED, Json(u.into())))
 }
 
@@ -223,9 +295,11 @@ pub async fn upload_model(
 ///
 /// One tensor per model input (named as the input), optional integer `labels` (or `y`).
 #[utoipa::path(post, path = "/datasets", tag = "datasets", params(UploadQuery),
-    request_body(content_type = "application/octet-stream", description = "The dataset file (or multipart with a `file` part)"),
+    request_body(description = "The dataset file, raw or as the `file` part of a multipart form",
+        content((RawFile = "application/octet-stream"), (FileForm = "multipart/form-data"))),
     responses(
         (status = 201, description = "Stored", body = DatasetResponse),
+        (status = 400, description = "A malformed multipart body", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over the upload limit; nothing stored", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unreadable, or tensors disagree on the sample count", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "/problems/validation", "title": "The request is invalid", "status": 422,
@@ -234,14 +308,16 @@ pub async fn upload_model(
     ))]
 pub async fn upload_dataset(
     State(state): State<AppState>,
-    Query(q): Query<UploadQuery>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<UploadQuery>,
     req: Request,
 ) -> ApiResult<(StatusCode, Json<DatasetResponse>)> {
-    let (staged, name) = receive(&state, req, q.name).await?;
+    let limit = UploadLimit::of(&state, &caller.project).await?;
+    let (staged, name) = receive(&state, limit, req, q.name).await?;
     let summary = ingest::inspect_dataset(&staged)
         .await
         .map_err(|e| ingest_error(e, "/file"))?;
-    let u = store_dataset(&state, staged, &name, summary).await?;
+    let u = store_dataset(&state, &caller.project, staged, &name, summary).await?;
     Ok((StatusCode::CREATED, Json(u.into())))
 }
 
@@ -250,14 +326,15 @@ pub async fn upload_dataset(
     responses((status = 200, body = Page<ModelResponse>), (status = 422, body = Problem, content_type = "application/problem+json")))]
 pub async fn list_models(
     State(state): State<AppState>,
-    Query(q): Query<PageQuery>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<ModelResponse>>> {
     let limit = q.limit()?;
     let rows = state
         .db
         .list_uploads::<ModelSummary>(
             UploadKind::Model,
-            crate::domain::ids::DEFAULT_PROJECT,
+            &caller.project,
             q.cursor.as_deref(),
             limit,
         )
@@ -274,14 +351,15 @@ pub async fn list_models(
     responses((status = 200, body = Page<DatasetResponse>), (status = 422, body = Problem, content_type = "application/problem+json")))]
 pub async fn list_datasets(
     State(state): State<AppState>,
-    Query(q): Query<PageQuery>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<DatasetResponse>>> {
     let limit = q.limit()?;
     let rows = state
         .db
         .list_uploads::<DatasetSummary>(
             UploadKind::Dataset,
-            crate::domain::ids::DEFAULT_PROJECT,
+            &caller.project,
             q.cursor.as_deref(),
             limit,
         )
@@ -295,6 +373,7 @@ pub async fn list_datasets(
 
 async fn find<S: serde::de::DeserializeOwned>(
     state: &AppState,
+    project: &str,
     kind: UploadKind,
     id: &str,
 ) -> ApiResult<Upload<S>> {
@@ -305,7 +384,7 @@ async fn find<S: serde::de::DeserializeOwned>(
     };
     state
         .db
-        .get_upload(kind, crate::domain::ids::DEFAULT_PROJECT, id)
+        .get_upload(kind, project, id)
         .await
         .map_err(|e| match e {
             crate::store::StoreError::NotFound => ApiError::NotFound(format!("{what} {id}")),
@@ -318,10 +397,11 @@ async fn find<S: serde::de::DeserializeOwned>(
     responses((status = 200, body = ModelResponse), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get_model(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelResponse>> {
     Ok(Json(
-        find::<ModelSummary>(&state, UploadKind::Model, &id)
+        find::<ModelSummary>(&state, &caller.project, UploadKind::Model, &id)
             .await?
             .into(),
     ))
@@ -332,10 +412,11 @@ pub async fn get_model(
     responses((status = 200, body = DatasetResponse), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get_dataset(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<DatasetResponse>> {
     Ok(Json(
-        find::<DatasetSummary>(&state, UploadKind::Dataset, &id)
+        find::<DatasetSummary>(&state, &caller.project, UploadKind::Dataset, &id)
             .await?
             .into(),
     ))
@@ -379,9 +460,10 @@ pub async fn download(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn model_file(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let m = find::<ModelSummary>(&state, UploadKind::Model, &id).await?;
+    let m = find::<ModelSummary>(&state, &caller.project, UploadKind::Model, &id).await?;
     download(
         &state,
         &m.blob_key,
@@ -398,13 +480,19 @@ pub async fn model_file(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn dataset_file(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let d = find::<DatasetSummary>(&state, UploadKind::Dataset, &id).await?;
+    let d = find::<DatasetSummary>(&state, &caller.project, UploadKind::Dataset, &id).await?;
     download(&state, &d.blob_key, &d.name, "application/octet-stream").await
 }
 
-async fn delete(state: &AppState, kind: UploadKind, id: &str) -> ApiResult<StatusCode> {
+async fn delete(
+    state: &AppState,
+    project: &str,
+    kind: UploadKind,
+    id: &str,
+) -> ApiResult<StatusCode> {
     let what = if kind == UploadKind::Model {
         "model"
     } else {
@@ -412,7 +500,7 @@ async fn delete(state: &AppState, kind: UploadKind, id: &str) -> ApiResult<Statu
     };
     let key = state
         .db
-        .delete_upload(kind, crate::domain::ids::DEFAULT_PROJECT, id)
+        .delete_upload(kind, project, id)
         .await
         .map_err(|e| match e {
             crate::store::StoreError::NotFound => ApiError::NotFound(format!("{what} {id}")),
@@ -434,9 +522,10 @@ async fn delete(state: &AppState, kind: UploadKind, id: &str) -> ApiResult<Statu
         (status = 409, description = "A queued or running job uses it", body = Problem, content_type = "application/problem+json")))]
 pub async fn delete_model(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    delete(&state, UploadKind::Model, &id).await
+    delete(&state, &caller.project, UploadKind::Model, &id).await
 }
 
 /// Delete a dataset (refused while a queued or running job uses it).
@@ -445,7 +534,8 @@ pub async fn delete_model(
         (status = 409, description = "A queued or running job uses it", body = Problem, content_type = "application/problem+json")))]
 pub async fn delete_dataset(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    delete(&state, UploadKind::Dataset, &id).await
+    delete(&state, &caller.project, UploadKind::Dataset, &id).await
 }

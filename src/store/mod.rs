@@ -2,6 +2,7 @@
 //! driver so that one set of queries serves both. Only this module knows sqlx.
 pub mod jobs;
 pub mod queue;
+pub mod teams;
 pub mod uploads;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};

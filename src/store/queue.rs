@@ -13,6 +13,12 @@ pub enum Lease {
     Lost,
 }
 
+enum Claim {
+    Job(Box<JobRow>),
+    Empty,
+    OverLimit,
+}
+
 /// How a failed attempt ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOutcome {
@@ -67,12 +73,26 @@ pub fn backoff_ms(attempt: i64) -> i64 {
 
 impl Db {
     /// Takes the oldest runnable job, if any, and leases it to `worker` until `lease_until`.
+    /// Jobs of a project already running its `max_running_jobs` wait.
     pub async fn claim_next_job(
         &self,
         worker: &str,
         now: i64,
         lease_until: i64,
     ) -> Result<Option<JobRow>> {
+        // A claim that raced another worker past its project's running limit is rolled back;
+        // the next try no longer sees that project's jobs as runnable.
+        for _ in 0..3 {
+            match self.try_claim(worker, now, lease_until).await? {
+                Claim::Job(job) => return Ok(Some(*job)),
+                Claim::Empty => return Ok(None),
+                Claim::OverLimit => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    async fn try_claim(&self, worker: &str, now: i64, lease_until: i64) -> Result<Claim> {
         // SKIP LOCKED lets concurrent claimers pass over each other's rows; SQLite serialises writers anyway.
         let lock = if self.backend == Backend::Postgres {
             "FOR UPDATE SKIP LOCKED"
@@ -83,7 +103,10 @@ impl Db {
         let row: Option<JobRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET status = 'running', attempt = attempt + 1, locked_by = $1, lease_expires_at = $2, \
              started_at = COALESCE(started_at, $3), updated_at = $3, stage = 'baseline', progress = 0 \
-             WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND cancel_requested = 0 AND run_at <= $3 ORDER BY run_at, id LIMIT 1 {lock}) \
+             WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued' AND j.cancel_requested = 0 AND j.run_at <= $3 \
+               AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.id = j.project AND p.max_running_jobs IS NOT NULL \
+                 AND p.max_running_jobs <= (SELECT COUNT(*) FROM jobs r WHERE r.project = j.project AND r.status = 'running')) \
+               ORDER BY j.run_at, j.id LIMIT 1 {lock}) \
              RETURNING {JOB_COLUMNS}"
         )))
         .bind(worker)
@@ -91,17 +114,45 @@ impl Db {
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
-        if let Some(job) = &row {
-            sqlx::query("INSERT INTO job_runs (job_id, attempt, worker_id, started_at) VALUES ($1, $2, $3, $4)")
-                .bind(&job.id)
-                .bind(job.attempt)
-                .bind(worker)
-                .bind(now)
-                .execute(&mut *tx)
+        let Some(job) = row else {
+            tx.commit().await?;
+            return Ok(Claim::Empty);
+        };
+        if self.backend == Backend::Postgres {
+            // Claims of one project's jobs queue up here, so each counts the others' committed claims.
+            let limit: Option<(Option<i64>,)> =
+                sqlx::query_as("SELECT max_running_jobs FROM projects WHERE id = $1")
+                    .bind(&job.project)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((Some(limit),)) = limit {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::BIGINT)")
+                    .bind(format!("shrink-running:{}", job.project))
+                    .execute(&mut *tx)
+                    .await?;
+                let (running,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM jobs WHERE project = $1 AND status = 'running'",
+                )
+                .bind(&job.project)
+                .fetch_one(&mut *tx)
                 .await?;
+                if running > limit {
+                    tx.rollback().await?;
+                    return Ok(Claim::OverLimit);
+                }
+            }
         }
+        sqlx::query(
+            "INSERT INTO job_runs (job_id, attempt, worker_id, started_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&job.id)
+        .bind(job.attempt)
+        .bind(worker)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(row)
+        Ok(Claim::Job(Box::new(job)))
     }
 
     /// Extends the lease and records progress; fenced by the lease holder.

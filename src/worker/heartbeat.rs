@@ -29,10 +29,27 @@ pub struct JobProgress {
     shutdown: AtomicBool,
     /// What the pipeline logged so far: stored as `job.log` when the attempt fails.
     log: Mutex<String>,
+    timing: Mutex<StageTiming>,
+}
+
+/// The stage running now and since when; finished stages with their seconds.
+#[derive(Default)]
+struct StageTiming {
+    current: Option<(String, std::time::Instant)>,
+    done: Vec<(String, f64)>,
 }
 
 impl crate::pipeline::JobProgress for JobProgress {
     fn enter(&self, stage: &str, start: f64, span: f64) {
+        {
+            let mut t = self.timing.lock().unwrap();
+            if t.current.as_ref().is_none_or(|(name, _)| name != stage) {
+                if let Some((name, since)) = t.current.take() {
+                    t.done.push((name, since.elapsed().as_secs_f64()));
+                }
+                t.current = Some((stage.to_string(), std::time::Instant::now()));
+            }
+        }
         *self.stage.lock().unwrap() = stage.to_string();
         *self.window.lock().unwrap() = (start, span);
         self.overall.store(start.to_bits(), Ordering::Relaxed);
@@ -51,6 +68,16 @@ impl JobProgress {
     /// The log lines written so far.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Every stage entered, with its wall time (the last one up to now).
+    pub fn stage_times(&self) -> Vec<(String, f64)> {
+        let t = self.timing.lock().unwrap();
+        let mut out = t.done.clone();
+        if let Some((name, since)) = &t.current {
+            out.push((name.clone(), since.elapsed().as_secs_f64()));
+        }
+        out
     }
 
     pub fn snapshot(&self) -> (String, f64) {
@@ -94,6 +121,7 @@ pub struct LeaseTerms {
     pub worker: String,
     pub lease: Duration,
     pub interval: Duration,
+    pub metrics: crate::metrics::SharedMetrics,
 }
 
 /// Renews the lease every `interval` until `done` fires, relaying progress and stop requests.
@@ -109,6 +137,7 @@ pub async fn run(
         worker,
         lease,
         interval,
+        metrics,
     } = terms;
     loop {
         tokio::select! {
@@ -133,17 +162,22 @@ pub async fn run(
             .await
         {
             Ok(Lease::Held { cancel }) => {
+                metrics.heartbeat("held");
                 if cancel {
                     progress.cancelled.store(true, Ordering::Relaxed);
                 }
             }
             Ok(Lease::Lost) => {
+                metrics.heartbeat("lost");
                 tracing::warn!("lost the lease; stopping this attempt");
                 progress.lease_lost.store(true, Ordering::Relaxed);
                 return;
             }
             // A database hiccup: keep working; the lease only expires if this persists.
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(e) => {
+                metrics.heartbeat("error");
+                tracing::warn!(error = %e, "heartbeat failed")
+            }
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct WorkerContext {
     pub lease: Duration,
     pub poll: Duration,
     pub scratch_dir: std::path::PathBuf,
+    pub metrics: crate::metrics::SharedMetrics,
 }
 
 impl WorkerContext {

@@ -31,6 +31,7 @@ pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver
     let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt, request_id = job.request_id.as_deref().unwrap_or("-"));
     async move {
         tracing::info!("job started");
+        let started = std::time::Instant::now();
         let progress = Arc::new(JobProgress::default());
         progress.enter("baseline", 0.0, 0.0);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -46,6 +47,7 @@ pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver
                     worker: ctx.worker_id.clone(),
                     lease: ctx.lease,
                     interval,
+                    metrics: ctx.metrics.clone(),
                 },
                 progress.clone(),
                 shutdown,
@@ -56,7 +58,20 @@ pub async fn run_job(ctx: &WorkerContext, job: JobRow, shutdown: watch::Receiver
         let result = attempt(ctx, &job, progress.clone()).await;
         let _ = done_tx.send(());
         let _ = beat.await;
+        let outcome = match &result {
+            Ok(()) => "succeeded",
+            Err(Failure::Invalid(_)) => "failed",
+            Err(Failure::Infrastructure(_)) => "infrastructure_error",
+            Err(Failure::Stopped(StopReason::Cancelled)) => "cancelled",
+            Err(Failure::Stopped(StopReason::LeaseLost)) => "lease_lost",
+            Err(Failure::Stopped(StopReason::Shutdown)) => "handed_back",
+        };
         finish(ctx, &job, result, &progress).await;
+        for (stage, seconds) in progress.stage_times() {
+            ctx.metrics.stage_finished(&stage, seconds);
+        }
+        ctx.metrics
+            .job_finished(outcome, started.elapsed().as_secs_f64());
     }
     .instrument(span)
     .await

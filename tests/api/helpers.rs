@@ -21,6 +21,7 @@ pub enum Setup {
 
 pub struct TestApp {
     pub address: String,
+    /// Sends the first admin key (project `default`) with every request.
     pub client: Client,
     pub db: Db,
     pub worker: WorkerContext,
@@ -104,6 +105,10 @@ pub async fn spawn_with(
         .await
         .expect("the application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
+    let admin_key = std::fs::read_to_string(settings.data_dir.join("admin.key"))
+        .expect("the first start writes admin.key")
+        .trim()
+        .to_string();
     let db = app.state.db.clone();
     let worker = app.workers.clone();
     let (tx, rx) = oneshot::channel::<()>();
@@ -113,10 +118,7 @@ pub async fn spawn_with(
     let (stop_workers, _) = watch::channel(false);
     TestApp {
         address,
-        client: Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap(),
+        client: client_with_key(Some(&admin_key)),
         db,
         worker,
         settings,
@@ -124,6 +126,22 @@ pub async fn spawn_with(
         stop_workers,
         shutdown: Some(tx),
     }
+}
+
+/// A client that sends `key` as a bearer token (none: no Authorization header); no redirects.
+pub fn client_with_key(key: Option<&str>) -> Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = key {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {k}").parse().unwrap(),
+        );
+    }
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 impl Drop for TestApp {

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area. Each test starts the real application on
 //! port 0 with its own database (SQLite file or a fresh PostgreSQL database) and object store.
 mod architecture;
+mod binary;
 mod cancellation;
 mod distill_jobs;
 #[path = "../common/fixtures.rs"]
@@ -12,4 +13,5 @@ mod prune_jobs;
 mod quantize_jobs;
 mod queue;
 mod storage;
+mod teams;
 mod uploads;

@@ -17,10 +17,25 @@ fn every_operation_documents_its_errors_as_problem_json() {
         serde_json::from_str(&shrink::http::openapi::document_json()).unwrap();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            if path.starts_with("/healthz") || path.starts_with("/readyz") {
+            // The public probes and /metrics answer no problems; everything else needs a key.
+            let public = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .all(|r| r.as_object().is_some_and(|o| o.is_empty()))
+            });
+            if public {
+                assert!(
+                    ["/healthz", "/readyz", "/metrics"].contains(&path.as_str()),
+                    "{method} {path} is public"
+                );
                 continue;
             }
             let responses = op["responses"].as_object().unwrap();
+            for code in ["401", "429"] {
+                assert!(
+                    responses[code]["content"]["application/problem+json"].is_object(),
+                    "{method} {path} does not document {code}"
+                );
+            }
             let has_problem = responses.iter().any(|(code, r)| {
                 code.starts_with('4') && r["content"]["application/problem+json"].is_object()
             });

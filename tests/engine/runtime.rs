@@ -36,16 +36,26 @@ async fn without_onnx_runtime_readyz_says_why_and_jobs_fail_clearly() {
         .spawn()
         .unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
     let mut up = false;
     for _ in 0..100 {
-        if client.get(format!("{url}/healthz")).send().await.is_ok() {
+        if reqwest::get(format!("{url}/healthz")).await.is_ok() {
             up = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(up, "the service starts even without ONNX Runtime");
+    // The first start wrote an admin key; every API call sends it.
+    let key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", key.trim()).parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
 
     let r = client.get(format!("{url}/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
