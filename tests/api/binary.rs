@@ -437,3 +437,116 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         "the server logged internal errors:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_process_runs_jobs_and_serves_its_own_metrics_and_no_api() {
+    let dir = tempfile::tempdir().unwrap();
+    // An API process without workers and a worker process, sharing the SQLite file and blobs.
+    let api = Server::start(dir.path(), &[]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .arg("worker")
+        .env("SHRINK_DATA_DIR", dir.path())
+        .env("SHRINK_METRICS_BIND", format!("127.0.0.1:{port}"))
+        .env("SHRINK_ORT_AUTO_INSTALL", "false")
+        .env("SHRINK_POLL_MS", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = client_with_key(Some(&api.admin_key()));
+    let upload = |path: &'static str, file: &'static str| {
+        let client = client.clone();
+        let url = api.url(path);
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/octet-stream")
+                .body(std::fs::read(fixture(file)).unwrap())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let m = upload("/models", "two_input.onnx").await;
+    let d = upload("/datasets", "two_input.npz").await;
+    let r = client
+        .post(api.url("/jobs"))
+        .json(&TestApp::evaluate_spec(&m, &d))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut status = Value::Null;
+    for _ in 0..600 {
+        let job: Value = client
+            .get(api.url(&format!("/jobs/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status = job["status"].clone();
+        if status == "succeeded" || status == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let anyone = client_with_key(None);
+    let text = anyone
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let health = anyone
+        .get(format!("{url}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    let no_api = anyone
+        .get(format!("{url}/models"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    unsafe {
+        libc::kill(worker.id() as i32, libc::SIGTERM);
+    }
+    let _ = worker.wait();
+    assert_eq!(status, "succeeded");
+    // The worker's own counters and histograms; the database's gauges are the API's to report.
+    assert!(
+        text.contains("shrink_jobs_finished_total{outcome=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shrink_job_duration_seconds_count{outcome=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shrink_stage_duration_seconds_count{stage=\"baseline\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("shrink_queue_depth"), "{text}");
+    assert_eq!(health, 200);
+    assert_eq!(no_api, 404, "a worker serves no API");
+}
