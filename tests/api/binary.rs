@@ -141,14 +141,7 @@ async fn the_first_start_writes_an_admin_key_and_shrink_admin_manages_keys_offli
     assert!(!log.contains(&admin_key), "the log holds the secret");
 
     let admin_client = client_with_key(Some(&admin_key));
-    let me: Value = admin_client
-        .get(server.url("/me"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = get_value(&admin_client, &server.url("/me")).await;
     assert_eq!(me["role"], "admin");
     assert_eq!(me["project"], "default");
     let r = client_with_key(None)
@@ -209,14 +202,7 @@ async fn the_first_start_writes_an_admin_key_and_shrink_admin_manages_keys_offli
     let secret = secret.trim().to_string();
     let details: Value = serde_json::from_str(&err).unwrap();
     let viewer = client_with_key(Some(&secret));
-    let me: Value = viewer
-        .get(server.url("/me"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = get_value(&viewer, &server.url("/me")).await;
     assert_eq!(
         (me["project"].as_str(), me["role"].as_str()),
         (Some("vision"), Some("viewer"))
@@ -479,12 +465,7 @@ async fn a_worker_process_runs_jobs_and_serves_its_own_metrics_and_no_api() {
     };
     let m = upload("/models", "two_input.onnx").await;
     let d = upload("/datasets", "two_input.npz").await;
-    let r = client
-        .post(api.url("/jobs"))
-        .json(&TestApp::evaluate_spec(&m, &d))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&client, &api.url("/jobs"), &TestApp::evaluate_spec(&m, &d)).await;
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().await.unwrap()["id"]
         .as_str()
@@ -492,14 +473,7 @@ async fn a_worker_process_runs_jobs_and_serves_its_own_metrics_and_no_api() {
         .to_string();
     let mut status = Value::Null;
     for _ in 0..600 {
-        let job: Value = client
-            .get(api.url(&format!("/jobs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = get_value(&client, &api.url(&format!("/jobs/{id}"))).await;
         status = job["status"].clone();
         if status == "succeeded" || status == "failed" {
             break;

@@ -144,6 +144,16 @@ pub fn client_with_key(key: Option<&str>) -> Client {
         .unwrap()
 }
 
+/// POSTs `body` as JSON with `client` (any status).
+pub async fn post_json(client: &Client, url: &str, body: &Value) -> Response {
+    client.post(url).json(body).send().await.unwrap()
+}
+
+/// GETs `url` with `client` and returns the body as JSON (any status).
+pub async fn get_value(client: &Client, url: &str) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {

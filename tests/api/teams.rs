@@ -145,24 +145,17 @@ async fn isolation_matrix(setup: Setup) {
     settings.s3_presign = setup == Setup::Production;
     let app = spawn_with(settings, dir, 0).await;
     // Project A is `default` (the admin key's); B is another team.
-    let r = app
-        .client
-        .post(app.url("/projects"))
-        .json(&json!({"id": "team-b"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&app.client, &app.url("/projects"), &json!({"id": "team-b"})).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let key = |project: &'static str, role: &'static str| {
         let app = &app;
         async move {
-            let r = app
-                .client
-                .post(app.url(&format!("/projects/{project}/keys")))
-                .json(&json!({"name": format!("{role} key"), "role": role}))
-                .send()
-                .await
-                .unwrap();
+            let r = post_json(
+                &app.client,
+                &app.url(&format!("/projects/{project}/keys")),
+                &json!({"name": format!("{role} key"), "role": role}),
+            )
+            .await;
             assert_eq!(r.status(), 201);
             let k: Value = r.json().await.unwrap();
             (
@@ -330,13 +323,12 @@ async fn another_projects_key_sees_nothing_and_changes_nothing_production() {
 #[tokio::test]
 async fn keys_are_stored_as_hashes_shown_once_and_record_their_use() {
     let app = spawn_app(Setup::Embedded).await;
-    let r = app
-        .client
-        .post(app.url("/projects/default/keys"))
-        .json(&json!({"name": "ci", "role": "member"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &app.client,
+        &app.url("/projects/default/keys"),
+        &json!({"name": "ci", "role": "member"}),
+    )
+    .await;
     assert_eq!(r.status(), 201);
     let created: Value = r.json().await.unwrap();
     let secret = created["secret"].as_str().unwrap();
@@ -371,37 +363,28 @@ async fn keys_are_stored_as_hashes_shown_once_and_record_their_use() {
     assert!(listed(&keys)["last_used_at"].is_string(), "{keys}");
 
     // Bad requests name the field; unknown projects and keys are 404.
-    let r = app
-        .client
-        .post(app.url("/projects/default/keys"))
-        .json(&json!({"name": "x", "role": "owner"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &app.client,
+        &app.url("/projects/default/keys"),
+        &json!({"name": "x", "role": "owner"}),
+    )
+    .await;
     assert_eq!(problem_pointers(r).await, ["/role"]);
-    let r = app
-        .client
-        .post(app.url("/projects"))
-        .json(&json!({"id": "Bad/Id"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&app.client, &app.url("/projects"), &json!({"id": "Bad/Id"})).await;
     assert_eq!(problem_pointers(r).await, ["/id"]);
-    let r = app
-        .client
-        .post(app.url("/projects"))
-        .json(&json!({"id": "default"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &app.client,
+        &app.url("/projects"),
+        &json!({"id": "default"}),
+    )
+    .await;
     assert_eq!(r.status(), 409);
-    let r = app
-        .client
-        .post(app.url("/projects/nope/keys"))
-        .json(&json!({"name": "x", "role": "viewer"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &app.client,
+        &app.url("/projects/nope/keys"),
+        &json!({"name": "x", "role": "viewer"}),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let r = app
         .client
@@ -430,24 +413,17 @@ async fn keys_are_stored_as_hashes_shown_once_and_record_their_use() {
 #[tokio::test]
 async fn idempotency_keys_belong_to_their_project() {
     let app = spawn_app(Setup::Embedded).await;
-    let r = app
-        .client
-        .post(app.url("/projects"))
-        .json(&json!({"id": "team-b"}))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&app.client, &app.url("/projects"), &json!({"id": "team-b"})).await;
     assert_eq!(r.status(), 201);
-    let k: Value = app
-        .client
-        .post(app.url("/projects/team-b/keys"))
-        .json(&json!({"name": "ci", "role": "member"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let k: Value = post_json(
+        &app.client,
+        &app.url("/projects/team-b/keys"),
+        &json!({"name": "ci", "role": "member"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let b = client_with_key(k["secret"].as_str());
     let spec = json!({"pipeline": [{"stage": "evaluate", "latency_runs": 5}]});
     let post = |client: &Client| {
