@@ -126,7 +126,8 @@ pub async fn commit<S: serde::Serialize + Clone>(
         },
         &id,
     );
-    check_stored_bytes(db, project, staged.size).await?;
+    // A quick refusal before the upload is copied; the insert below checks again, exactly.
+    let max_stored_bytes = check_stored_bytes(db, project, staged.size).await?;
     blobs.put_file(&key, &staged.file).await?;
     let upload = Upload {
         id,
@@ -139,17 +140,20 @@ pub async fn commit<S: serde::Serialize + Clone>(
         summary,
         created_at: chrono::Utc::now(),
     };
-    if let Err(e) = db.insert_upload(kind, &upload).await {
+    if let Err(e) = db.insert_upload(kind, &upload, max_stored_bytes).await {
         let _ = blobs.delete(&key).await;
-        return Err(e.into());
+        return Err(match e {
+            StoreError::OverQuota { limit, detail } => IngestError::OverQuota { limit, detail },
+            other => other.into(),
+        });
     }
     Ok(upload)
 }
 
-/// Refuses an upload that would take the project over its `max_stored_bytes`.
-async fn check_stored_bytes(db: &Db, project: &str, size: u64) -> Result<(), IngestError> {
+/// Refuses an upload that would take the project over its `max_stored_bytes`; the quota.
+async fn check_stored_bytes(db: &Db, project: &str, size: u64) -> Result<Option<i64>, IngestError> {
     let Some(max) = db.project_quotas(project).await?.max_stored_bytes else {
-        return Ok(());
+        return Ok(None);
     };
     let used = db.project_usage(project).await?.stored_bytes;
     if used.saturating_add(size as i64) > max {
@@ -160,5 +164,5 @@ async fn check_stored_bytes(db: &Db, project: &str, size: u64) -> Result<(), Ing
             ),
         });
     }
-    Ok(())
+    Ok(Some(max))
 }

@@ -177,6 +177,15 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => Self::NotFound("resource".into()),
             StoreError::Conflict(m) => Self::Conflict(m),
+            StoreError::OverQuota { limit, detail } => Self::Quota {
+                limit,
+                status: if limit.ends_with("_bytes") {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::TOO_MANY_REQUESTS
+                },
+                detail,
+            },
             other => Self::Internal(other.into()),
         }
     }

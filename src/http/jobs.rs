@@ -147,7 +147,8 @@ pub async fn create_job(
         }
     }
 
-    check_queue_quota(&state, &caller.project).await?;
+    // A quick refusal before file parts are stored; the insert checks again, exactly.
+    let max_queued_jobs = check_queue_quota(&state, &caller.project).await?;
 
     // The file parts this request stored: removed again when no job of this request keeps them.
     let mut stored: Vec<(UploadKind, String)> = Vec::new();
@@ -192,6 +193,7 @@ pub async fn create_job(
             request_sha256: &request_sha256,
             request_id: super::request_id(&headers).as_deref(),
             now: now_ms(),
+            max_queued_jobs,
         })
         .await;
     match inserted {
@@ -226,10 +228,10 @@ async fn discard_uploads(state: &AppState, project: &str, stored: &[(UploadKind,
     }
 }
 
-/// Refuses a job when the project already has `max_queued_jobs` waiting.
-async fn check_queue_quota(state: &AppState, project: &str) -> ApiResult<()> {
+/// Refuses a job when the project already has `max_queued_jobs` waiting; the quota.
+async fn check_queue_quota(state: &AppState, project: &str) -> ApiResult<Option<i64>> {
     let Some(max) = state.db.project_quotas(project).await?.max_queued_jobs else {
-        return Ok(());
+        return Ok(None);
     };
     let queued = state.db.project_usage(project).await?.queued_jobs;
     if queued >= max {
@@ -241,7 +243,7 @@ async fn check_queue_quota(state: &AppState, project: &str) -> ApiResult<()> {
             ),
         });
     }
-    Ok(())
+    Ok(Some(max))
 }
 
 fn respond(row: JobRow) -> ApiResult<Response> {

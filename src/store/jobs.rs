@@ -82,6 +82,8 @@ pub struct NewJob<'a> {
     pub request_sha256: &'a str,
     pub request_id: Option<&'a str>,
     pub now: i64,
+    /// The project's `max_queued_jobs`: the insert is rolled back when it would go over.
+    pub max_queued_jobs: Option<i64>,
 }
 
 /// Outcome of inserting a job with an idempotency key.
@@ -179,6 +181,26 @@ impl Db {
             }
             (Err(e), _) => return Err(e.into()),
         };
+        if let Some(max) = j.max_queued_jobs {
+            self.serialize_project(&mut tx, "queued", j.project).await?;
+            let (queued,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM jobs WHERE project = $1 AND status = 'queued'",
+            )
+            .bind(j.project)
+            .fetch_one(&mut *tx)
+            .await?;
+            if queued > max {
+                tx.rollback().await?;
+                return Err(StoreError::OverQuota {
+                    limit: "max_queued_jobs",
+                    detail: format!(
+                        "project `{}` has {} queued jobs, its max_queued_jobs is {max}; nothing was queued",
+                        j.project,
+                        queued - 1
+                    ),
+                });
+            }
+        }
         let mut ids: Vec<&str> = j
             .spec
             .references()

@@ -24,6 +24,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A project quota (`limit` names it) would be exceeded; the write was rolled back.
+    #[error("{detail}")]
+    OverQuota { limit: &'static str, detail: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -50,6 +53,24 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
 impl Db {
+    /// Inside a transaction that has just written a row of `project`: on PostgreSQL, waits for
+    /// every other such transaction of the project to end, so that a count made next sees their
+    /// rows (SQLite already lets one writer at a time). What makes quota checks exact.
+    pub(crate) async fn serialize_project(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        what: &str,
+        project: &str,
+    ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::BIGINT)")
+                .bind(format!("shrink-{what}:{project}"))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn connect(url: &str) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {

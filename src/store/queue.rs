@@ -126,9 +126,7 @@ impl Db {
                     .fetch_optional(&mut *tx)
                     .await?;
             if let Some((Some(limit),)) = limit {
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::BIGINT)")
-                    .bind(format!("shrink-running:{}", job.project))
-                    .execute(&mut *tx)
+                self.serialize_project(&mut tx, "running", &job.project)
                     .await?;
                 let (running,): (i64,) = sqlx::query_as(
                     "SELECT COUNT(*) FROM jobs WHERE project = $1 AND status = 'running'",

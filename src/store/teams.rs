@@ -69,6 +69,12 @@ const PROJECT_COLUMNS: &str =
     "id, name, max_stored_bytes, max_queued_jobs, max_running_jobs, max_upload_bytes, created_at";
 const KEY_COLUMNS: &str = "id, project, name, role, prefix, created_at, last_used_at, revoked_at";
 
+/// A project's stored bytes: models, datasets and job artifacts (`$1` is the project).
+pub(crate) const STORED_BYTES: &str = "SELECT CAST(\
+       (SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE project = $1) \
+     + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE project = $1) \
+     + (SELECT COALESCE(SUM(a.size_bytes), 0) FROM job_artifacts a JOIN jobs j ON j.id = a.job_id WHERE j.project = $1) AS BIGINT)";
+
 /// The hash a key is stored and looked up by.
 pub fn secret_hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
@@ -175,11 +181,12 @@ impl Db {
 
     /// Bytes stored (models, datasets, job artifacts) and jobs queued and running.
     pub async fn project_usage(&self, project: &str) -> Result<Usage> {
-        let (stored_bytes, queued_jobs, running_jobs): (i64, i64, i64) = sqlx::query_as(
+        let (stored_bytes,): (i64,) = sqlx::query_as(STORED_BYTES)
+            .bind(project)
+            .fetch_one(&self.pool)
+            .await?;
+        let (queued_jobs, running_jobs): (i64, i64) = sqlx::query_as(
             "SELECT \
-               CAST((SELECT COALESCE(SUM(size_bytes), 0) FROM models WHERE project = $1) \
-                  + (SELECT COALESCE(SUM(size_bytes), 0) FROM datasets WHERE project = $1) \
-                  + (SELECT COALESCE(SUM(a.size_bytes), 0) FROM job_artifacts a JOIN jobs j ON j.id = a.job_id WHERE j.project = $1) AS BIGINT), \
                (SELECT COUNT(*) FROM jobs WHERE project = $1 AND status = 'queued'), \
                (SELECT COUNT(*) FROM jobs WHERE project = $1 AND status = 'running')",
         )

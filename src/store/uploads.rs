@@ -66,13 +66,17 @@ const COLUMNS: &str =
     "id, project, name, format, size_bytes, sha256, blob_key, summary, created_at";
 
 impl Db {
+    /// Inserts an upload's row; with `max_stored_bytes`, rolls back when the project's stored
+    /// bytes (this upload included) would go over it.
     pub async fn insert_upload<S: serde::Serialize>(
         &self,
         kind: UploadKind,
         u: &Upload<S>,
+        max_stored_bytes: Option<i64>,
     ) -> Result<()> {
         let summary =
             serde_json::to_string(&u.summary).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO {} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             kind.table()
@@ -86,8 +90,29 @@ impl Db {
         .bind(&u.blob_key)
         .bind(summary)
         .bind(u.created_at.timestamp_millis())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if let Some(max) = max_stored_bytes {
+            self.serialize_project(&mut tx, "stored", &u.project)
+                .await?;
+            let (stored,): (i64,) = sqlx::query_as(super::teams::STORED_BYTES)
+                .bind(&u.project)
+                .fetch_one(&mut *tx)
+                .await?;
+            if stored > max {
+                tx.rollback().await?;
+                return Err(StoreError::OverQuota {
+                    limit: "max_stored_bytes",
+                    detail: format!(
+                        "project `{}` stores {} of its {max} bytes (max_stored_bytes); this {}-byte upload does not fit, so nothing was stored",
+                        u.project,
+                        stored - u.size_bytes,
+                        u.size_bytes
+                    ),
+                });
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -619,3 +619,68 @@ async fn a_key_over_its_request_rate_gets_429_with_retry_after() {
         );
     }
 }
+
+#[tokio::test]
+async fn quotas_hold_exactly_under_concurrent_requests() {
+    for setup in [Setup::Embedded, Setup::Production] {
+        let app = spawn_app(setup).await;
+        let m = app.model("two_input.onnx").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let d = app.dataset("two_input.npz").await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let spec = TestApp::evaluate_spec(&m, &d);
+        set_quotas(&app, json!({"max_queued_jobs": 3})).await;
+        let posts = (0..12).map(|_| app.post_job(&spec));
+        let statuses: Vec<u16> = futures::future::join_all(posts)
+            .await
+            .into_iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+        let accepted = statuses.iter().filter(|s| **s == 202).count();
+        assert_eq!(accepted, 3, "{setup:?}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| matches!(s, 202 | 429)),
+            "{statuses:?}"
+        );
+        let (_, project) = app.get_json("/projects/default").await;
+        assert_eq!(project["usage"]["queued_jobs"], 3, "{project}");
+
+        // Room for exactly two more copies of the model.
+        let size = std::fs::metadata(fixture("two_input.onnx")).unwrap().len() as i64;
+        let used = project["usage"]["stored_bytes"].as_i64().unwrap();
+        set_quotas(
+            &app,
+            json!({"max_stored_bytes": used + 2 * size + size / 2}),
+        )
+        .await;
+        let file = fixture("two_input.onnx");
+        let uploads = (0..8).map(|_| app.upload_raw("/models", &file, None));
+        let statuses: Vec<u16> = futures::future::join_all(uploads)
+            .await
+            .into_iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 201).count(),
+            2,
+            "{setup:?}: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|s| matches!(s, 201 | 413)),
+            "{statuses:?}"
+        );
+        let (_, project) = app.get_json("/projects/default").await;
+        assert_eq!(
+            project["usage"]["stored_bytes"],
+            used + 2 * size,
+            "{project}"
+        );
+        // Every refused upload's object is gone too.
+        let objects = app.worker.blobs.list("default/models/").await.unwrap();
+        assert_eq!(objects.len(), 3, "{objects:?}");
+    }
+}
