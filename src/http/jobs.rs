@@ -629,7 +629,8 @@ pub async fn list_artifacts(
 
 /// Download one artifact (streamed, or a redirect to a presigned URL when configured).
 #[utoipa::path(get, path = "/jobs/{id}/artifacts/{name}", tag = "jobs", params(("id" = String, Path), ("name" = String, Path)),
-    responses((status = 200, description = "The file", content_type = "application/octet-stream"),
+    responses((status = 200, description = "The file, with the content type its listing gives: models `application/octet-stream`, `report.json` `application/json`, `job.log` text",
+            content(("application/octet-stream"), ("application/json"), ("text/plain"))),
         (status = 307, description = "Redirect to a presigned object-store URL (when configured)"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get_artifact(

@@ -411,10 +411,27 @@ async fn a_client_generated_from_the_committed_document_runs_a_job() {
 #[tokio::test]
 async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[("SHRINK_RATE_LIMIT_PER_SECOND", "0")]).await;
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("SHRINK_RATE_LIMIT_PER_SECOND", "0"),
+            ("SHRINK_WORKERS", "1"),
+        ],
+    )
+    .await;
+    // Seeded with a real model, dataset and finished job, so reads reach real reports and files.
     let out = python(
         "check_openapi_conformance.py",
-        &["--url", &server.url, "--key", &server.admin_key()],
+        &[
+            "--url",
+            &server.url,
+            "--key",
+            &server.admin_key(),
+            "--model",
+            fixture("digits_mlp.onnx").to_str().unwrap(),
+            "--dataset",
+            fixture("digits_val.npz").to_str().unwrap(),
+        ],
     );
     assert!(out.contains("conformance: ok"), "{out}");
     let log = std::fs::read_to_string(&server.log).unwrap();
