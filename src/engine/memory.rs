@@ -65,9 +65,12 @@ impl PeakSampler {
         }
     }
 
-    /// Growth over the starting level right now.
+    /// Growth over the starting level right now (also counted toward the peak: the sampling
+    /// thread may not have run since, on a busy machine).
     pub fn growth_now(&self) -> u64 {
-        current_rss().saturating_sub(self.start)
+        let now = current_rss();
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        now.saturating_sub(self.start)
     }
 
     /// Stops sampling and returns the peak growth over the starting level.

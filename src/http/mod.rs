@@ -6,6 +6,7 @@ pub mod health;
 pub mod jobs;
 pub mod openapi;
 pub mod pagination;
+pub mod results;
 pub mod teams;
 pub mod uploads;
 

@@ -1,6 +1,6 @@
 //! The OpenAPI document, generated from the handlers' annotations. `shrink openapi` prints it and
 //! a test keeps the committed `openapi/openapi.json` equal to it.
-use super::{health, jobs, teams, uploads, AppState};
+use super::{health, jobs, results, teams, uploads, AppState};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -182,11 +182,11 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::create_job, jobs::list_jobs))
         .routes(routes!(jobs::get_job))
         .routes(routes!(jobs::cancel_job))
-        .routes(routes!(jobs::job_events))
-        .routes(routes!(jobs::job_report))
-        .routes(routes!(jobs::job_log))
-        .routes(routes!(jobs::list_artifacts))
-        .routes(routes!(jobs::get_artifact))
+        .routes(routes!(results::job_events))
+        .routes(routes!(results::job_report))
+        .routes(routes!(results::job_log))
+        .routes(routes!(results::list_artifacts))
+        .routes(routes!(results::get_artifact))
         .routes(routes!(teams::me))
         .routes(routes!(teams::create_project, teams::list_projects))
         .routes(routes!(teams::get_project))
