@@ -1,9 +1,10 @@
-//! Subcommands: `serve`, `worker`, `migrate`, `admin`, `whoami`, `openapi`, `eval`, `quantize`.
+//! Subcommands: `serve`, `worker`, `migrate`, `admin`, `whoami`, `submit`, `openapi`, `eval`, `quantize`.
 //!
 //! Exit statuses: 0 success; 1 an error (printed with its causes); `shrink quantize` exits
 //! [`EXIT_BUDGET_FAILED`] (3) when the model it wrote misses its `--max-accuracy-drop` budget.
 pub mod admin;
 pub mod remote;
+pub mod submit;
 
 use crate::config::Settings;
 use crate::domain::spec::EvaluateOptions;
@@ -36,6 +37,9 @@ pub enum Command {
     Admin(admin::AdminArgs),
     /// Show the project and role of the API key this CLI sends to the server.
     Whoami(remote::RemoteArgs),
+    /// Upload a model and data, queue a job and (with --wait) exit with its outcome: 0 passed,
+    /// 1 a verdict failed, 2 the job failed or was cancelled, 3 usage/auth/connection, 4 timeout.
+    Submit(submit::SubmitArgs),
     /// Print the OpenAPI document.
     Openapi {
         /// Write to this file instead of standard output.
@@ -160,6 +164,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(s) => async_main(s, crate::app::Role::Migrate),
         Command::Admin(args) => admin::run(args),
         Command::Whoami(args) => remote::whoami(args),
+        Command::Submit(args) => Ok(submit::run(args)),
     }
 }
 

@@ -13,5 +13,6 @@ mod prune_jobs;
 mod quantize_jobs;
 mod queue;
 mod storage;
+mod submit;
 mod teams;
 mod uploads;

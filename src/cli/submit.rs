@@ -1,0 +1,502 @@
+//! `shrink submit`: one command for CI — upload a model and data, queue a job, wait with progress,
+//! download the results, write a Markdown summary and JUnit XML, and exit with the outcome.
+//!
+//! Exit statuses: 0 the job succeeded and every verdict passed; 1 it succeeded but a verdict
+//! failed; 2 it failed or was cancelled; 3 usage, authentication or connection error; 4 the wait
+//! timed out (the job goes on).
+use super::remote::{api_key, RemoteArgs};
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_VERDICT_FAILED: u8 = 1;
+pub const EXIT_JOB_FAILED: u8 = 2;
+pub const EXIT_USAGE: u8 = 3;
+pub const EXIT_TIMEOUT: u8 = 4;
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// The evaluation data (.npz or .safetensors).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Calibration samples (static quantization).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+    /// Training rows (training stages).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
+    /// A job spec (JSON) without ids: the files above stand in for them.
+    #[arg(long, conflicts_with = "pipeline")]
+    pub spec: Option<PathBuf>,
+    /// Stages with default options, e.g. `quantize,evaluate` (instead of --spec).
+    #[arg(long, value_delimiter = ',')]
+    pub pipeline: Vec<String>,
+    /// The accuracy budget (0.01 = one point of top-1).
+    #[arg(long)]
+    pub max_accuracy_drop: Option<f64>,
+    /// A label `key=value` (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Wait for the job to end and exit with its outcome.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits: `90s`, `30m`, `2h`.
+    #[arg(long, default_value = "30m")]
+    pub timeout: String,
+    /// With --wait: download the job's artifacts (models, report, log) into this directory.
+    #[arg(long)]
+    pub download: Option<PathBuf>,
+    /// With --wait: write JUnit XML, one test case per verdict.
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+    /// With --wait: write a Markdown summary (e.g. `$GITHUB_STEP_SUMMARY`).
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+}
+
+/// Parses `90s`, `30m`, `2h` or plain seconds.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let (number, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((t, "s"), |i| (&t[..i], &t[i..]));
+    let n: f64 = number
+        .parse()
+        .map_err(|_| anyhow!("`{text}` is not a duration: use 90s, 30m or 2h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => bail!("`{text}` is not a duration: use 90s, 30m or 2h"),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub fn run(args: SubmitArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match rt.block_on(submit(args)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// A small HTTP client for the API: bearer key, retries on connection errors and 5xx.
+pub struct Api {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(remote: &RemoteArgs) -> anyhow::Result<Api> {
+        Ok(Api {
+            base: remote.server.trim_end_matches('/').to_string(),
+            key: api_key(remote)?,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    /// Sends what `build` makes, retrying connection errors and 5xx (1, 2, 4, 8 s); a 4xx is an error
+    /// with the problem's detail.
+    async fn send(
+        &self,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> anyhow::Result<reqwest::RequestBuilder>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=5 {
+            let result = build(&self.http)?.bearer_auth(&self.key).send().await;
+            match result {
+                Ok(r) if r.status().is_server_error() && attempt < 5 => {
+                    eprintln!(
+                        "{what}: the server answered {}; retrying in {delay:?}",
+                        r.status()
+                    );
+                }
+                Ok(r) if r.status().is_client_error() || r.status().is_server_error() => {
+                    let status = r.status();
+                    let body: Value = r.json().await.unwrap_or_default();
+                    let mut detail = body["detail"].as_str().unwrap_or("").to_string();
+                    for e in body["errors"].as_array().into_iter().flatten() {
+                        detail.push_str(&format!(
+                            "\n  {}: {}",
+                            e["pointer"].as_str().unwrap_or(""),
+                            e["detail"].as_str().unwrap_or("")
+                        ));
+                    }
+                    bail!("{what}: the server answered {status}: {detail}");
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if attempt < 5 => {
+                    eprintln!("{what}: {e}; retrying in {delay:?}");
+                }
+                Err(e) => return Err(e).with_context(|| format!("{what} at {}", self.base)),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        bail!("{what}: gave up after 5 attempts")
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<bytes::Bytes> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
+            .await?;
+        Ok(r.bytes().await?)
+    }
+}
+
+/// The spec to send: the file given, or the stages named, with the budget and labels.
+fn build_spec(args: &SubmitArgs) -> anyhow::Result<Value> {
+    let mut spec = match &args.spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("while reading {}", path.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("{} is not JSON", path.display()))?
+        }
+        None => {
+            let stages = if args.pipeline.is_empty() {
+                vec!["evaluate".to_string()]
+            } else {
+                args.pipeline.clone()
+            };
+            json!({"pipeline": stages.iter().map(|s| json!({"stage": s.trim()})).collect::<Vec<_>>()})
+        }
+    };
+    let Some(obj) = spec.as_object_mut() else {
+        bail!("the spec must be a JSON object");
+    };
+    if let Some(drop) = args.max_accuracy_drop {
+        obj.entry("constraints")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("`constraints` in the spec must be an object")?
+            .insert("max_accuracy_drop".into(), json!(drop));
+    }
+    if !args.labels.is_empty() {
+        let labels = obj
+            .entry("labels")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .context("`labels` in the spec must be an object")?;
+        for label in &args.labels {
+            let (k, v) = label
+                .split_once('=')
+                .with_context(|| format!("--label `{label}` must be key=value"))?;
+            labels.insert(k.to_string(), json!(v));
+        }
+    }
+    Ok(spec)
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
+    let timeout = parse_duration(&args.timeout)?;
+    let spec = build_spec(&args)?;
+    let mut files: Vec<(&str, &Path)> = vec![("model", &args.model), ("dataset", &args.dataset)];
+    if let Some(c) = &args.calibration {
+        files.push(("calibration", c));
+    }
+    if let Some(t) = &args.train {
+        files.push(("train", t));
+    }
+    let mut loaded = Vec::new();
+    // The same files and spec make the same key: a retried submit (even a rerun CI step) gets the
+    // job the first one created instead of a second job.
+    let mut hash = Sha256::new();
+    hash.update(spec.to_string().as_bytes());
+    for (part, path) in &files {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("while reading {}", path.display()))?;
+        hash.update(part.as_bytes());
+        hash.update(Sha256::digest(&bytes));
+        let name = path
+            .file_name()
+            .map_or_else(|| part.to_string(), |n| n.to_string_lossy().into_owned());
+        loaded.push((part.to_string(), name, bytes));
+    }
+    let idempotency_key = format!("shrink-submit-{}", &hex::encode(hash.finalize())[..32]);
+    let api = Api::new(&args.remote)?;
+    let url = format!("{}/jobs", api.base);
+    let response = api
+        .send("POST /jobs", |c| {
+            let mut form = reqwest::multipart::Form::new().text("spec", spec.to_string());
+            for (part, name, bytes) in &loaded {
+                form = form.part(
+                    part.clone(),
+                    reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.clone()),
+                );
+            }
+            Ok(c.post(&url)
+                .header("idempotency-key", &idempotency_key)
+                .multipart(form))
+        })
+        .await?;
+    let job: Value = response.json().await?;
+    let id = job["id"]
+        .as_str()
+        .context("the server answered without a job id")?
+        .to_string();
+    println!("{id}");
+    eprintln!(
+        "job {id} queued in project {}",
+        job["project"].as_str().unwrap_or("?")
+    );
+    if !args.wait {
+        return Ok(EXIT_OK);
+    }
+    let Some(job) = wait(&api, &id, timeout).await? else {
+        eprintln!(
+            "job {id}: still running after {}; it goes on (shrink jobs wait {id})",
+            args.timeout
+        );
+        return Ok(EXIT_TIMEOUT);
+    };
+    finish(&api, &args, &job).await
+}
+
+/// Polls the job until it ends, printing a line whenever its stage or progress moves; `None`
+/// when `timeout` passes first.
+pub async fn wait(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<Option<Value>> {
+    let started = Instant::now();
+    let mut last = (String::new(), String::new(), -1i64);
+    loop {
+        let job = api.get_json(&format!("/jobs/{id}")).await?;
+        let status = job["status"].as_str().unwrap_or("").to_string();
+        let stage = job["stage"].as_str().unwrap_or("-").to_string();
+        let percent = (job["progress"].as_f64().unwrap_or(0.0) * 100.0).round() as i64;
+        if (status.clone(), stage.clone(), percent / 5) != (last.0.clone(), last.1.clone(), last.2)
+        {
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = (percent > 0 && percent < 100)
+                .then(|| elapsed * (100 - percent) as f64 / percent as f64)
+                .map_or(String::new(), |s| format!(", about {s:.0} s left"));
+            eprintln!("[{elapsed:>6.1} s] {status} {stage} {percent}%{eta}");
+            last = (status.clone(), stage, percent / 5);
+        }
+        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            return Ok(Some(job));
+        }
+        if started.elapsed() >= timeout {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Reports, downloads and writes what was asked for an ended job; its exit status.
+async fn finish(api: &Api, args: &SubmitArgs, job: &Value) -> anyhow::Result<u8> {
+    let id = job["id"].as_str().unwrap_or("");
+    let status = job["status"].as_str().unwrap_or("");
+    if status != "succeeded" {
+        let error = &job["error"];
+        eprintln!(
+            "job {id} {status}: {}",
+            error["message"].as_str().unwrap_or("(no error recorded)")
+        );
+        for cause in error["causes"].as_array().into_iter().flatten() {
+            eprintln!("  caused by: {}", cause.as_str().unwrap_or(""));
+        }
+        write_outputs(args, job, None)?;
+        return Ok(EXIT_JOB_FAILED);
+    }
+    let report = api.get_json(&format!("/jobs/{id}/report")).await?;
+    if let Some(dir) = &args.download {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("while creating {}", dir.display()))?;
+        let artifacts = api.get_json(&format!("/jobs/{id}/artifacts")).await?;
+        for a in artifacts.as_array().into_iter().flatten() {
+            let name = a["name"].as_str().context("an artifact without a name")?;
+            // Names come from the server: never let one write outside the directory.
+            if name.contains('/') || name.contains("..") {
+                bail!("refusing the artifact name `{name}`");
+            }
+            let bytes = api
+                .get_bytes(&format!("/jobs/{id}/artifacts/{name}"))
+                .await?;
+            std::fs::write(dir.join(name), &bytes)?;
+            eprintln!(
+                "downloaded {} ({} bytes)",
+                dir.join(name).display(),
+                bytes.len()
+            );
+        }
+    }
+    write_outputs(args, job, Some(&report))?;
+    let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
+    for v in &verdicts {
+        eprintln!(
+            "{} {}: {}",
+            if v["passed"] == true { "PASS" } else { "FAIL" },
+            v["constraint"].as_str().unwrap_or(""),
+            v["detail"].as_str().unwrap_or("")
+        );
+    }
+    if verdicts.iter().all(|v| v["passed"] == true) {
+        Ok(EXIT_OK)
+    } else {
+        Ok(EXIT_VERDICT_FAILED)
+    }
+}
+
+fn write_outputs(args: &SubmitArgs, job: &Value, report: Option<&Value>) -> anyhow::Result<()> {
+    if let Some(path) = &args.summary {
+        std::fs::write(path, summary_markdown(job, report))
+            .with_context(|| format!("while writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.junit {
+        std::fs::write(path, junit_xml(job, report))
+            .with_context(|| format!("while writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn number(v: &Value, digits: usize) -> String {
+    v.as_f64().map_or("—".into(), |x| format!("{x:.digits$}"))
+}
+
+/// A Markdown table: baseline vs final accuracy, size and latency, then each verdict.
+pub fn summary_markdown(job: &Value, report: Option<&Value>) -> String {
+    let id = job["id"].as_str().unwrap_or("");
+    let status = job["status"].as_str().unwrap_or("");
+    let mut out = format!("## Shrink job `{id}`: {status}\n\n");
+    let Some(report) = report else {
+        let message = job["error"]["message"].as_str().unwrap_or("no report");
+        out.push_str(&format!("The job {status}: {message}\n"));
+        return out;
+    };
+    let (b, f) = (&report["baseline"], &report["final"]);
+    out.push_str("| | baseline | final |\n|---|---|---|\n");
+    out.push_str(&format!(
+        "| top-1 accuracy | {} | {} |\n",
+        number(&b["task"]["top1_accuracy"], 4),
+        number(&f["task"]["top1_accuracy"], 4)
+    ));
+    out.push_str(&format!(
+        "| size (bytes) | {} | {} |\n",
+        b["size"]["bytes"], f["size"]["bytes"]
+    ));
+    out.push_str(&format!(
+        "| latency p50, batch 1 (ms) | {} | {} |\n",
+        number(&b["latency"]["batch_1"]["p50_ms"], 3),
+        number(&f["latency"]["batch_1"]["p50_ms"], 3)
+    ));
+    let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
+    if !verdicts.is_empty() {
+        out.push_str("\n| constraint | limit | actual | verdict |\n|---|---|---|---|\n");
+        for v in verdicts {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                v["constraint"].as_str().unwrap_or(""),
+                v["limit"],
+                number(&v["actual"], 4),
+                if v["passed"] == true {
+                    "pass"
+                } else {
+                    "**fail**"
+                }
+            ));
+        }
+    }
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// JUnit XML: one test case per verdict (or one for the job, when it did not succeed).
+pub fn junit_xml(job: &Value, report: Option<&Value>) -> String {
+    let id = job["id"].as_str().unwrap_or("");
+    let mut cases = Vec::new();
+    match report {
+        Some(r) => {
+            for v in r["verdicts"].as_array().into_iter().flatten() {
+                let name = xml_escape(v["constraint"].as_str().unwrap_or(""));
+                let detail = xml_escape(v["detail"].as_str().unwrap_or(""));
+                cases.push(if v["passed"] == true {
+                    format!("    <testcase classname=\"shrink.{id}\" name=\"{name}\"/>\n")
+                } else {
+                    format!("    <testcase classname=\"shrink.{id}\" name=\"{name}\">\n      <failure message=\"{detail}\"/>\n    </testcase>\n")
+                });
+            }
+        }
+        None => {
+            let message = xml_escape(
+                job["error"]["message"]
+                    .as_str()
+                    .unwrap_or("the job did not succeed"),
+            );
+            cases.push(format!(
+                "    <testcase classname=\"shrink.{id}\" name=\"job\">\n      <failure message=\"{message}\"/>\n    </testcase>\n"
+            ));
+        }
+    }
+    let failures = cases.iter().filter(|c| c.contains("<failure")).count();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"shrink\" tests=\"{}\" failures=\"{failures}\">\n{}  </testsuite>\n</testsuites>\n",
+        cases.len(),
+        cases.concat()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn junit_has_one_case_per_verdict_and_escapes_details() {
+        let job = json!({"id": "j1", "status": "succeeded"});
+        let report = json!({"verdicts": [
+            {"constraint": "max_accuracy_drop", "passed": true, "detail": "ok"},
+            {"constraint": "max_size_bytes", "passed": false, "detail": "size 9 > 1 & <more>"}
+        ]});
+        let xml = junit_xml(&job, Some(&report));
+        assert!(xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
+        assert!(xml.contains("size 9 &gt; 1 &amp; &lt;more&gt;"), "{xml}");
+    }
+}
