@@ -1,8 +1,9 @@
-//! Subcommands: `serve`, `worker`, `migrate`, `admin`, `whoami`, `submit`, `openapi`, `eval`, `quantize`.
+//! Subcommands: `serve`, `worker`, `migrate`, `admin`, `whoami`, `submit`, `jobs`, `openapi`, `eval`, `quantize`.
 //!
 //! Exit statuses: 0 success; 1 an error (printed with its causes); `shrink quantize` exits
 //! [`EXIT_BUDGET_FAILED`] (3) when the model it wrote misses its `--max-accuracy-drop` budget.
 pub mod admin;
+pub mod jobs;
 pub mod remote;
 pub mod submit;
 
@@ -40,6 +41,8 @@ pub enum Command {
     /// Upload a model and data, queue a job and (with --wait) exit with its outcome: 0 passed,
     /// 1 a verdict failed, 2 the job failed or was cancelled, 3 usage/auth/connection, 4 timeout.
     Submit(submit::SubmitArgs),
+    /// Jobs from the command line: list, get, wait, cancel, report, download, logs.
+    Jobs(jobs::JobsArgs),
     /// Print the OpenAPI document.
     Openapi {
         /// Write to this file instead of standard output.
@@ -165,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Admin(args) => admin::run(args),
         Command::Whoami(args) => remote::whoami(args),
         Command::Submit(args) => Ok(submit::run(args)),
+        Command::Jobs(args) => Ok(jobs::run(args)),
     }
 }
 

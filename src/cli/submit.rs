@@ -51,13 +51,20 @@ pub struct SubmitArgs {
     /// How long --wait waits: `90s`, `30m`, `2h`.
     #[arg(long, default_value = "30m")]
     pub timeout: String,
-    /// With --wait: download the job's artifacts (models, report, log) into this directory.
+    #[command(flatten)]
+    pub outputs: Outputs,
+}
+
+/// What waiting for a job writes once it ends.
+#[derive(clap::Args, Default)]
+pub struct Outputs {
+    /// Download the job's artifacts (models, report, log) into this directory.
     #[arg(long)]
     pub download: Option<PathBuf>,
-    /// With --wait: write JUnit XML, one test case per verdict.
+    /// Write JUnit XML, one test case per verdict.
     #[arg(long)]
     pub junit: Option<PathBuf>,
-    /// With --wait: write a Markdown summary (e.g. `$GITHUB_STEP_SUMMARY`).
+    /// Write a Markdown summary (e.g. `$GITHUB_STEP_SUMMARY`).
     #[arg(long)]
     pub summary: Option<PathBuf>,
 }
@@ -164,6 +171,14 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let r = self
             .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("POST {path}"), |c| Ok(c.post(&url)))
             .await?;
         Ok(r.json().await?)
     }
@@ -283,7 +298,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
         );
         return Ok(EXIT_TIMEOUT);
     };
-    finish(&api, &args, &job).await
+    finish(&api, &args.outputs, &job).await
 }
 
 /// Polls the job until it ends, printing a line whenever its stage or progress moves; `None`
@@ -316,7 +331,7 @@ pub async fn wait(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<Opti
 }
 
 /// Reports, downloads and writes what was asked for an ended job; its exit status.
-async fn finish(api: &Api, args: &SubmitArgs, job: &Value) -> anyhow::Result<u8> {
+pub async fn finish(api: &Api, args: &Outputs, job: &Value) -> anyhow::Result<u8> {
     let id = job["id"].as_str().unwrap_or("");
     let status = job["status"].as_str().unwrap_or("");
     if status != "succeeded" {
@@ -370,7 +385,30 @@ async fn finish(api: &Api, args: &SubmitArgs, job: &Value) -> anyhow::Result<u8>
     }
 }
 
-fn write_outputs(args: &SubmitArgs, job: &Value, report: Option<&Value>) -> anyhow::Result<()> {
+/// Downloads every artifact of job `id` into `dir`.
+pub async fn download(api: &Api, id: &str, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("while creating {}", dir.display()))?;
+    let artifacts = api.get_json(&format!("/jobs/{id}/artifacts")).await?;
+    for a in artifacts.as_array().into_iter().flatten() {
+        let name = a["name"].as_str().context("an artifact without a name")?;
+        // Names come from the server: never let one write outside the directory.
+        if name.contains('/') || name.contains("..") {
+            bail!("refusing the artifact name `{name}`");
+        }
+        let bytes = api
+            .get_bytes(&format!("/jobs/{id}/artifacts/{name}"))
+            .await?;
+        std::fs::write(dir.join(name), &bytes)?;
+        eprintln!(
+            "downloaded {} ({} bytes)",
+            dir.join(name).display(),
+            bytes.len()
+        );
+    }
+    Ok(())
+}
+
+fn write_outputs(args: &Outputs, job: &Value, report: Option<&Value>) -> anyhow::Result<()> {
     if let Some(path) = &args.summary {
         std::fs::write(path, summary_markdown(job, report))
             .with_context(|| format!("while writing {}", path.display()))?;

@@ -13,8 +13,16 @@ struct Run {
 }
 
 fn submit(server: &Server, key: Option<&str>, args: &[&str]) -> Run {
+    shrink(server, key, "submit", args)
+}
+
+fn jobs(server: &Server, args: &[&str]) -> Run {
+    shrink(server, None, "jobs", args)
+}
+
+fn shrink(server: &Server, key: Option<&str>, command: &str, args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shrink"));
-    cmd.arg("submit")
+    cmd.arg(command)
         .args(args)
         .env("SHRINK_SERVER", &server.url)
         .env("SHRINK_DATA_DIR", &server.data_dir)
@@ -106,6 +114,22 @@ async fn a_passing_job_exits_0_with_progress_downloads_summary_and_junit() {
         parsed,
         json!({"tests": "1", "failures": "0", "names": ["max_accuracy_drop"]})
     );
+    // The same job through `shrink jobs`.
+    let run = jobs(&server, &["report", id]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let again: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(again, report);
+    let copy = dir.path().join("copy");
+    assert_eq!(jobs(&server, &["download", id, path(&copy)]).code, 0);
+    assert_eq!(
+        std::fs::read(copy.join("model.onnx")).unwrap(),
+        std::fs::read(out.join("model.onnx")).unwrap()
+    );
+    let run = jobs(&server, &["logs", id]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(!run.stdout.is_empty());
+    let run = jobs(&server, &["wait", id]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
     let labels = get_value(
         &client_with_key(Some(&server.admin_key())),
         &server.url(&format!("/jobs/{id}")),
