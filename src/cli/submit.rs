@@ -301,29 +301,136 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     finish(&api, &args.outputs, &job).await
 }
 
-/// Polls the job until it ends, printing a line whenever its stage or progress moves; `None`
-/// when `timeout` passes first.
-pub async fn wait(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<Option<Value>> {
-    let started = Instant::now();
-    let mut last = (String::new(), String::new(), -1i64);
-    loop {
-        let job = api.get_json(&format!("/jobs/{id}")).await?;
+/// How waiting shows progress on stderr: a live bar on a terminal, a line per change otherwise
+/// (CI logs), both with stage, percent, elapsed time and an estimate of what is left.
+struct Display {
+    started: Instant,
+    bar: Option<indicatif::ProgressBar>,
+    last: (String, String, i64),
+}
+
+impl Display {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(100);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} {msg:<28} [{bar:30}] {pos:>3}% (about {eta} left)",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        Display {
+            started: Instant::now(),
+            bar,
+            last: (String::new(), String::new(), -1),
+        }
+    }
+
+    fn show(&mut self, job: &Value) {
         let status = job["status"].as_str().unwrap_or("").to_string();
         let stage = job["stage"].as_str().unwrap_or("-").to_string();
         let percent = (job["progress"].as_f64().unwrap_or(0.0) * 100.0).round() as i64;
-        if (status.clone(), stage.clone(), percent / 5) != (last.0.clone(), last.1.clone(), last.2)
-        {
-            let elapsed = started.elapsed().as_secs_f64();
-            let eta = (percent > 0 && percent < 100)
-                .then(|| elapsed * (100 - percent) as f64 / percent as f64)
-                .map_or(String::new(), |s| format!(", about {s:.0} s left"));
-            eprintln!("[{elapsed:>6.1} s] {status} {stage} {percent}%{eta}");
-            last = (status.clone(), stage, percent / 5);
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{status} {stage}"));
+            bar.set_position(percent.clamp(0, 100) as u64);
+            return;
         }
-        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+        let key = (status.clone(), stage.clone(), percent / 5);
+        if key == self.last {
+            return;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = (percent > 0 && percent < 100)
+            .then(|| elapsed * (100 - percent) as f64 / percent as f64)
+            .map_or(String::new(), |s| format!(", about {s:.0} s left"));
+        eprintln!("[{elapsed:>6.1} s] {status} {stage} {percent}%{eta}");
+        self.last = key;
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn is_final(job: &Value) -> bool {
+    matches!(
+        job["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+/// Waits for the job to end, following its event stream and polling when the stream is not
+/// available or breaks; `None` when `timeout` passes first.
+pub async fn wait(api: &Api, id: &str, timeout: Duration) -> anyhow::Result<Option<Value>> {
+    let mut display = Display::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let followed = tokio::time::timeout_at(deadline, follow(api, id, &mut display)).await;
+    let result = match followed {
+        Err(_) => Ok(None),
+        Ok(Ok(Some(job))) => Ok(Some(job)),
+        // The stream ended early or broke: poll (which also retries connection errors).
+        Ok(Ok(None)) | Ok(Err(_)) => poll(api, id, &mut display, deadline).await,
+    };
+    display.done();
+    result
+}
+
+/// Follows `GET /jobs/{id}/events` until a final event; `None` when the stream ends before one.
+async fn follow(api: &Api, id: &str, display: &mut Display) -> anyhow::Result<Option<Value>> {
+    use futures::StreamExt;
+    let url = format!("{}/jobs/{id}/events", api.base);
+    let r = api
+        .http
+        .get(&url)
+        .bearer_auth(&api.key)
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("the event stream answered {}", r.status());
+    }
+    let mut stream = r.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = stream.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let data: String = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect::<Vec<_>>()
+                .join("\n");
+            if data.is_empty() {
+                continue; // a keep-alive comment
+            }
+            let job: Value = serde_json::from_str(&data)?;
+            display.show(&job);
+            if is_final(&job) {
+                return Ok(Some(job));
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn poll(
+    api: &Api,
+    id: &str,
+    display: &mut Display,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<Option<Value>> {
+    loop {
+        let job = api.get_json(&format!("/jobs/{id}")).await?;
+        display.show(&job);
+        if is_final(&job) {
             return Ok(Some(job));
         }
-        if started.elapsed() >= timeout {
+        if tokio::time::Instant::now() >= deadline {
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

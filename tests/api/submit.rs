@@ -278,3 +278,66 @@ async fn a_wait_that_times_out_exits_4_and_a_repeated_submit_makes_one_job() {
     .await;
     assert_eq!(jobs["items"].as_array().unwrap().len(), 1, "{jobs}");
 }
+
+/// A proxy to `target` that drops its first connection once the server starts answering (the
+/// request went through, the client never hears back), and passes every later one through.
+async fn proxy_dropping_first_answer(target: String) -> String {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            if std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let (mut client_read, client_write) = client.into_split();
+                    let (server_read, mut server_write) = server.into_split();
+                    let upstream = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    });
+                    let mut server_read = server_read;
+                    let mut byte = [0u8; 1];
+                    let _ = server_read.read(&mut byte).await;
+                    upstream.abort();
+                    drop(client_write);
+                });
+            } else {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_whose_answer_is_lost_retries_and_makes_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let proxy =
+        proxy_dropping_first_answer(server.url.trim_start_matches("http://").to_string()).await;
+    let (mlp, digits) = (fixture("digits_mlp.onnx"), fixture("digits_val.npz"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shrink"));
+    cmd.args(["submit", path(&mlp), "--dataset", path(&digits)])
+        .env("SHRINK_SERVER", &proxy)
+        .env("SHRINK_API_KEY", server.admin_key());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "the first answer was not lost: {stderr}"
+    );
+    let listed = get_value(
+        &client_with_key(Some(&server.admin_key())),
+        &server.url("/jobs"),
+    )
+    .await;
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(items[0]["id"], String::from_utf8_lossy(&out.stdout).trim());
+}
