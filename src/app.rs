@@ -118,6 +118,20 @@ impl Application {
         } else {
             None
         };
+        let deliveries = (self.listener.is_some() && !self.metrics_only).then(|| {
+            let s = &self.state.settings;
+            tokio::spawn(crate::webhooks::run(
+                crate::webhooks::Deliverer {
+                    db: self.state.db.clone(),
+                    blobs: self.state.blobs.clone(),
+                    metrics: self.state.metrics.clone(),
+                    allow_private: s.webhook_allow_private,
+                    poll: Duration::from_millis(s.webhook_poll_ms.max(10)),
+                    max_attempts: s.webhook_max_attempts.max(1) as i64,
+                },
+                stop_rx.clone(),
+            ))
+        });
         let mut stop_http = stop_rx.clone();
         let server = self.listener.take().map(|listener| {
             let router = if self.metrics_only {
@@ -138,6 +152,9 @@ impl Application {
         let _ = stop_tx.send(true);
         if let Some(w) = workers {
             let _ = w.await;
+        }
+        if let Some(d) = deliveries {
+            let _ = d.await;
         }
         if let Some(s) = server {
             s.await?.context("while serving HTTP")?;

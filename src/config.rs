@@ -79,6 +79,18 @@ pub struct Settings {
     #[arg(long, env = "SHRINK_METRICS_BIND")]
     pub metrics_bind: Option<String>,
 
+    /// Let webhooks call loopback, private and link-local addresses (off: a tenant could reach the internal network).
+    #[arg(long, env = "SHRINK_WEBHOOK_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_allow_private: bool,
+
+    /// How often `serve` looks for webhook deliveries to make, in milliseconds.
+    #[arg(long, env = "SHRINK_WEBHOOK_POLL_MS", default_value_t = 1000)]
+    pub webhook_poll_ms: u64,
+
+    /// Attempts per webhook delivery before it is given up (backoff 5 s, 10 s, 20 s … up to an hour).
+    #[arg(long, env = "SHRINK_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    pub webhook_max_attempts: u32,
+
     /// Requests per second each API key may make (token bucket; 0 turns the limit off).
     #[arg(long, env = "SHRINK_RATE_LIMIT_PER_SECOND", default_value_t = 50)]
     pub rate_limit_per_second: u32,

@@ -24,4 +24,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

@@ -56,6 +56,7 @@ pub struct Metrics {
     heartbeats: Family<Labels, Counter>,
     uploaded_bytes: Family<Labels, Counter>,
     rate_limited: Counter,
+    webhook_deliveries: Family<Labels, Counter>,
     /// Scrapes set the database gauges and encode under one lock, so two never interleave.
     render_lock: std::sync::Mutex<()>,
     database_gauges: bool,
@@ -81,6 +82,7 @@ impl Metrics {
             heartbeats: Family::default(),
             uploaded_bytes: Family::default(),
             rate_limited: Counter::default(),
+            webhook_deliveries: Family::default(),
             registry: Registry::default(),
             render_lock: std::sync::Mutex::new(()),
             database_gauges,
@@ -94,6 +96,11 @@ impl Metrics {
             "http_request_duration_seconds",
             "HTTP request latency by method, route template and status",
             m.http_duration.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts this process made, by outcome (delivered, retrying, failed)",
+            m.webhook_deliveries.clone(),
         );
         if database_gauges {
             registry.register("jobs", "Jobs by status (from the database)", m.jobs.clone());
@@ -201,6 +208,12 @@ impl Metrics {
         self.uploaded_bytes
             .get_or_create(&vec![("kind", kind.to_string())])
             .inc_by(bytes);
+    }
+
+    pub fn webhook_delivery(&self, outcome: &str) {
+        self.webhook_deliveries
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
     }
 
     pub fn rate_limited(&self) {

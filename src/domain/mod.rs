@@ -14,3 +14,4 @@ pub mod stage;
 pub mod team;
 pub mod training;
 pub mod validation;
+pub mod webhook;

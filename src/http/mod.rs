@@ -9,6 +9,7 @@ pub mod pagination;
 pub mod results;
 pub mod teams;
 pub mod uploads;
+pub mod webhooks;
 
 use crate::blob::BlobStore;
 use crate::config::Settings;

@@ -1,6 +1,6 @@
 //! The OpenAPI document, generated from the handlers' annotations. `shrink openapi` prints it and
 //! a test keeps the committed `openapi/openapi.json` equal to it.
-use super::{health, jobs, results, teams, uploads, AppState};
+use super::{health, jobs, results, teams, uploads, webhooks, AppState};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
@@ -15,6 +15,7 @@ Every route except the health probes and `/metrics` needs `Authorization: Bearer
         (name = "models", description = "Uploaded ONNX models"),
         (name = "datasets", description = "Uploaded datasets (.npz, .safetensors)"),
         (name = "jobs", description = "Optimization jobs, their reports and artifacts"),
+        (name = "webhooks", description = "Endpoints told when the project's jobs end (signed, retried, at least once)"),
         (name = "projects", description = "Projects (teams), their API keys and quotas; the calling key"),
         (name = "health", description = "Liveness, readiness and metrics (no key needed)")
     )
@@ -193,6 +194,9 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(teams::set_quotas))
         .routes(routes!(teams::create_key, teams::list_keys))
         .routes(routes!(teams::revoke_key))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::delete_webhook))
+        .routes(routes!(webhooks::list_deliveries))
         .routes(routes!(health::healthz))
         .routes(routes!(health::readyz))
         .routes(routes!(health::metrics))

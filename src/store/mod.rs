@@ -4,6 +4,7 @@ pub mod jobs;
 pub mod queue;
 pub mod teams;
 pub mod uploads;
+pub mod webhooks;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor};

@@ -16,3 +16,4 @@ mod storage;
 mod submit;
 mod teams;
 mod uploads;
+mod webhooks;
