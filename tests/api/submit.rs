@@ -242,6 +242,10 @@ async fn exit_statuses_say_what_happened() {
     assert!(run.stderr.contains("/pipeline/0/stage"), "{}", run.stderr);
     let run = submit(&server, None, &["missing.onnx", "--dataset", path(&digits)]);
     assert_eq!(run.code, 3, "{}", run.stderr);
+    // A command line clap refuses is a usage error too (clap's own status would be 2).
+    let run = submit(&server, None, &[path(&mlp)]);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(run.stderr.contains("--dataset"), "{}", run.stderr);
     let jobs = get_value(
         &client_with_key(Some(&server.admin_key())),
         &server.url("/jobs"),
