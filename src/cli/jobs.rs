@@ -1,7 +1,7 @@
 //! `shrink jobs list|get|wait|cancel|report|download|logs`: a job from the command line, with
 //! the same key resolution and exit statuses as `shrink submit`.
 use super::remote::RemoteArgs;
-use super::submit::{self, parse_duration, Api, Outputs, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE};
+use super::submit::{self, parse_duration, Api, Outputs, EXIT_OK, EXIT_TIMEOUT};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,23 +45,7 @@ pub enum JobsCommand {
 }
 
 pub fn run(args: JobsArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    match rt.block_on(jobs(args)) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_USAGE)
-        }
-    }
+    submit::block_on_exit(jobs(args))
 }
 
 async fn jobs(args: JobsArgs) -> anyhow::Result<u8> {

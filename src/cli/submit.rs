@@ -88,6 +88,11 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 }
 
 pub fn run(args: SubmitArgs) -> ExitCode {
+    block_on_exit(submit(args))
+}
+
+/// Runs a CI command: its exit status, or 3 (usage) with the error printed.
+pub fn block_on_exit(work: impl std::future::Future<Output = anyhow::Result<u8>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -98,7 +103,7 @@ pub fn run(args: SubmitArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    match rt.block_on(submit(args)) {
+    match rt.block_on(work) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -455,25 +460,7 @@ pub async fn finish(api: &Api, args: &Outputs, job: &Value) -> anyhow::Result<u8
     }
     let report = api.get_json(&format!("/jobs/{id}/report")).await?;
     if let Some(dir) = &args.download {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("while creating {}", dir.display()))?;
-        let artifacts = api.get_json(&format!("/jobs/{id}/artifacts")).await?;
-        for a in artifacts.as_array().into_iter().flatten() {
-            let name = a["name"].as_str().context("an artifact without a name")?;
-            // Names come from the server: never let one write outside the directory.
-            if name.contains('/') || name.contains("..") {
-                bail!("refusing the artifact name `{name}`");
-            }
-            let bytes = api
-                .get_bytes(&format!("/jobs/{id}/artifacts/{name}"))
-                .await?;
-            std::fs::write(dir.join(name), &bytes)?;
-            eprintln!(
-                "downloaded {} ({} bytes)",
-                dir.join(name).display(),
-                bytes.len()
-            );
-        }
+        download(api, id, dir).await?;
     }
     write_outputs(args, job, Some(&report))?;
     let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
