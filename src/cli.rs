@@ -3,6 +3,7 @@
 //! Exit statuses: 0 success; 1 an error (printed with its causes); `shrink quantize` exits
 //! [`EXIT_BUDGET_FAILED`] (3) when the model it wrote misses its `--max-accuracy-drop` budget.
 pub mod admin;
+pub mod ci_reports;
 pub mod jobs;
 pub mod remote;
 pub mod submit;

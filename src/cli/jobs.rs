@@ -1,7 +1,8 @@
 //! `shrink jobs list|get|wait|cancel|report|download|logs`: a job from the command line, with
 //! the same key resolution and exit statuses as `shrink submit`.
+use super::remote::Api;
 use super::remote::RemoteArgs;
-use super::submit::{self, parse_duration, Api, Outputs, EXIT_OK, EXIT_TIMEOUT};
+use super::submit::{self, parse_duration, Outputs, EXIT_OK, EXIT_TIMEOUT};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,7 +1,9 @@
-//! CLI commands that talk to a running Shrink: which key they send, and `shrink whoami`.
+//! Talking to a running Shrink: which key the CLI sends, the HTTP client (bearer key, retries), and `shrink whoami`.
 use anyhow::{bail, Context};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct RemoteArgs {
@@ -90,6 +92,91 @@ pub fn whoami(args: RemoteArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// A small HTTP client for the API: bearer key, retries on connection errors and 5xx.
+pub struct Api {
+    pub(super) base: String,
+    pub(super) key: String,
+    pub(super) http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(remote: &RemoteArgs) -> anyhow::Result<Api> {
+        Ok(Api {
+            base: remote.server.trim_end_matches('/').to_string(),
+            key: api_key(remote)?,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    /// Sends what `build` makes, retrying connection errors and 5xx (1, 2, 4, 8 s); a 4xx is an error
+    /// with the problem's detail.
+    pub(super) async fn send(
+        &self,
+        what: &str,
+        build: impl Fn(&reqwest::Client) -> anyhow::Result<reqwest::RequestBuilder>,
+    ) -> anyhow::Result<reqwest::Response> {
+        let mut delay = Duration::from_secs(1);
+        for attempt in 1..=5 {
+            let result = build(&self.http)?.bearer_auth(&self.key).send().await;
+            match result {
+                Ok(r) if r.status().is_server_error() && attempt < 5 => {
+                    eprintln!(
+                        "{what}: the server answered {}; retrying in {delay:?}",
+                        r.status()
+                    );
+                }
+                Ok(r) if r.status().is_client_error() || r.status().is_server_error() => {
+                    let status = r.status();
+                    let body: Value = r.json().await.unwrap_or_default();
+                    let mut detail = body["detail"].as_str().unwrap_or("").to_string();
+                    for e in body["errors"].as_array().into_iter().flatten() {
+                        detail.push_str(&format!(
+                            "\n  {}: {}",
+                            e["pointer"].as_str().unwrap_or(""),
+                            e["detail"].as_str().unwrap_or("")
+                        ));
+                    }
+                    bail!("{what}: the server answered {status}: {detail}");
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if attempt < 5 => {
+                    eprintln!("{what}: {e}; retrying in {delay:?}");
+                }
+                Err(e) => return Err(e).with_context(|| format!("{what} at {}", self.base)),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        bail!("{what}: gave up after 5 attempts")
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    pub async fn post_empty(&self, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("POST {path}"), |c| Ok(c.post(&url)))
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<::bytes::Bytes> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
+            .await?;
+        Ok(r.bytes().await?)
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! Exit statuses: 0 the job succeeded and every verdict passed; 1 it succeeded but a verdict
 //! failed; 2 it failed or was cancelled; 3 usage, authentication or connection error; 4 the wait
 //! timed out (the job goes on).
-use super::remote::{api_key, RemoteArgs};
+use super::remote::{Api, RemoteArgs};
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -109,91 +109,6 @@ pub fn block_on_exit(work: impl std::future::Future<Output = anyhow::Result<u8>>
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_USAGE)
         }
-    }
-}
-
-/// A small HTTP client for the API: bearer key, retries on connection errors and 5xx.
-pub struct Api {
-    base: String,
-    key: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    pub fn new(remote: &RemoteArgs) -> anyhow::Result<Api> {
-        Ok(Api {
-            base: remote.server.trim_end_matches('/').to_string(),
-            key: api_key(remote)?,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .build()?,
-        })
-    }
-
-    /// Sends what `build` makes, retrying connection errors and 5xx (1, 2, 4, 8 s); a 4xx is an error
-    /// with the problem's detail.
-    async fn send(
-        &self,
-        what: &str,
-        build: impl Fn(&reqwest::Client) -> anyhow::Result<reqwest::RequestBuilder>,
-    ) -> anyhow::Result<reqwest::Response> {
-        let mut delay = Duration::from_secs(1);
-        for attempt in 1..=5 {
-            let result = build(&self.http)?.bearer_auth(&self.key).send().await;
-            match result {
-                Ok(r) if r.status().is_server_error() && attempt < 5 => {
-                    eprintln!(
-                        "{what}: the server answered {}; retrying in {delay:?}",
-                        r.status()
-                    );
-                }
-                Ok(r) if r.status().is_client_error() || r.status().is_server_error() => {
-                    let status = r.status();
-                    let body: Value = r.json().await.unwrap_or_default();
-                    let mut detail = body["detail"].as_str().unwrap_or("").to_string();
-                    for e in body["errors"].as_array().into_iter().flatten() {
-                        detail.push_str(&format!(
-                            "\n  {}: {}",
-                            e["pointer"].as_str().unwrap_or(""),
-                            e["detail"].as_str().unwrap_or("")
-                        ));
-                    }
-                    bail!("{what}: the server answered {status}: {detail}");
-                }
-                Ok(r) => return Ok(r),
-                Err(e) if attempt < 5 => {
-                    eprintln!("{what}: {e}; retrying in {delay:?}");
-                }
-                Err(e) => return Err(e).with_context(|| format!("{what} at {}", self.base)),
-            }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-        }
-        bail!("{what}: gave up after 5 attempts")
-    }
-
-    pub async fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let r = self
-            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
-            .await?;
-        Ok(r.json().await?)
-    }
-
-    pub async fn post_empty(&self, path: &str) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let r = self
-            .send(&format!("POST {path}"), |c| Ok(c.post(&url)))
-            .await?;
-        Ok(r.json().await?)
-    }
-
-    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<bytes::Bytes> {
-        let url = format!("{}{path}", self.base);
-        let r = self
-            .send(&format!("GET {path}"), |c| Ok(c.get(&url)))
-            .await?;
-        Ok(r.bytes().await?)
     }
 }
 
@@ -504,106 +419,14 @@ pub async fn download(api: &Api, id: &str, dir: &Path) -> anyhow::Result<()> {
 
 fn write_outputs(args: &Outputs, job: &Value, report: Option<&Value>) -> anyhow::Result<()> {
     if let Some(path) = &args.summary {
-        std::fs::write(path, summary_markdown(job, report))
+        std::fs::write(path, super::ci_reports::summary_markdown(job, report))
             .with_context(|| format!("while writing {}", path.display()))?;
     }
     if let Some(path) = &args.junit {
-        std::fs::write(path, junit_xml(job, report))
+        std::fs::write(path, super::ci_reports::junit_xml(job, report))
             .with_context(|| format!("while writing {}", path.display()))?;
     }
     Ok(())
-}
-
-fn number(v: &Value, digits: usize) -> String {
-    v.as_f64().map_or("—".into(), |x| format!("{x:.digits$}"))
-}
-
-/// A Markdown table: baseline vs final accuracy, size and latency, then each verdict.
-pub fn summary_markdown(job: &Value, report: Option<&Value>) -> String {
-    let id = job["id"].as_str().unwrap_or("");
-    let status = job["status"].as_str().unwrap_or("");
-    let mut out = format!("## Shrink job `{id}`: {status}\n\n");
-    let Some(report) = report else {
-        let message = job["error"]["message"].as_str().unwrap_or("no report");
-        out.push_str(&format!("The job {status}: {message}\n"));
-        return out;
-    };
-    let (b, f) = (&report["baseline"], &report["final"]);
-    out.push_str("| | baseline | final |\n|---|---|---|\n");
-    out.push_str(&format!(
-        "| top-1 accuracy | {} | {} |\n",
-        number(&b["task"]["top1_accuracy"], 4),
-        number(&f["task"]["top1_accuracy"], 4)
-    ));
-    out.push_str(&format!(
-        "| size (bytes) | {} | {} |\n",
-        b["size"]["bytes"], f["size"]["bytes"]
-    ));
-    out.push_str(&format!(
-        "| latency p50, batch 1 (ms) | {} | {} |\n",
-        number(&b["latency"]["batch_1"]["p50_ms"], 3),
-        number(&f["latency"]["batch_1"]["p50_ms"], 3)
-    ));
-    let verdicts = report["verdicts"].as_array().cloned().unwrap_or_default();
-    if !verdicts.is_empty() {
-        out.push_str("\n| constraint | limit | actual | verdict |\n|---|---|---|---|\n");
-        for v in verdicts {
-            out.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                v["constraint"].as_str().unwrap_or(""),
-                v["limit"],
-                number(&v["actual"], 4),
-                if v["passed"] == true {
-                    "pass"
-                } else {
-                    "**fail**"
-                }
-            ));
-        }
-    }
-    out
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// JUnit XML: one test case per verdict (or one for the job, when it did not succeed).
-pub fn junit_xml(job: &Value, report: Option<&Value>) -> String {
-    let id = job["id"].as_str().unwrap_or("");
-    let mut cases = Vec::new();
-    match report {
-        Some(r) => {
-            for v in r["verdicts"].as_array().into_iter().flatten() {
-                let name = xml_escape(v["constraint"].as_str().unwrap_or(""));
-                let detail = xml_escape(v["detail"].as_str().unwrap_or(""));
-                cases.push(if v["passed"] == true {
-                    format!("    <testcase classname=\"shrink.{id}\" name=\"{name}\"/>\n")
-                } else {
-                    format!("    <testcase classname=\"shrink.{id}\" name=\"{name}\">\n      <failure message=\"{detail}\"/>\n    </testcase>\n")
-                });
-            }
-        }
-        None => {
-            let message = xml_escape(
-                job["error"]["message"]
-                    .as_str()
-                    .unwrap_or("the job did not succeed"),
-            );
-            cases.push(format!(
-                "    <testcase classname=\"shrink.{id}\" name=\"job\">\n      <failure message=\"{message}\"/>\n    </testcase>\n"
-            ));
-        }
-    }
-    let failures = cases.iter().filter(|c| c.contains("<failure")).count();
-    format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"shrink\" tests=\"{}\" failures=\"{failures}\">\n{}  </testsuite>\n</testsuites>\n",
-        cases.len(),
-        cases.concat()
-    )
 }
 
 #[cfg(test)]
@@ -618,17 +441,5 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("3d").is_err());
-    }
-
-    #[test]
-    fn junit_has_one_case_per_verdict_and_escapes_details() {
-        let job = json!({"id": "j1", "status": "succeeded"});
-        let report = json!({"verdicts": [
-            {"constraint": "max_accuracy_drop", "passed": true, "detail": "ok"},
-            {"constraint": "max_size_bytes", "passed": false, "detail": "size 9 > 1 & <more>"}
-        ]});
-        let xml = junit_xml(&job, Some(&report));
-        assert!(xml.contains("tests=\"2\" failures=\"1\""), "{xml}");
-        assert!(xml.contains("size 9 &gt; 1 &amp; &lt;more&gt;"), "{xml}");
     }
 }
