@@ -326,14 +326,7 @@ async fn a_client_generated_from_the_committed_document_runs_a_job() {
     assert!(out.contains("job succeeded"), "{out}");
 
     // /metrics counts what the client did, parsed as Prometheus text.
-    let text = client_with_key(None)
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&client_with_key(None), &server.url("/metrics")).await;
     // Parsed by prometheus_client's strict OpenMetrics parser (scripts/parse_metrics.py).
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut parser = Command::new(root.join(".venv/bin/python"))

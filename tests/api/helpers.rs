@@ -149,6 +149,11 @@ pub async fn post_json(client: &Client, url: &str, body: &Value) -> Response {
     client.post(url).json(body).send().await.unwrap()
 }
 
+/// GETs `url` with `client` and returns the body as text (any status).
+pub async fn get_text(client: &Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// GETs `url` with `client` and returns the body as JSON (any status).
 pub async fn get_value(client: &Client, url: &str) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()
@@ -271,11 +276,18 @@ impl TestApp {
 
     /// Uploads the two-input model and its dataset and queues a quick evaluate job; its id.
     pub async fn queue_evaluate_job(&self) -> String {
-        let m = self.model("two_input.onnx").await;
-        let d = self.dataset("two_input.npz").await;
-        let spec = Self::evaluate_spec(m["id"].as_str().unwrap(), d["id"].as_str().unwrap());
+        let (m, d) = self.two_input().await;
+        let spec = Self::evaluate_spec(&m, &d);
         let job: Value = self.post_job(&spec).await.json().await.unwrap();
         job["id"].as_str().unwrap().to_string()
+    }
+
+    /// Uploads the two-input model and its dataset; their ids.
+    pub async fn two_input(&self) -> (String, String) {
+        let m = self.model("two_input.onnx").await;
+        let d = self.dataset("two_input.npz").await;
+        let id = |v: &Value| v["id"].as_str().unwrap().to_string();
+        (id(&m), id(&d))
     }
 
     /// A quick evaluate spec for the given ids.

@@ -183,14 +183,7 @@ async fn isolation_matrix(setup: Setup) {
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    let model = app.model("two_input.onnx").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dataset = app.dataset("two_input.npz").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (model, dataset) = app.two_input().await;
     let (job, _) = run_job(&app, TestApp::evaluate_spec(&model, &dataset)).await;
     let (_, artifacts) = app.get_json(&format!("/jobs/{job}/artifacts")).await;
     let hook = post_json(
@@ -559,14 +552,7 @@ async fn uploads_over_a_quota_are_refused_and_leave_nothing_behind() {
 #[tokio::test]
 async fn job_quotas_cap_queued_and_running_jobs() {
     let app = spawn_app(Setup::Production).await;
-    let m = app.model("two_input.onnx").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let d = app.dataset("two_input.npz").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (m, d) = app.two_input().await;
     set_quotas(&app, json!({"max_queued_jobs": 2, "max_running_jobs": 1})).await;
     let spec = TestApp::evaluate_spec(&m, &d);
     for _ in 0..2 {
@@ -646,14 +632,7 @@ async fn a_key_over_its_request_rate_gets_429_with_retry_after() {
 async fn quotas_hold_exactly_under_concurrent_requests() {
     for setup in [Setup::Embedded, Setup::Production] {
         let app = spawn_app(setup).await;
-        let m = app.model("two_input.onnx").await["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let d = app.dataset("two_input.npz").await["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let (m, d) = app.two_input().await;
         let spec = TestApp::evaluate_spec(&m, &d);
         set_quotas(&app, json!({"max_queued_jobs": 3})).await;
         let posts = (0..12).map(|_| app.post_job(&spec));

@@ -106,14 +106,7 @@ async fn each_ended_job_is_delivered_once_signed() {
         "the secret is listed"
     );
 
-    let m = app.model("two_input.onnx").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let d = app.dataset("two_input.npz").await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (m, d) = app.two_input().await;
     let (succeeded, _) = run_job(&app, TestApp::evaluate_spec(&m, &d)).await;
     let r = app.post_job(&TestApp::evaluate_spec(&m, &d)).await;
     let cancelled = r.json::<Value>().await.unwrap()["id"]
@@ -280,14 +273,7 @@ async fn a_delivery_waits_for_a_receiver_that_is_down_also_across_a_restart() {
     assert_eq!(after[0]["status"], "delivered", "{after}");
     assert_eq!(after[0]["attempts"], 2, "{after}");
     // /metrics counts the delivery by outcome.
-    let metrics = client_with_key(None)
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client_with_key(None), &server.url("/metrics")).await;
     assert!(
         metrics.contains("shrink_webhook_deliveries_total{outcome=\"delivered\"} 1"),
         "{metrics}"
