@@ -9,77 +9,18 @@ the pruning section come from the job's report.
 Usage: .venv/bin/python bench/prune.py [SHRINK_BINARY]   (from the repository root, after
 scripts/test has built the fixtures; a release build trains faster: cargo build --release)
 """
-import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import numpy as np
 import onnxruntime as ort
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/shrink-target"))
-SHRINK = sys.argv[1] if len(sys.argv) > 1 else next(
-    p for p in [f"{TARGET}/release/shrink", f"{TARGET}/debug/shrink"] if os.path.exists(p))
+from service import ROOT, Service, shrink_binary
+
+SHRINK = shrink_binary(sys.argv)
 FX = os.path.join(ROOT, "fixtures-out")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Service:
-    def __init__(self, work):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = dict(os.environ, SHRINK_BIND=self.url[7:], SHRINK_DATA_DIR=os.path.join(work, "data"),
-                   SHRINK_LOG="warn", SHRINK_POLL_MS="100")
-        self.proc = subprocess.Popen([SHRINK, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(self.url + "/healthz")
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the service did not start")
-
-    def call(self, method, path, body=None, ctype="application/json"):
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers={"content-type": ctype})
-        with urllib.request.urlopen(req) as r:
-            data = r.read()
-        return json.loads(data) if r.headers.get("content-type", "").startswith("application/json") else data
-
-    def upload(self, kind, path):
-        with open(path, "rb") as f:
-            return self.call("POST", f"/{kind}", f.read(), "application/octet-stream")["id"]
-
-    def job(self, spec):
-        job = self.call("POST", "/jobs", json.dumps(spec).encode())
-        while True:
-            st = self.call("GET", f"/jobs/{job['id']}")
-            if st["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.5)
-        if st["status"] != "succeeded":
-            raise RuntimeError(json.dumps(st))
-        return job["id"], self.call("GET", f"/jobs/{job['id']}/report")
-
-    def artifact(self, job, name, into):
-        path = os.path.join(into, f"{job}-{name}")
-        with open(path, "wb") as f:
-            f.write(self.call("GET", f"/jobs/{job}/artifacts/{name}"))
-        return path
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def session(path):
@@ -142,7 +83,7 @@ def main():
     print(f"# bench/prune.py, {time.strftime('%Y-%m-%d %H:%M')}, onnxruntime {ort.__version__}, 1 intra-op thread")
     only = os.environ.get("BENCH_ONLY")
     with tempfile.TemporaryDirectory() as work:
-        svc = Service(work)
+        svc = Service(SHRINK, work)
         try:
             if only in (None, "cnn"):
                 cnn = os.path.join(FX, "digits_cnn_trained.onnx")

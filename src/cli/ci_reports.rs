@@ -17,11 +17,22 @@ pub fn summary_markdown(job: &Value, report: Option<&Value>) -> String {
     };
     let (b, f) = (&report["baseline"], &report["final"]);
     out.push_str("| | baseline | final |\n|---|---|---|\n");
-    out.push_str(&format!(
-        "| top-1 accuracy | {} | {} |\n",
-        number(&b["task"]["top1_accuracy"], 4),
-        number(&f["task"]["top1_accuracy"], 4)
-    ));
+    let metric = f["task"]["metric"]
+        .as_str()
+        .filter(|m| !m.is_empty())
+        .unwrap_or("top-1 accuracy");
+    let score = |m: &Value| {
+        let s = &m["task"]["score"];
+        number(
+            if s.is_null() {
+                &m["task"]["top1_accuracy"]
+            } else {
+                s
+            },
+            4,
+        )
+    };
+    out.push_str(&format!("| {metric} | {} | {} |\n", score(b), score(f)));
     out.push_str(&format!(
         "| size (bytes) | {} | {} |\n",
         b["size"]["bytes"], f["size"]["bytes"]

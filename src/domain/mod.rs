@@ -2,6 +2,7 @@
 //! Only serde, validation and OpenAPI schemas live here — no web, database, storage or ML crates.
 pub mod dataset;
 pub mod distill;
+pub mod evaluate;
 pub mod finetune;
 pub mod ids;
 pub mod job;
@@ -11,6 +12,7 @@ pub mod quantize;
 pub mod report;
 pub mod spec;
 pub mod stage;
+pub mod task;
 pub mod team;
 pub mod training;
 pub mod validation;

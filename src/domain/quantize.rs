@@ -162,8 +162,9 @@ pub struct QuantizeOptions {
     pub qat: Recovery,
     /// Int8 weights in 7 bits, [-63, 63] (ONNX Runtime's `reduce_range`), for x86 CPUs without
     /// VNNI (AVX2), whose uint8 x int8 kernels add pairs of products in saturating 16-bit
-    /// arithmetic. Unset: dynamic weights use 7 bits when the worker's CPU lacks VNNI, static
-    /// weights 8. Set it to get the same model from every worker.
+    /// arithmetic. Unset: weights use 7 bits when the worker's CPU lacks VNNI (the models it
+    /// measures would otherwise lose accuracy to the saturation). Set it to get the same model
+    /// from every worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce_range: Option<bool>,
 }

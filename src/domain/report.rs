@@ -2,26 +2,53 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use super::task::{SegmentationMetrics, SequenceMetrics, TaskKind};
+
 /// Task metrics, present when the dataset has labels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TaskMetrics {
-    /// The classifier output the metrics were computed on.
+    /// The scored output the metrics were computed on.
     pub output: String,
+    /// What the output predicts, which decides how it is scored.
+    #[serde(default)]
+    pub task: TaskKind,
+    /// The metric in `score`, which `max_accuracy_drop` budgets: top-1 accuracy, mean IoU,
+    /// per-position accuracy or sequence accuracy.
+    #[serde(default)]
+    pub metric: String,
+    #[serde(default)]
+    pub score: f64,
     pub samples: u64,
     pub classes: u64,
+    /// Share of correct top-1 predictions: per sample (classification, and per decoded sequence
+    /// for CTC), per labelled pixel (segmentation) or per labelled position (sequence).
     pub top1_accuracy: f64,
-    /// Present when the classifier has at least five classes.
+    /// Present when a per-sample classifier has at least five classes.
     pub top5_accuracy: Option<f64>,
-    /// Unweighted mean of per-class F1 over every class seen in labels or predictions (as scikit-learn).
-    pub macro_f1: f64,
+    /// Unweighted mean of per-class F1 over every class seen in labels or predictions (as
+    /// scikit-learn), over the same units as `top1_accuracy` (per pixel it is the mean Dice);
+    /// absent for CTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmentation: Option<SegmentationMetrics>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<SequenceMetrics>,
 }
 
 /// Agreement of one output with the baseline model's output on the same samples.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OutputFidelity {
     pub output: String,
-    /// Share of samples whose arg-max (or, for scalar outputs, value) equals the baseline's.
+    /// How the output was read: one prediction per sample, per pixel or per position.
+    #[serde(default)]
+    pub task: TaskKind,
+    /// Share of predictions (per sample, pixel or position) whose arg-max (for scalar outputs:
+    /// value; for probability maps: thresholded class) equals the baseline's.
     pub top1_agreement: f64,
+    /// Segmentation outputs: mean IoU between the two models' masks, over classes in either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_iou: Option<f64>,
     /// Mean over samples of the cosine similarity of the per-sample output vectors.
     pub cosine_mean: f64,
     pub cosine_min: f64,
@@ -212,9 +239,19 @@ pub struct CalibrationInfo {
 /// Final vs baseline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Deltas {
-    /// Baseline top-1 minus final top-1 (positive = worse).
+    /// Baseline task score minus final task score (positive = worse), in `metric`.
     pub accuracy_drop: Option<f64>,
+    /// The task metric of `accuracy_drop`: top-1 accuracy, mean IoU, per-position accuracy or
+    /// sequence accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
     pub top1_agreement: Option<f64>,
+    /// Fidelity of the scored output to the baseline, as `min_fidelity` and unlabelled budgets
+    /// measure it: mask IoU for segmentation, else `top1_agreement`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement_metric: Option<String>,
     /// Final bytes / baseline bytes.
     pub size_ratio: f64,
     pub speedup_batch_1: f64,
@@ -266,10 +303,14 @@ pub struct Report {
 
 impl Deltas {
     pub fn between(baseline: &Metrics, last: &Metrics) -> Self {
-        let acc = |m: &Metrics| m.task.as_ref().map(|t| t.top1_accuracy);
+        let score = |m: &Metrics| m.task.as_ref().map(|t| t.score);
+        let fidelity = primary_fidelity(last);
         Deltas {
-            accuracy_drop: acc(baseline).zip(acc(last)).map(|(b, f)| b - f),
-            top1_agreement: primary_fidelity(last).map(|f| f.top1_agreement),
+            accuracy_drop: score(baseline).zip(score(last)).map(|(b, f)| b - f),
+            metric: last.task.as_ref().map(|t| t.metric.clone()),
+            top1_agreement: fidelity.map(|f| f.top1_agreement),
+            agreement: fidelity.map(OutputFidelity::agreement),
+            agreement_metric: fidelity.map(|f| f.task.agreement().to_string()),
             size_ratio: last.size.bytes as f64 / baseline.size.bytes.max(1) as f64,
             speedup_batch_1: last.latency.speedup_batch_1,
             speedup_batch_n: last.latency.speedup_batch_n,
@@ -277,7 +318,14 @@ impl Deltas {
     }
 }
 
-/// Fidelity of the classifier output when there is one, else of the first output.
+impl OutputFidelity {
+    /// The fidelity budgets use: mask IoU for segmentation outputs, else top-1 agreement.
+    pub fn agreement(&self) -> f64 {
+        self.mask_iou.unwrap_or(self.top1_agreement)
+    }
+}
+
+/// Fidelity of the scored output (evaluation lists it first), else of the first output.
 pub fn primary_fidelity(m: &Metrics) -> Option<&OutputFidelity> {
     let classifier = m.task.as_ref().map(|t| t.output.as_str());
     m.fidelity
@@ -296,10 +344,18 @@ pub fn stage_budget_verdict(
 ) -> Verdict {
     let d = Deltas::between(baseline, after);
     let (actual, what) = match d.accuracy_drop {
-        Some(a) => (Some(a), "top-1 accuracy drop"),
+        Some(a) => (
+            Some(a),
+            format!("{} drop", d.metric.as_deref().unwrap_or("accuracy")),
+        ),
         None => (
-            d.top1_agreement.map(|a| 1.0 - a),
-            "top-1 disagreement with the baseline",
+            d.agreement.map(|a| 1.0 - a),
+            format!(
+                "1 - {}",
+                d.agreement_metric
+                    .as_deref()
+                    .unwrap_or("agreement with the baseline")
+            ),
         ),
     };
     Verdict {
@@ -345,22 +401,18 @@ pub fn verdicts(
         });
     };
     if let Some(l) = c.max_accuracy_drop {
-        check(
-            "max_accuracy_drop",
-            l,
-            deltas.accuracy_drop,
-            true,
-            "top-1 accuracy drop (needs labels)",
-        );
+        let what = match &deltas.metric {
+            Some(m) => format!("{m} drop"),
+            None => "accuracy drop (needs labels)".to_string(),
+        };
+        check("max_accuracy_drop", l, deltas.accuracy_drop, true, &what);
     }
     if let Some(l) = c.min_fidelity {
-        check(
-            "min_fidelity",
-            l,
-            deltas.top1_agreement,
-            false,
-            "top-1 agreement with the baseline",
-        );
+        let what = deltas
+            .agreement_metric
+            .clone()
+            .unwrap_or_else(|| "agreement with the baseline".into());
+        check("min_fidelity", l, deltas.agreement, false, &what);
     }
     if let Some(l) = c.max_size_bytes {
         check(
@@ -413,11 +465,16 @@ mod tests {
             samples: 10,
             task: top1.map(|a| TaskMetrics {
                 output: "y".into(),
+                task: TaskKind::Classification,
+                metric: "top-1 accuracy".into(),
+                score: a,
                 samples: 10,
                 classes: 2,
                 top1_accuracy: a,
                 top5_accuracy: None,
-                macro_f1: a,
+                macro_f1: Some(a),
+                segmentation: None,
+                sequence: None,
             }),
             fidelity: vec![],
             size: SizeMetrics {

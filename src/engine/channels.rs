@@ -3,8 +3,12 @@
 //! pooling) to the one layer that reads them. Removing a channel means slicing every tensor in
 //! its group; this is how width-derived students are made, and what structured pruning removes.
 //!
-//! A layer whose channels also reach anything else (a residual Add of two activations, a Concat,
-//! a Reshape, a graph output, a shared weight) forms no group and is left whole.
+//! Channels may fan out to several readers (a U-Net's skip), pass through Resize, Upsample and
+//! pools, and enter a Concat along the channel axis: there they are a window of the joined
+//! tensor, and the readers after it are sliced in that window only, so both sides of a skip
+//! connection stay consistent. A layer whose channels also reach anything else (a residual Add
+//! of two activations, a Reshape, a graph output, a shared weight) forms no group and is left
+//! whole.
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
 use std::collections::{HashMap, HashSet};
@@ -17,6 +21,9 @@ pub struct ChannelGroup {
     pub channels: usize,
     /// Initializers to slice, and along which axis.
     pub slices: Vec<(String, usize)>,
+    /// Initializers read after a Concat, whose axis holds these channels as a window among
+    /// others: (name, axis, offset of the window, length of the axis).
+    pub windows: Vec<(String, usize, usize, usize)>,
     /// Depthwise convolutions inside the group (their `group` attribute follows the count).
     pub depthwise: Vec<usize>,
     /// L1 norm of each channel's weights in the producing layer, times its BatchNormalization
@@ -81,6 +88,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             "Gemm" if attr_i(n, "transB") == Some(1) => (wd[0], 0),
             "Gemm" => (wd[1], 1),
             "Conv" if attr_i(n, "group").unwrap_or(1) == 1 && wd.len() == 4 => (wd[0], 0),
+            "ConvTranspose" if attr_i(n, "group").unwrap_or(1) == 1 && wd.len() == 4 => (wd[1], 1),
             _ => continue,
         };
         if channels < 2 {
@@ -92,6 +100,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             layer: n.name.clone().unwrap_or_else(|| format!("{op}#{i}")),
             channels,
             slices: vec![(w.name.clone().unwrap_or_default(), axis)],
+            windows: Vec::new(),
             depthwise: Vec::new(),
             importance,
             bn_scale: None,
@@ -104,15 +113,18 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
                 _ => continue,
             }
         }
-        if follow(
+        let walk = Walk {
             graph,
-            &uses,
-            &outputs,
-            &own,
-            &n.output[0],
+            uses: &uses,
+            outputs: &outputs,
+            own: &own,
             channels,
-            &mut group,
-        ) {
+        };
+        let all = Place {
+            offset: 0,
+            total: channels,
+        };
+        if walk.follow(&n.output[0], all, &mut group) {
             if let Some(scale) = &group.bn_scale {
                 for (i, s) in group.importance.iter_mut().zip(scale) {
                     *i *= s;
@@ -124,129 +136,264 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
     groups
 }
 
-/// Follows `tensor` (whose channels are the group's) to the one layer reading them; false when
-/// the channels reach anything the group cannot slice.
-fn follow<'g>(
+/// Where the group's channels sit in a tensor: `offset..offset + channels` of its `total`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Place {
+    offset: usize,
+    total: usize,
+}
+
+/// What following a group's channels through the graph needs.
+struct Walk<'g, 'a> {
     graph: &'g crate::engine::onnx::proto::GraphProto,
-    uses: &HashMap<&str, Vec<(usize, usize)>>,
-    outputs: &[&str],
-    own: &dyn Fn(&str) -> Option<&'g TensorProto>,
-    tensor: &str,
+    uses: &'a HashMap<&'g str, Vec<(usize, usize)>>,
+    outputs: &'a [&'g str],
+    own: &'a dyn Fn(&str) -> Option<&'g TensorProto>,
     channels: usize,
-    group: &mut ChannelGroup,
-) -> bool {
-    if outputs.contains(&tensor) {
-        return false;
+}
+
+impl<'g> Walk<'g, '_> {
+    /// Records that `name` holds the channels along `axis` at `at`.
+    fn slice(&self, group: &mut ChannelGroup, name: &str, axis: usize, at: Place) {
+        if at.total == self.channels {
+            group.slices.push((name.to_string(), axis));
+        } else {
+            group
+                .windows
+                .push((name.to_string(), axis, at.offset, at.total));
+        }
     }
-    let Some(consumers) = uses.get(tensor) else {
-        return false;
-    };
-    let [(i, k)] = consumers.as_slice() else {
-        // Several readers: an elementwise region that joins again (GELU written out) passes
-        // the channels on through the one tensor it ends in.
-        return match region_exit(graph, uses, outputs, own, tensor, channels, group) {
-            Some(exit) => follow(graph, uses, outputs, own, &exit, channels, group),
-            None => false,
-        };
-    };
-    let n = &graph.node[*i];
-    let op = n.op_type.as_deref().unwrap_or_default();
-    let per_channel = |name: &str| -> Option<(String, usize)> {
-        let t = own(name)?;
+
+    /// A per-channel constant over the `at.total` channels (a bias, a BatchNormalization
+    /// parameter): its name and channel axis.
+    fn per_channel(&self, name: &str, at: Place) -> Option<(String, usize)> {
+        let t = (self.own)(name)?;
         let d = dims(t);
-        (d.iter().product::<usize>() == channels).then(|| {
-            let axis = d.iter().position(|&x| x == channels).unwrap_or(0);
+        (d.iter().product::<usize>() == at.total).then(|| {
+            let axis = d.iter().position(|&x| x == at.total).unwrap_or(0);
             (name.to_string(), axis)
         })
-    };
-    let next =
-        |group: &mut ChannelGroup| follow(graph, uses, outputs, own, &n.output[0], channels, group);
-    match op {
-        _ if ACTIVATIONS.contains(&op) && *k == 0 => next(group),
-        "GlobalAveragePool" | "GlobalMaxPool" | "MaxPool" | "AveragePool" | "Flatten" => {
-            next(group)
+    }
+
+    /// Follows `tensor` (holding the group's channels at `at`) to every layer reading them;
+    /// false when the channels reach anything the group cannot slice.
+    fn follow(&self, tensor: &str, at: Place, group: &mut ChannelGroup) -> bool {
+        if self.outputs.contains(&tensor) {
+            return false;
         }
-        "Add" | "Sub" | "Mul" | "Div" => {
-            let other = &n.input[1 - k];
-            match per_channel(other) {
-                Some(s) => {
-                    group.slices.push(s);
-                    next(group)
-                }
-                None => false,
-            }
+        let Some(consumers) = self.uses.get(tensor) else {
+            return false;
+        };
+        // Every reader must take the channels somewhere the group can slice.
+        let before = group.clone();
+        if consumers
+            .iter()
+            .all(|&(i, k)| self.enter_node(i, k, at, group))
+        {
+            return true;
         }
-        "BatchNormalization" if *k == 0 => {
-            for p in &n.input[1..] {
-                match per_channel(p) {
-                    Some(s) => group.slices.push(s),
-                    None => return false,
-                }
-            }
-            if group.bn_scale.is_none() && n.input.len() == 5 {
-                let eps = n
-                    .attribute
-                    .iter()
-                    .find(|a| a.name.as_deref() == Some("epsilon"))
-                    .and_then(|a| a.f)
-                    .unwrap_or(1e-5);
-                let gamma = own(&n.input[1]).and_then(f32_values).unwrap_or_default();
-                let var = own(&n.input[4]).and_then(f32_values).unwrap_or_default();
-                if gamma.len() == channels && var.len() == channels {
-                    group.bn_scale = Some(
-                        gamma
-                            .iter()
-                            .zip(&var)
-                            .map(|(g, v)| g.abs() / (v + eps).sqrt())
-                            .collect(),
-                    );
-                }
-            }
-            next(group)
+        *group = before;
+        if consumers.len() < 2 || at.total != self.channels {
+            return false;
         }
-        "Conv" if *k == 0 => {
-            let Some(w) = own(&n.input[1]) else {
-                return false;
-            };
-            let wd = dims(w);
-            let groups = attr_i(n, "group").unwrap_or(1) as usize;
-            if groups == channels && wd.first() == Some(&channels) && wd.get(1) == Some(&1) {
-                // Depthwise: its channels are the same ones, on to its reader.
-                group.slices.push((n.input[1].clone(), 0));
-                if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
-                    match per_channel(b) {
-                        Some(s) => group.slices.push(s),
+        // An elementwise region that joins again (GELU written out) passes the channels on
+        // through the one tensor it ends in.
+        match region_exit(
+            self.graph,
+            self.uses,
+            self.outputs,
+            self.own,
+            tensor,
+            self.channels,
+            group,
+        ) {
+            Some(exit) => self.follow(&exit, at, group),
+            None => false,
+        }
+    }
+
+    /// Follows the channels into input `k` of node `i`.
+    fn enter_node(&self, i: usize, k: usize, at: Place, group: &mut ChannelGroup) -> bool {
+        let n = &self.graph.node[i];
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let next = |group: &mut ChannelGroup, at: Place| self.follow(&n.output[0], at, group);
+        match op {
+            _ if ACTIVATIONS.contains(&op) && k == 0 => next(group, at),
+            "GlobalAveragePool" | "GlobalMaxPool" | "MaxPool" | "AveragePool" => next(group, at),
+            "Flatten" if at.total == self.channels => next(group, at),
+            // Resampling keeps the channels where they are (scales and sizes are not data).
+            "Resize" | "Upsample" if k == 0 => next(group, at),
+            "Concat" => {
+                let rank_axis = attr_i(n, "axis").unwrap_or(0);
+                if rank_axis != 1 {
+                    return false;
+                }
+                let mut offset = 0;
+                for input in &n.input[..k] {
+                    match self.channel_count(input, 0) {
+                        Some(c) => offset += c,
                         None => return false,
                     }
                 }
-                group.depthwise.push(*i);
-                return next(group);
+                let mut total = offset;
+                for input in &n.input[k..] {
+                    match self.channel_count(input, 0) {
+                        Some(c) => total += c,
+                        None => return false,
+                    }
+                }
+                next(
+                    group,
+                    Place {
+                        offset: offset + at.offset,
+                        total,
+                    },
+                )
             }
-            if groups != 1 || wd.get(1) != Some(&channels) {
-                return false;
+            "Add" | "Sub" | "Mul" | "Div" => match self.per_channel(&n.input[1 - k], at) {
+                Some((name, axis)) => {
+                    self.slice(group, &name, axis, at);
+                    next(group, at)
+                }
+                None => false,
+            },
+            "BatchNormalization" if k == 0 => {
+                for p in &n.input[1..] {
+                    match self.per_channel(p, at) {
+                        Some((name, axis)) => self.slice(group, &name, axis, at),
+                        None => return false,
+                    }
+                }
+                if group.bn_scale.is_none() && n.input.len() == 5 && at.total == self.channels {
+                    let eps = n
+                        .attribute
+                        .iter()
+                        .find(|a| a.name.as_deref() == Some("epsilon"))
+                        .and_then(|a| a.f)
+                        .unwrap_or(1e-5);
+                    let gamma = (self.own)(&n.input[1])
+                        .and_then(f32_values)
+                        .unwrap_or_default();
+                    let var = (self.own)(&n.input[4])
+                        .and_then(f32_values)
+                        .unwrap_or_default();
+                    if gamma.len() == self.channels && var.len() == self.channels {
+                        group.bn_scale = Some(
+                            gamma
+                                .iter()
+                                .zip(&var)
+                                .map(|(g, v)| g.abs() / (v + eps).sqrt())
+                                .collect(),
+                        );
+                    }
+                }
+                next(group, at)
             }
-            group.slices.push((n.input[1].clone(), 1));
-            true
-        }
-        "MatMul" if *k == 0 => match own(&n.input[1]) {
-            Some(w) if dims(w).first() == Some(&channels) && dims(w).len() == 2 => {
-                group.slices.push((n.input[1].clone(), 0));
+            "Conv" if k == 0 => {
+                let Some(w) = (self.own)(&n.input[1]) else {
+                    return false;
+                };
+                let wd = dims(w);
+                let groups = attr_i(n, "group").unwrap_or(1) as usize;
+                let whole = at.total == self.channels;
+                if whole
+                    && groups == at.total
+                    && wd.first() == Some(&at.total)
+                    && wd.get(1) == Some(&1)
+                {
+                    // Depthwise: its channels are the same ones, on to its reader.
+                    group.slices.push((n.input[1].clone(), 0));
+                    if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
+                        match self.per_channel(b, at) {
+                            Some(s) => group.slices.push(s),
+                            None => return false,
+                        }
+                    }
+                    group.depthwise.push(i);
+                    return next(group, at);
+                }
+                if groups != 1 || wd.get(1) != Some(&at.total) {
+                    return false;
+                }
+                self.slice(group, &n.input[1], 1, at);
+                true
+            }
+            "ConvTranspose" if k == 0 => match (self.own)(&n.input[1]) {
+                Some(w)
+                    if attr_i(n, "group").unwrap_or(1) == 1
+                        && dims(w).first() == Some(&at.total) =>
+                {
+                    self.slice(group, &n.input[1], 0, at);
+                    true
+                }
+                _ => false,
+            },
+            "MatMul" if k == 0 => match (self.own)(&n.input[1]) {
+                Some(w) if dims(w).first() == Some(&at.total) && dims(w).len() == 2 => {
+                    self.slice(group, &n.input[1], 0, at);
+                    true
+                }
+                _ => false,
+            },
+            "Gemm" if k == 0 && attr_i(n, "transA").unwrap_or(0) == 0 => {
+                let Some(w) = (self.own)(&n.input[1]) else {
+                    return false;
+                };
+                let axis = if attr_i(n, "transB") == Some(1) { 1 } else { 0 };
+                if dims(w).get(axis) != Some(&at.total) {
+                    return false;
+                }
+                self.slice(group, &n.input[1], axis, at);
                 true
             }
             _ => false,
-        },
-        "Gemm" if *k == 0 && attr_i(n, "transA").unwrap_or(0) == 0 => {
-            let Some(w) = own(&n.input[1]) else {
-                return false;
-            };
-            let axis = if attr_i(n, "transB") == Some(1) { 1 } else { 0 };
-            if dims(w).get(axis) != Some(&channels) {
-                return false;
-            }
-            group.slices.push((n.input[1].clone(), axis));
-            true
         }
-        _ => false,
+    }
+
+    /// The channel count of a tensor, from the layer that produced it (through per-channel ops
+    /// and Concats), or from the graph input's declared shape.
+    fn channel_count(&self, tensor: &str, depth: usize) -> Option<usize> {
+        if depth > 64 {
+            return None;
+        }
+        let Some(n) = self
+            .graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == tensor))
+        else {
+            let input = self
+                .graph
+                .input
+                .iter()
+                .find(|v| v.name.as_deref() == Some(tensor))?;
+            return match crate::engine::onnx::summary::signature(input).shape.get(1) {
+                Some(crate::domain::model::Dim::Fixed(c)) if *c > 0 => Some(*c as usize),
+                _ => None,
+            };
+        };
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let weight = || {
+            n.input.get(1).and_then(|w| {
+                crate::engine::onnx::rewrite::initializers(self.graph)
+                    .get(w.as_str())
+                    .map(|t| dims(t))
+            })
+        };
+        match op {
+            "Conv" => weight()?.first().copied(),
+            "ConvTranspose" => Some(weight()?.get(1)? * attr_i(n, "group").unwrap_or(1) as usize),
+            "Concat" if attr_i(n, "axis") == Some(1) => n
+                .input
+                .iter()
+                .map(|i| self.channel_count(i, depth + 1))
+                .sum(),
+            "Relu" | "Clip" | "HardSwish" | "HardSigmoid" | "Sigmoid" | "Tanh" | "LeakyRelu"
+            | "Identity" | "Dropout" | "Erf" | "BatchNormalization" | "MaxPool" | "AveragePool"
+            | "GlobalAveragePool" | "GlobalMaxPool" | "Resize" | "Upsample" | "Add" | "Sub"
+            | "Mul" | "Div" => self.channel_count(&n.input[0], depth + 1),
+            _ => None,
+        }
     }
 }
 
@@ -388,6 +535,26 @@ pub fn keep_channels(model: &mut ModelProto, group: &ChannelGroup, keep: &[usize
         d[*axis] = keep.len();
         *t = f32_tensor(name, &d, &values);
     }
+    for (name, axis, offset, total) in &group.windows {
+        let Some(t) = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name.as_deref() == Some(name))
+        else {
+            continue;
+        };
+        let mut d = dims(t);
+        if d[*axis] != *total {
+            continue;
+        }
+        let kept: Vec<usize> = (0..*offset)
+            .chain(keep.iter().map(|&k| offset + k))
+            .chain(offset + group.channels..*total)
+            .collect();
+        let values = select_along(&f32_values(t).unwrap_or_default(), &d, *axis, &kept);
+        d[*axis] = kept.len();
+        *t = f32_tensor(name, &d, &values);
+    }
     for &i in &group.depthwise {
         for a in graph.node[i].attribute.iter_mut() {
             if a.name.as_deref() == Some("group") {
@@ -397,6 +564,21 @@ pub fn keep_channels(model: &mut ModelProto, group: &ChannelGroup, keep: &[usize
     }
     // Declared intermediate shapes no longer hold; they are optional.
     graph.value_info.clear();
+}
+
+/// Keeps `keep` of the channels of `layer`'s group in `model` as it is now: earlier changes to
+/// other groups may have moved where its channels sit in a Concat, so the group is found again.
+/// None when the layer forms no group (any more).
+pub fn keep_layer_channels(
+    model: &mut ModelProto,
+    layer: &str,
+    keep: &[usize],
+) -> Option<ChannelGroup> {
+    let group = channel_groups(model)
+        .into_iter()
+        .find(|g| g.layer == layer)?;
+    keep_channels(model, &group, keep);
+    Some(group)
 }
 
 /// The `share` most important channels (by L1 norm) of a group, ascending.

@@ -25,6 +25,8 @@ pub enum TensorData {
     I32(Vec<i32>),
     I64(Vec<i64>),
     Bool(Vec<bool>),
+    /// Text, one string per element (numpy `<U` arrays): CTC labels.
+    Str(Vec<String>),
 }
 
 impl TensorData {
@@ -38,6 +40,7 @@ impl TensorData {
             Self::I32(_) => "int32",
             Self::I64(_) => "int64",
             Self::Bool(_) => "bool",
+            Self::Str(_) => "str",
         }
     }
 
@@ -113,6 +116,7 @@ impl Dataset {
                     TensorData::I32(v) => TensorData::I32(gather(v, row, rows)),
                     TensorData::I64(v) => TensorData::I64(gather(v, row, rows)),
                     TensorData::Bool(v) => TensorData::Bool(gather(v, row, rows)),
+                    TensorData::Str(v) => TensorData::Str(gather(v, row, rows)),
                 };
                 let mut shape = t.shape.clone();
                 shape[0] = rows.len();
@@ -219,10 +223,11 @@ fn npy_dtype(name: &str, dtype: &DType) -> Result<&'static str> {
         (TypeChar::Int, 4) => "int32",
         (TypeChar::Int, 8) => "int64",
         (TypeChar::Bool, 1) => "bool",
+        (TypeChar::UnicodeStr, _) => "str",
         _ => {
             return Err(EngineError::InvalidDataset {
                 tensor: name.into(),
-                problem: format!("dtype `{ts}` is not supported; use float32, float64, float16, int8, uint8, int32, int64 or bool"),
+                problem: format!("dtype `{ts}` is not supported; use float32, float64, float16, int8, uint8, int32, int64, bool or str (text labels)"),
             })
         }
     })
@@ -321,6 +326,7 @@ fn load_npz(path: &Path) -> Result<Vec<Tensor>> {
             "uint8" => TensorData::U8(npy.into_vec().map_err(unreadable)?),
             "int32" => TensorData::I32(npy.into_vec().map_err(unreadable)?),
             "int64" => TensorData::I64(npy.into_vec().map_err(unreadable)?),
+            "str" => TensorData::Str(npy.into_vec().map_err(unreadable)?),
             _ => TensorData::Bool(npy.into_vec().map_err(unreadable)?),
         };
         out.push(Tensor { name, shape, data });
@@ -397,6 +403,15 @@ pub fn bind(model: &ModelSummary, data: &DatasetSummary) -> Result<Binding> {
                 ),
             });
         };
+        if tensor.dtype == "str" {
+            return Err(EngineError::InvalidDataset {
+                tensor: tensor.name.clone(),
+                problem: format!(
+                    "holds text, but model input `{}` expects {}; only labels may be text",
+                    input.name, input.dtype
+                ),
+            });
+        }
         if tensor.dtype != input.dtype {
             return Err(EngineError::InvalidDataset {
                 tensor: tensor.name.clone(),
@@ -440,27 +455,45 @@ pub fn bind(model: &ModelSummary, data: &DatasetSummary) -> Result<Binding> {
         .find_map(|n| find(n))
         .filter(|t| !inputs.iter().any(|(_, used)| used == &t.name));
     if let Some(l) = labels {
-        if !matches!(l.dtype.as_str(), "int8" | "uint8" | "int32" | "int64") {
-            return Err(EngineError::InvalidDataset {
-                tensor: l.name.clone(),
-                problem: format!("labels must be integer class ids, got {}", l.dtype),
-            });
-        }
-        if !(l.shape.len() == 1 || (l.shape.len() == 2 && l.shape[1] == 1)) {
-            return Err(EngineError::InvalidDataset {
-                tensor: l.name.clone(),
-                problem: format!(
-                    "labels must have one entry per sample (shape [N]), got {:?}",
-                    l.shape
-                ),
-            });
-        }
+        check_labels(l)?;
     }
     Ok(Binding {
         inputs,
         labels: labels.map(|l| l.name.clone()),
         samples: data.samples,
     })
+}
+
+/// Labels are integer class ids, one per sample `[N]`, per pixel `[N, H, W]` or per position
+/// `[N, T]` (CTC: a padded class-id sequence), or one string per sample (CTC text).
+fn check_labels(l: &TensorInfo) -> Result<()> {
+    let problem = if l.dtype == "str" {
+        (l.shape.len() != 1).then(|| {
+            format!(
+                "text labels must hold one string per sample (shape [N]), got {:?}",
+                l.shape
+            )
+        })
+    } else if !matches!(l.dtype.as_str(), "int8" | "uint8" | "int32" | "int64") {
+        Some(format!(
+            "labels must be integer class ids, got {} (text labels are taken for CTC models)",
+            l.dtype
+        ))
+    } else if !(1..=3).contains(&l.shape.len()) {
+        Some(format!(
+            "labels must have shape [N] (one class per sample), [N, T] (per position) or [N, H, W] (per pixel), got {:?}",
+            l.shape
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(EngineError::InvalidDataset {
+            tensor: l.name.clone(),
+            problem,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn shape_text(shape: &[Dim]) -> String {

@@ -1,12 +1,14 @@
 //! The `evaluate` measurement: task metrics, fidelity to a baseline, size, latency and memory of one
 //! model on one dataset, all in ONNX Runtime on CPU.
-use crate::domain::report::{LatencyMetrics, MemoryMetrics, Metrics, SizeMetrics, TaskMetrics};
+use crate::domain::report::{LatencyMetrics, MemoryMetrics, Metrics, SizeMetrics};
 use crate::domain::spec::EvaluateOptions;
-use crate::engine::dataset::{bind, Dataset};
+use crate::domain::task::TaskKind;
+use crate::engine::dataset::{bind, Dataset, Tensor};
 use crate::engine::memory::PeakSampler;
 use crate::engine::onnx::{params, summarize, LoadedModel};
 use crate::engine::runtime::{self, OutputValue, Runtime};
-use crate::engine::{latency, metrics, EngineError, Progress, Result, SubProgress};
+use crate::engine::task::{self, Reading};
+use crate::engine::{latency, EngineError, Progress, Result, SubProgress};
 
 /// Outputs and figures of a reference model that later evaluations compare against.
 #[derive(Debug, Clone)]
@@ -134,20 +136,42 @@ pub fn evaluate(
     drop(session);
     let peak_growth = sampler.finish();
 
-    let task = match (&binding.labels, &classifier) {
-        (Some(labels), Some(out)) => {
-            let labels = data
-                .tensor(labels)
-                .and_then(|t| t.data.to_i64())
-                .unwrap_or_default();
-            Some(task_metrics(&outputs, out, &labels[..usable]))
+    let labels = binding.labels.as_ref().and_then(|l| data.tensor(l));
+    let readings = readings(&outputs, classifier.as_deref(), labels, opts, model)?;
+    if let Some((out, r)) = classifier
+        .as_deref()
+        .and_then(|c| readings.iter().find(|(o, _)| o == c))
+    {
+        if opts.task.is_none() && r.kind != TaskKind::Classification {
+            notes.push(format!(
+                "output `{out}` is scored as {} (from its shape{}); name `task` in the spec to change that",
+                r.kind.name(),
+                if labels.is_some() { " and the labels'" } else { "" }
+            ));
+        }
+    }
+    let task = match (&labels, &classifier) {
+        (Some(labels), Some(name)) => {
+            let out = outputs
+                .iter()
+                .find(|o| &o.name == name)
+                .expect("the scored output exists");
+            let r = &readings.iter().find(|(o, _)| o == name).expect("read").1;
+            Some(task::task_metrics(out, r, labels, usable)?)
         }
         _ => None,
     };
-    let fidelity = match baseline {
-        Some(b) => compare(&b.outputs, &outputs),
-        None => compare(&outputs, &outputs),
+    let mut fidelity = match baseline {
+        Some(b) => compare(&b.outputs, &outputs, &readings),
+        None => compare(&outputs, &outputs, &readings),
     };
+    // The scored output's fidelity comes first: budgets without labels read it.
+    if let Some(c) = &classifier {
+        if let Some(i) = fidelity.iter().position(|f| &f.output == c) {
+            let f = fidelity.remove(i);
+            fidelity.insert(0, f);
+        }
+    }
 
     let graph = model
         .proto
@@ -260,61 +284,63 @@ fn append(acc: &mut Vec<OutputValue>, batch: Vec<OutputValue>) {
     }
 }
 
-fn row_len(o: &OutputValue) -> usize {
-    o.shape.iter().skip(1).product::<usize>().max(1)
+/// How every output is read: the scored one as the spec names or its shapes say, the others
+/// from their shapes alone.
+fn readings(
+    outputs: &[OutputValue],
+    scored: Option<&str>,
+    labels: Option<&Tensor>,
+    opts: &EvaluateOptions,
+    model: &LoadedModel,
+) -> Result<Vec<(String, Reading)>> {
+    outputs
+        .iter()
+        .map(|o| {
+            let mine = Some(o.name.as_str()) == scored;
+            let kind = if mine {
+                task::infer(&o.name, &o.shape, opts.task, labels)?
+            } else {
+                task::infer(&o.name, &o.shape, None, None)?
+            };
+            let mut r = Reading::new(kind);
+            if mine {
+                r.threshold = opts.threshold.unwrap_or(0.5);
+                r.blank = opts.blank.unwrap_or(0) as usize;
+                r.characters = opts.characters.clone().or_else(|| {
+                    let mut chars = model_characters(&model.proto)?;
+                    // PaddleOCR leaves the space class (the last) out of the metadata list.
+                    if chars.len() + 2 == *o.shape.last()? {
+                        chars.push(" ".into());
+                    }
+                    Some(chars)
+                });
+            }
+            Ok((o.name.clone(), r))
+        })
+        .collect()
 }
 
-fn task_metrics(outputs: &[OutputValue], name: &str, labels: &[i64]) -> TaskMetrics {
-    let out = outputs
+/// The character list PaddleOCR writes into its recognisers' metadata (`character`, one per line).
+fn model_characters(proto: &crate::engine::onnx::proto::ModelProto) -> Option<Vec<String>> {
+    let text = proto
+        .metadata_props
         .iter()
-        .find(|o| o.name == name)
-        .expect("classifier output exists");
-    let row = row_len(out);
-    let predicted: Vec<i64> = if row > 1 {
-        out.values
-            .chunks_exact(row)
-            .map(|r| metrics::argmax(r) as i64)
-            .collect()
-    } else {
-        out.values.iter().map(|v| v.round() as i64).collect()
-    };
-    let n = labels.len().min(predicted.len()).max(1);
-    let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
-    let classes = if row > 1 {
-        row as u64
-    } else {
-        labels.iter().chain(&predicted).copied().max().unwrap_or(0) as u64 + 1
-    };
-    let top5 = (row >= 5).then(|| {
-        let hits = out
-            .values
-            .chunks_exact(row)
-            .zip(labels)
-            .filter(|(r, &l)| l >= 0 && metrics::in_top_k(r, l as usize, 5))
-            .count();
-        hits as f64 / n as f64
-    });
-    TaskMetrics {
-        output: name.to_string(),
-        samples: n as u64,
-        classes,
-        top1_accuracy: correct as f64 / n as f64,
-        top5_accuracy: top5,
-        macro_f1: metrics::macro_f1(
-            &predicted[..n.min(predicted.len())],
-            &labels[..n.min(labels.len())],
-        ),
-    }
+        .find(|p| p.key.as_deref() == Some("character"))?
+        .value
+        .clone()?;
+    Some(text.split('\n').map(str::to_string).collect())
 }
 
 fn compare(
     base: &[OutputValue],
     now: &[OutputValue],
+    readings: &[(String, Reading)],
 ) -> Vec<crate::domain::report::OutputFidelity> {
     base.iter()
         .filter_map(|b| {
             let c = now.iter().find(|c| c.name == b.name)?;
-            Some(metrics::fidelity(&b.name, &b.values, &c.values, row_len(b)))
+            let r = readings.iter().find(|(o, _)| o == &b.name)?;
+            Some(task::fidelity(b, c, &r.1))
         })
         .collect()
 }

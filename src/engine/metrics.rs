@@ -1,5 +1,4 @@
-//! Task metrics (top-k accuracy, macro-F1) and fidelity to a baseline's outputs.
-use crate::domain::report::OutputFidelity;
+//! Task metrics (top-k accuracy, macro-F1) and the vector similarities fidelity uses.
 use std::collections::BTreeMap;
 
 /// Index of the largest value; the first one on ties, as numpy's argmax.
@@ -54,38 +53,6 @@ pub fn macro_f1(predicted: &[i64], labels: &[i64]) -> f64 {
     sum / counts.len() as f64
 }
 
-/// Compares one output of a model with the baseline's, sample by sample (`row` values per sample).
-pub fn fidelity(name: &str, baseline: &[f32], current: &[f32], row: usize) -> OutputFidelity {
-    let row = row.max(1);
-    let samples = (baseline.len().min(current.len()) / row).max(1);
-    let (mut agree, mut cos_sum, mut cos_min, mut abs_sum, mut abs_max) =
-        (0usize, 0.0f64, f64::INFINITY, 0.0f64, 0.0f64);
-    for (b, c) in baseline.chunks_exact(row).zip(current.chunks_exact(row)) {
-        let same = if row > 1 {
-            argmax(b) == argmax(c)
-        } else {
-            b[0] == c[0]
-        };
-        agree += same as usize;
-        let cos = cosine(b, c);
-        cos_sum += cos;
-        cos_min = cos_min.min(cos);
-        for (x, y) in b.iter().zip(c) {
-            let d = (*x as f64 - *y as f64).abs();
-            abs_sum += d;
-            abs_max = abs_max.max(d);
-        }
-    }
-    OutputFidelity {
-        output: name.to_string(),
-        top1_agreement: agree as f64 / samples as f64,
-        cosine_mean: cos_sum / samples as f64,
-        cosine_min: if cos_min.is_finite() { cos_min } else { 1.0 },
-        mean_abs_error: abs_sum / (samples * row) as f64,
-        max_abs_error: abs_max,
-    }
-}
-
 /// Cosine similarity; two all-zero vectors are identical (1), one zero vector against another is 0.
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
@@ -112,14 +79,6 @@ mod tests {
     fn macro_f1_matches_scikit_learn_on_a_hand_checked_case() {
         // sklearn.metrics.f1_score([0,0,1,2], [0,1,1,1], average="macro") == (2/3 + 1/2 + 0) / 3
         assert!((macro_f1(&[0, 1, 1, 1], &[0, 0, 1, 2]) - 7.0 / 18.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn a_model_compared_with_itself_is_perfectly_faithful() {
-        let out = [0.1, 0.7, 0.2, 0.9, 0.05, 0.05];
-        let f = fidelity("p", &out, &out, 3);
-        assert_eq!((f.top1_agreement, f.max_abs_error), (1.0, 0.0));
-        assert!((f.cosine_mean - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod prune;
 pub mod quantize;
 pub mod runtime;
 pub mod table;
+pub mod task;
 pub mod train;
 
 pub use error::{EngineError, Result};

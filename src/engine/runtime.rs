@@ -157,6 +157,13 @@ pub struct OutputValue {
     pub values: Vec<f32>,
 }
 
+fn text_input(tensor: &str) -> EngineError {
+    EngineError::InvalidDataset {
+        tensor: tensor.into(),
+        problem: "holds text, which no model input takes".into(),
+    }
+}
+
 /// Builds the inputs for rows `rows` (cycling through the dataset when it has fewer rows than asked).
 pub fn feeds<'d>(
     data: &'d Dataset,
@@ -186,6 +193,7 @@ pub fn feeds<'d>(
                 TensorData::I32(v) => TensorRef::from_array_view((shape, &v[r]))?.into(),
                 TensorData::I64(v) => TensorRef::from_array_view((shape, &v[r]))?.into(),
                 TensorData::Bool(v) => TensorRef::from_array_view((shape, &v[r]))?.into(),
+                TensorData::Str(_) => return Err(text_input(tensor_name)),
             }
         } else {
             // Latency at a batch larger than the dataset: repeat rows to fill the batch.
@@ -229,6 +237,7 @@ pub fn feeds<'d>(
                 TensorData::Bool(v) => {
                     Tensor::from_array((shape, cycle(v, row, samples, &rows)))?.into()
                 }
+                TensorData::Str(_) => return Err(text_input(tensor_name)),
             }
         };
         out.push((input.clone(), value));

@@ -6,12 +6,13 @@ fn row(out: &mut String, label: &str, m: &Metrics) {
     let acc = m
         .task
         .as_ref()
-        .map_or("-".into(), |t| format!("{:.4}", t.top1_accuracy));
+        .map_or("-".into(), |t| format!("{:.4}", t.score));
     let f1 = m
         .task
         .as_ref()
-        .map_or("-".into(), |t| format!("{:.4}", t.macro_f1));
-    let agree = primary_fidelity(m).map_or("-".into(), |f| format!("{:.4}", f.top1_agreement));
+        .and_then(|t| t.macro_f1)
+        .map_or("-".into(), |v| format!("{v:.4}"));
+    let agree = primary_fidelity(m).map_or("-".into(), |f| format!("{:.4}", f.agreement()));
     let cos = primary_fidelity(m).map_or("-".into(), |f| format!("{:.5}", f.cosine_mean));
     let bn = m
         .latency
@@ -35,7 +36,7 @@ fn header(out: &mut String) {
         out,
         "{:<14} {:>8} {:>8} {:>8} {:>9} {:>11} {:>11} {:>9} {:>9} {:>10} {:>8} {:>9}",
         "model",
-        "top1",
+        "score",
         "macroF1",
         "agree",
         "cosine",
@@ -127,14 +128,42 @@ pub fn render_metrics(m: &Metrics) -> String {
     if let Some(t) = &m.task {
         let _ = writeln!(
             out,
-            "task: output `{}`, {} samples, {} classes, top-1 {:.6}, top-5 {}, macro-F1 {:.6}",
+            "task: {} on output `{}`, {} samples, {} classes, {} {:.6}, top-1 {:.6}, top-5 {}, macro-F1 {}",
+            t.task.name(),
             t.output,
             t.samples,
             t.classes,
+            t.metric,
+            t.score,
             t.top1_accuracy,
             t.top5_accuracy.map_or("-".into(), |v| format!("{v:.6}")),
-            t.macro_f1
+            t.macro_f1.map_or("-".into(), |v| format!("{v:.6}")),
         );
+        if let Some(s) = &t.segmentation {
+            let per: Vec<String> = s
+                .per_class_iou
+                .iter()
+                .enumerate()
+                .filter_map(|(c, v)| v.map(|v| format!("{c}:{v:.4}")))
+                .collect();
+            let _ = writeln!(
+                out,
+                "segmentation: {} pixels, pixel accuracy {:.6}, mean IoU {:.6}, mean Dice {:.6}, IoU per class {}",
+                s.pixels,
+                s.pixel_accuracy,
+                s.mean_iou,
+                s.mean_dice,
+                per.join(" ")
+            );
+        }
+        if let Some(q) = &t.sequence {
+            if let (Some(acc), Some(cer)) = (q.sequence_accuracy, q.character_error_rate) {
+                let _ = writeln!(
+                    out,
+                    "ctc: sequence accuracy {acc:.6}, character error rate {cer:.6}"
+                );
+            }
+        }
     }
     let _ = writeln!(
         out,

@@ -4,6 +4,7 @@
 use crate::domain::dataset::DatasetSummary;
 use crate::domain::model::ModelSummary;
 use crate::domain::spec::{JobSpec, Stage};
+use crate::domain::task::TaskKind;
 use crate::domain::validation::Problems;
 use crate::engine::dataset::bind;
 use crate::engine::evaluate::choose_classifier;
@@ -41,6 +42,32 @@ pub fn check_inputs(spec: &JobSpec, uploads: &Uploads<'_>, problems: &mut Proble
     }
     for (i, stage) in spec.pipeline.iter().enumerate() {
         if let Stage::Evaluate(opts) = stage {
+            if let (Some(kind), Ok(Some(out))) = (
+                opts.task,
+                choose_classifier(&model.outputs, opts.output.as_deref(), true),
+            ) {
+                let rank = model
+                    .outputs
+                    .iter()
+                    .find(|o| o.name == out)
+                    .map(|o| o.shape.len());
+                let wanted = match kind {
+                    TaskKind::Segmentation => Some(4),
+                    TaskKind::Sequence | TaskKind::Ctc => Some(3),
+                    TaskKind::Classification => None,
+                };
+                if let (Some(rank), Some(wanted)) = (rank, wanted) {
+                    if rank != wanted {
+                        problems.add(
+                            format!("/pipeline/{i}/task"),
+                            format!(
+                                "output `{out}` has rank {rank}, but {} scores rank-{wanted} outputs",
+                                kind.name()
+                            ),
+                        );
+                    }
+                }
+            }
             if let Some(out) = &opts.output {
                 if !model.outputs.iter().any(|o| &o.name == out) {
                     let names: Vec<&str> = model.outputs.iter().map(|o| o.name.as_str()).collect();
@@ -73,6 +100,22 @@ pub fn check_inputs(spec: &JobSpec, uploads: &Uploads<'_>, problems: &mut Proble
                 continue;
             }
         };
+        if let Some(data) = uploads.datasets.get("train_dataset_id") {
+            let text = bind(reference, data)
+                .ok()
+                .and_then(|b| b.labels)
+                .and_then(|l| data.tensors.iter().find(|t| t.name == l))
+                .is_some_and(|t| t.dtype == "str");
+            if text {
+                problems.add(
+                    "/train_dataset_id",
+                    format!(
+                        "{} needs integer class labels; text labels score CTC models (evaluate, quantize) but do not train them",
+                        stage.name()
+                    ),
+                );
+            }
+        }
         // The graphs that train: the job's model, and an uploaded student of a distill stage.
         let student = match stage {
             Stage::Distill(_) => uploads.models.get("student_model_id"),

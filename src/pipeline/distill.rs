@@ -45,7 +45,7 @@ pub fn run(d: &DistillOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
             h.teacher
         ));
     }
-    notes.extend(epoch_notes(&out.report));
+    notes.extend(epoch_notes(&out.report, setup.validation_metric));
     Ok(StageOutcome {
         model: Some(quantize::finish(ctx.rt, &out.model)?),
         notes,

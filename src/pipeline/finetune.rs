@@ -42,7 +42,7 @@ pub fn run(f: &FinetuneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> 
             masks.0.keys().cloned().collect::<Vec<_>>().join(", ")
         ));
     }
-    notes.extend(epoch_notes(&out.report));
+    notes.extend(epoch_notes(&out.report, setup.validation_metric));
     let mut trained = out.model;
     masks.apply(&mut trained);
     Ok(StageOutcome {

@@ -84,7 +84,7 @@ fn recover(
         setup.loss_note("the model before pruning"),
         if masks.is_empty() { "" } else { ", zeros held" }
     )];
-    notes.extend(epoch_notes(&out.report));
+    notes.extend(epoch_notes(&out.report, setup.validation_metric));
     Ok((model, notes))
 }
 

@@ -47,7 +47,7 @@ pub fn run(
         setup.rows_note(),
         setup.loss_note("the float model")
     )];
-    notes.extend(epoch_notes(&trained.report));
+    notes.extend(epoch_notes(&trained.report, setup.validation_metric));
     let all = HashSet::new();
     let exported = quantize::finish(rt, &trained.prepared.build(&all)?.0)?;
     let untrained = quantize::finish(rt, &prepared.build(&all)?.0)?;

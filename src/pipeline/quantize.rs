@@ -61,7 +61,7 @@ pub fn scheme(q: &QuantizeOptions, model: &LoadedModel) -> Scheme {
                     with_gather(&q.op_types)
                 },
                 exclude: q.exclude.clone(),
-                reduce_range: q.reduce_range.unwrap_or(false),
+                reduce_range: q.reduce_range.unwrap_or_else(params::u8s8_saturates),
                 calibration,
                 also_try,
             })

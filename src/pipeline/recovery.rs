@@ -16,6 +16,9 @@ use std::time::Duration;
 pub(super) struct Setup {
     /// The classifier output the loss reads.
     pub output: String,
+    /// What validation scores to pick the epoch: top-1, mean IoU (segmentation outputs) or
+    /// per-position accuracy (sequence outputs).
+    pub validation_metric: &'static str,
     /// Whether the training rows carry labels (else the loss is KL alone).
     pub labelled: bool,
     pub fit_data: Dataset,
@@ -46,6 +49,25 @@ impl Setup {
         let output = choose_classifier(&summary.outputs, named.as_deref(), true)?
             .expect("with labels assumed, a choice or an error");
         let labelled = bind(&summary, &train.summary)?.labels.is_some();
+        let dims: Vec<usize> = summary
+            .outputs
+            .iter()
+            .find(|o| o.name == output)
+            .map(|o| {
+                o.shape
+                    .iter()
+                    .map(|d| match d {
+                        crate::domain::model::Dim::Fixed(n) if *n > 0 => *n as usize,
+                        _ => 2,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let validation_metric = match crate::engine::train::units::task_of(&dims) {
+            crate::domain::task::TaskKind::Segmentation => "mean IoU",
+            crate::domain::task::TaskKind::Sequence => "per-position accuracy",
+            _ => "top-1",
+        };
         let (fit_data, validation) =
             split_validation(train, r.training.validation_share, ctx.spec.seed);
         let recipe = distill::Recipe {
@@ -60,6 +82,7 @@ impl Setup {
         };
         Ok(Self {
             output,
+            validation_metric,
             labelled,
             fit_data,
             validation,
@@ -121,11 +144,11 @@ fn split_validation(train: &Dataset, share: f64, seed: u64) -> (Dataset, Dataset
 }
 
 /// One line per epoch, then why training stopped and which epoch was kept.
-pub(super) fn epoch_notes(report: &fit::FitReport) -> Vec<String> {
+pub(super) fn epoch_notes(report: &fit::FitReport, metric: &str) -> Vec<String> {
     let mut notes = Vec::new();
     for e in &report.epochs {
         notes.push(format!(
-            "epoch {}: train loss {:.4}, validation top-1 {}, learning rate {:.2e}",
+            "epoch {}: train loss {:.4}, validation {metric} {}, learning rate {:.2e}",
             e.epoch,
             e.train_loss,
             e.validation.map_or("-".into(), |v| format!("{v:.4}")),

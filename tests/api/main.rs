@@ -12,6 +12,7 @@ mod openapi;
 mod prune_jobs;
 mod quantize_jobs;
 mod queue;
+mod segmentation;
 mod storage;
 mod submit;
 mod teams;

@@ -34,7 +34,7 @@ fn static_scheme() -> Scheme {
         symmetric: false,
         op_types: ["Conv", "MatMul", "Gemm"].map(String::from).to_vec(),
         exclude: vec![],
-        reduce_range: false,
+        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
         calibration: None,
         also_try: vec![],
     })

@@ -88,7 +88,7 @@ fn static_scheme(per_channel: bool, calibration: Option<RangeMethod>) -> Scheme 
         symmetric: false,
         op_types: ops(),
         exclude: vec![],
-        reduce_range: false,
+        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
         calibration,
         also_try: vec![],
     })
@@ -779,6 +779,10 @@ fn reduce_range_writes_7_bit_weights_that_onnx_runtime_runs_with_the_accuracy_ke
     };
     let eight = |s: Scheme| match s {
         Scheme::Dynamic(o) => Scheme::Dynamic(DynamicOptions {
+            reduce_range: false,
+            ..o
+        }),
+        Scheme::Static(o) => Scheme::Static(StaticOptions {
             reduce_range: false,
             ..o
         }),

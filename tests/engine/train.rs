@@ -38,7 +38,7 @@ fn candle_feeds(m: &LoadedModel, d: &Dataset, rows: usize) -> HashMap<String, Te
 }
 
 /// The largest absolute difference between candle's and ONNX Runtime's outputs.
-fn parity(m: &LoadedModel, d: &Dataset, rows: usize, outputs: &[&str]) -> f32 {
+pub(crate) fn parity(m: &LoadedModel, d: &Dataset, rows: usize, outputs: &[&str]) -> f32 {
     let names: Vec<String> = outputs.iter().map(|s| s.to_string()).collect();
     let g = TrainGraph::new(&m.proto, &names).unwrap();
     let ours = g.forward(&candle_feeds(m, d, rows), Mode::Eval).unwrap();
@@ -119,7 +119,7 @@ fn an_op_outside_the_training_subset_is_named() {
 
 /// Compares backprop with central differences for a few elements of every variable, on a loss
 /// that weights each output element differently.
-fn check_gradients(
+pub(crate) fn check_gradients(
     m: &LoadedModel,
     d: &Dataset,
     rows: usize,

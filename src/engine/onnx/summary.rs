@@ -65,7 +65,7 @@ pub fn summarize(model: &ModelProto) -> ModelSummary {
     }
 }
 
-fn signature(v: &ValueInfoProto) -> TensorSignature {
+pub(crate) fn signature(v: &ValueInfoProto) -> TensorSignature {
     let (elem, shape) = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
         Some(type_proto::Value::TensorType(t)) => {
             let dims = t

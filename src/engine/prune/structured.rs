@@ -2,7 +2,7 @@
 //! with every tensor that depends on them sliced to match (see [`crate::engine::channels`] and
 //! [`super::heads`]), so the written graph is smaller and ONNX Runtime runs fewer operations.
 use super::{heads, LayerPruning, Pruned};
-use crate::engine::channels::{channel_groups, keep_channels, kept_count, top, ChannelGroup};
+use crate::engine::channels::{channel_groups, keep_layer_channels, kept_count, top, ChannelGroup};
 pub use crate::engine::channels::{norms_along, Importance};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::tensor::dims;
@@ -58,7 +58,7 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
         for group in &groups {
             let op = group_op(model, group);
             let wanted = match op.as_str() {
-                "Conv" => opts.channels,
+                "Conv" | "ConvTranspose" => opts.channels,
                 _ => opts.neurons,
             };
             if !wanted {
@@ -96,7 +96,13 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
             }
             let names: Vec<String> = group.slices.iter().map(|(n, _)| n.clone()).collect();
             let before = sizes(&pruned, &names);
-            keep_channels(&mut pruned, group, &keep);
+            if keep_layer_channels(&mut pruned, &group.layer, &keep).is_none() {
+                notes.push(format!(
+                    "{} ({op}) kept whole: its channels no longer form a group",
+                    group.layer
+                ));
+                continue;
+            }
             let after = sizes(&pruned, &names);
             let verified = group.slices.iter().all(|(n, a)| {
                 pruned
@@ -114,7 +120,11 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
                 nonzero_after: after,
                 pattern: format!(
                     "{} {} -> {}",
-                    if op == "Conv" { "channels" } else { "neurons" },
+                    if op.starts_with("Conv") {
+                        "channels"
+                    } else {
+                        "neurons"
+                    },
                     group.channels,
                     keep.len()
                 ),

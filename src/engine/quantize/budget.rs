@@ -1,8 +1,11 @@
 //! The accuracy budget (`max_accuracy_drop`): measure how much each layer costs in int8, keep the
 //! most harmful ones float until the drop fits, then return to int8 every float layer the budget
-//! does not need. Scores are top-1 accuracy when the data has labels, else top-1 agreement with
-//! the float model, measured in ONNX Runtime on the evaluation data.
+//! does not need. Scores are the task's metric when the data has labels (top-1 accuracy, mean IoU,
+//! per-position or sequence accuracy), else the scored output's agreement with the float model
+//! (top-1 agreement, mask IoU, per-position agreement), measured in ONNX Runtime on the
+//! evaluation data.
 use super::{LayerDecision, Prepared};
+use crate::domain::report::primary_fidelity;
 use crate::domain::spec::EvaluateOptions;
 use crate::engine::dataset::Dataset;
 use crate::engine::evaluate::{evaluate, Baseline};
@@ -21,8 +24,9 @@ pub struct Scorer<'a> {
     reference: Baseline,
     /// The float model's score.
     pub float_score: f64,
-    /// "top-1 accuracy" or "top-1 agreement with the float model".
-    pub metric: &'static str,
+    /// What the score measures: the task's metric, or the agreement with the float model.
+    pub metric: String,
+    labelled: bool,
 }
 
 impl<'a> Scorer<'a> {
@@ -41,27 +45,29 @@ impl<'a> Scorer<'a> {
         let e = evaluate(rt, float, data, &opts, None, &NoProgress)?;
         let labelled =
             e.metrics.task.as_ref().is_some_and(|t| t.samples > 0) && e.metrics.samples > 0;
+        let metric = match (&e.metrics.task, primary_fidelity(&e.metrics)) {
+            (Some(t), _) if labelled => t.metric.clone(),
+            (_, Some(f)) => f.task.agreement().replace("baseline", "float model"),
+            _ => "agreement with the float model".to_string(),
+        };
         let mut s = Self {
             rt,
             data,
             opts,
             reference: e.as_baseline(),
             float_score: 0.0,
-            metric: if labelled {
-                "top-1 accuracy"
-            } else {
-                "top-1 agreement with the float model"
-            },
+            metric,
+            labelled,
         };
         s.float_score = s.score_of(&e.metrics);
         Ok(s)
     }
 
     fn score_of(&self, m: &crate::domain::report::Metrics) -> f64 {
-        if self.metric == "top-1 accuracy" {
-            m.task.as_ref().map_or(0.0, |t| t.top1_accuracy)
+        if self.labelled {
+            m.task.as_ref().map_or(0.0, |t| t.score)
         } else {
-            m.fidelity.first().map_or(0.0, |f| f.top1_agreement)
+            primary_fidelity(m).map_or(0.0, |f| f.agreement())
         }
     }
 
@@ -83,8 +89,7 @@ impl<'a> Scorer<'a> {
             Some(&self.reference),
             &NoProgress,
         )?;
-        let error =
-            crate::domain::report::primary_fidelity(&e.metrics).map_or(0.0, |f| f.mean_abs_error);
+        let error = primary_fidelity(&e.metrics).map_or(0.0, |f| f.mean_abs_error);
         Ok((self.score_of(&e.metrics), error))
     }
 }

@@ -18,7 +18,6 @@ use crate::engine::train::fake_quant::{FakeQuant, FakeQuantSpec, RoundTrip};
 use crate::engine::train::fit::FitReport;
 use crate::engine::train::{candle_error, TrainGraph, ValueHook};
 use crate::engine::{EngineError, Progress, Result};
-use candle_core::DType;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -151,12 +150,7 @@ fn runtime_classes(
     data: &Dataset,
     output: &str,
 ) -> Result<Vec<i64>> {
-    let ce = |e| candle_error("ONNX Runtime predictions", e);
-    distill::teacher_logits(rt, model, data, output)?
-        .argmax(1)
-        .and_then(|t| t.to_dtype(DType::I64))
-        .and_then(|t| t.to_vec1::<i64>())
-        .map_err(ce)
+    distill::unit_classes(&distill::teacher_logits(rt, model, data, output)?)
 }
 
 /// The models export parity compares.
@@ -186,24 +180,36 @@ pub fn parity(
     let simulated = distill::predict(&graph, data, &binding.inputs)?;
     let runtime = runtime_classes(rt, exports.trained, data, output)?;
     let before = runtime_classes(rt, exports.untrained, data, output)?;
+    let float_logits = distill::teacher_logits(rt, float, data, output)?;
+    let task = crate::engine::train::units::task_of(float_logits.dims());
     let (target, metric) = match distill::labels_of(data, model)? {
         Some(l) => (
-            l.to_vec1::<i64>().map_err(|e| candle_error("labels", e))?,
+            l.flatten_all()
+                .and_then(|l| l.to_vec1::<i64>())
+                .map_err(|e| candle_error("labels", e))?,
             "top-1 accuracy",
         ),
         None => (
-            runtime_classes(rt, float, data, output)?,
+            distill::unit_classes(&float_logits)?,
             "top-1 agreement with the float model",
         ),
     };
-    let n = target.len().max(1) as f64;
-    let share = |a: &[i64], b: &[i64]| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / n;
+    let metric = match (task, metric) {
+        (crate::domain::task::TaskKind::Segmentation, "top-1 accuracy") => "mean IoU",
+        (crate::domain::task::TaskKind::Segmentation, _) => "mask IoU with the float model",
+        (crate::domain::task::TaskKind::Sequence, "top-1 accuracy") => "per-position accuracy",
+        (crate::domain::task::TaskKind::Sequence, _) => {
+            "per-position agreement with the float model"
+        }
+        (_, m) => m,
+    };
+    let score = |a: &[i64], b: &[i64]| crate::engine::train::units::score(a, b, task);
     Ok(Parity {
-        samples: target.len(),
+        samples: data.summary.samples as usize,
         metric,
-        fake_quant: share(&simulated, &target),
-        onnx_runtime: share(&runtime, &target),
-        agreement: share(&simulated, &runtime),
-        before_training: share(&before, &target),
+        fake_quant: score(&simulated, &target),
+        onnx_runtime: score(&runtime, &target),
+        agreement: score(&simulated, &runtime),
+        before_training: score(&before, &target),
     })
 }

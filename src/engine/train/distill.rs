@@ -3,7 +3,8 @@
 //! loss = α·CE(labels) + (1−α)·T²·KL(teacher_T ‖ student_T).
 use super::fit::{fit, FitOptions, FitReport, Objective};
 use super::graph::{Mode, TrainGraph};
-use super::{candle_error, loss, tensors};
+use super::{candle_error, loss, tensors, units};
+use crate::domain::task::TaskKind;
 use crate::engine::dataset::{bind, Dataset};
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::{summarize, LoadedModel};
@@ -37,56 +38,58 @@ impl Default for Recipe {
     }
 }
 
-/// The tensor holding a classifier's logits: `output` itself, or the input of the Softmax that
-/// produced it (through Identity nodes). The bool says whether `output` is a softmax.
-pub fn logits_of(model: &ModelProto, output: &str) -> (String, bool) {
+/// What turns an output's logits into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Softmax,
+    Sigmoid,
+}
+
+/// The tensor holding an output's logits: `output` itself, or the input of the Softmax or
+/// Sigmoid that produced it (through Identity nodes), and which of them it was.
+pub fn logits_of(model: &ModelProto, output: &str) -> (String, Activation) {
     let Some(graph) = model.graph.as_ref() else {
-        return (output.to_string(), false);
+        return (output.to_string(), Activation::None);
     };
     let mut name = output.to_string();
     loop {
         let Some(n) = graph.node.iter().find(|n| n.output.first() == Some(&name)) else {
-            return (output.to_string(), false);
+            return (output.to_string(), Activation::None);
         };
         match n.op_type.as_deref() {
             Some("Identity") => name = n.input[0].clone(),
-            Some("Softmax") => return (n.input[0].clone(), true),
-            _ => return (output.to_string(), false),
+            Some("Softmax") => return (n.input[0].clone(), Activation::Softmax),
+            Some("Sigmoid") => return (n.input[0].clone(), Activation::Sigmoid),
+            _ => return (output.to_string(), Activation::None),
         }
     }
 }
 
-/// The teacher's logits (log-probabilities when its output is a softmax, which soften to the
-/// same distribution) on every row of `data`, from ONNX Runtime.
+/// The teacher's logits in the output's own shape `[rows, ...]` on every row of `data`, from
+/// ONNX Runtime: log-probabilities when its output is a softmax (they soften to the same
+/// distribution), log-odds when it is a sigmoid.
 pub fn teacher_logits(
     rt: &Runtime,
     teacher: &LoadedModel,
     data: &Dataset,
     output: &str,
 ) -> Result<Tensor> {
-    let binding = bind(&summarize(&teacher.proto), &data.summary)?;
-    let (_, softmax) = logits_of(&teacher.proto, output);
-    let mut session = rt.session(&teacher.bytes, 1)?;
-    let rows = binding.samples as usize;
-    let (mut values, mut classes) = (Vec::new(), 0);
-    for start in (0..rows).step_by(64) {
-        let end = (start + 64).min(rows);
-        let out = session.run(runtime::feeds(data, &binding.inputs, start..end)?)?;
-        let value = out.get(output).ok_or_else(|| EngineError::InvalidOption {
-            option: "output".into(),
-            problem: format!("the teacher has no output `{output}`"),
-        })?;
-        let (shape, v) = value.try_extract_tensor::<f32>()?;
-        classes = shape.last().copied().unwrap_or(1) as usize;
-        values.extend(
-            v.iter()
-                .map(|&p| if softmax { p.max(1e-12).ln() } else { p }),
-        );
+    let (_, activation) = logits_of(&teacher.proto, output);
+    let t = teacher_outputs(rt, teacher, data, output)?;
+    let ce = |e| candle_error("teacher logits", e);
+    match activation {
+        Activation::None => Ok(t),
+        Activation::Softmax => t.clamp(1e-12f32, 1f32).and_then(|p| p.log()).map_err(ce),
+        Activation::Sigmoid => {
+            let p = t.clamp(1e-7f32, 1.0 - 1e-7f32).map_err(ce)?;
+            let q = p.affine(-1.0, 1.0).map_err(ce)?;
+            (p.log().map_err(ce)? - q.log().map_err(ce)?).map_err(ce)
+        }
     }
-    Tensor::from_vec(values, (rows, classes), &candle_core::Device::Cpu)
-        .map_err(|e| candle_error("teacher logits", e))
 }
 
+/// The labels in their own shape (`[N]`, `[N, H, W]`, `[N, T]`), when the data has integer labels.
 pub fn labels_of(data: &Dataset, model: &ModelProto) -> Result<Option<Tensor>> {
     let binding = bind(&summarize(model), &data.summary)?;
     let Some(name) = binding.labels else {
@@ -95,19 +98,19 @@ pub fn labels_of(data: &Dataset, model: &ModelProto) -> Result<Option<Tensor>> {
     let t = data.tensor(&name).expect("bind found it");
     let v = t.data.to_i64().ok_or_else(|| EngineError::InvalidDataset {
         tensor: name.clone(),
-        problem: "labels must be integers".into(),
+        problem: "training needs integer class labels (text labels score CTC models but do not train them)".into(),
     })?;
-    let n = v.len();
-    Tensor::from_vec(v, n, &candle_core::Device::Cpu)
+    Tensor::from_vec(v, t.shape.clone(), &candle_core::Device::Cpu)
         .map(Some)
         .map_err(|e| candle_error("labels", e))
 }
 
-/// Validation rows, their input binding and the class each should get.
+/// Validation rows, their input binding, the class each unit should get and how to score it.
 struct Validation<'a> {
     data: &'a Dataset,
     binding: Vec<(String, String)>,
-    target: Tensor,
+    target: Vec<i64>,
+    task: TaskKind,
 }
 
 struct Distillation<'a> {
@@ -131,14 +134,17 @@ impl Objective for Distillation<'_> {
     fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor> {
         let feeds = tensors::feeds(self.train, &self.binding, rows, graph.device())?;
         let mut outputs = graph.forward(&feeds, Mode::Train)?;
-        let student = outputs.remove(0);
+        let raw = outputs.remove(0);
         let ce = |e| candle_error("distillation loss", e);
-        let teacher = pick(&self.teacher, rows).map_err(ce)?;
+        let task = units::task_of(raw.dims());
+        let student = units::unit_logits(&raw).map_err(ce)?;
+        let teacher = units::unit_logits(&pick(&self.teacher, rows).map_err(ce)?).map_err(ce)?;
         let kl = loss::distillation_kl(&student, &teacher, self.opts.temperature).map_err(ce)?;
         let mut total = match &self.labels {
             Some(labels) if self.opts.alpha > 0.0 => {
-                let hard =
-                    loss::cross_entropy(&student, &pick(labels, rows).map_err(ce)?).map_err(ce)?;
+                let (labels, mask) =
+                    units::unit_labels(&pick(labels, rows).map_err(ce)?, task).map_err(ce)?;
+                let hard = loss::masked_cross_entropy(&student, &labels, &mask).map_err(ce)?;
                 ((hard * self.opts.alpha).map_err(ce)?
                     + (kl * (1.0 - self.opts.alpha)).map_err(ce)?)
                 .map_err(ce)?
@@ -169,11 +175,13 @@ impl Objective for Distillation<'_> {
         let Some(v) = &self.validation else {
             return Ok(None);
         };
-        Ok(Some(accuracy(graph, v.data, &v.binding, &v.target)?))
+        let predicted = predict(graph, v.data, &v.binding)?;
+        Ok(Some(units::score(&predicted, &v.target, v.task)))
     }
 }
 
-/// The class (argmax of the graph's first output) the graph predicts for every row of `data`.
+/// The class (arg-max of the graph's first output) the graph predicts for every unit (sample,
+/// pixel or position) of every row of `data`.
 pub fn predict(
     graph: &TrainGraph,
     data: &Dataset,
@@ -185,7 +193,7 @@ pub fn predict(
     for start in (0..rows).step_by(256) {
         let idx: Vec<usize> = (start..(start + 256).min(rows)).collect();
         let feeds = tensors::feeds(data, binding, &idx, graph.device())?;
-        let out = graph.forward(&feeds, Mode::Eval)?.remove(0);
+        let out = units::unit_logits(&graph.forward(&feeds, Mode::Eval)?.remove(0)).map_err(ce)?;
         let pred = out
             .argmax(1)
             .map_err(ce)?
@@ -196,19 +204,13 @@ pub fn predict(
     Ok(classes)
 }
 
-/// Top-1 accuracy of the graph's first output against `target` class indices.
-fn accuracy(
-    graph: &TrainGraph,
-    data: &Dataset,
-    binding: &[(String, String)],
-    target: &Tensor,
-) -> Result<f64> {
-    let want = target
-        .to_vec1::<i64>()
-        .map_err(|e| candle_error("validation", e))?;
-    let got = predict(graph, data, binding)?;
-    let correct = got.iter().zip(&want).filter(|(a, b)| a == b).count();
-    Ok(correct as f64 / want.len().max(1) as f64)
+/// The class of every unit of `logits` (an output in its own shape).
+pub fn unit_classes(logits: &Tensor) -> Result<Vec<i64>> {
+    units::unit_logits(logits)
+        .and_then(|t| t.argmax(1))
+        .and_then(|t| t.to_dtype(DType::I64))
+        .and_then(|t| t.to_vec1::<i64>())
+        .map_err(|e| candle_error("predicted classes", e))
 }
 
 /// The teacher's value of each hint's tensor on every row of `data` (ONNX Runtime, with the
@@ -305,17 +307,20 @@ pub fn distill_with(
     let validation = match validation {
         Some(v) => {
             let vb = bind(&summarize(student), &v.summary)?;
+            let logits = teacher_logits(rt, teacher, v, output)?;
+            let task = units::task_of(logits.dims());
             let target = match labels_of(v, student)? {
-                Some(l) => l,
-                None => teacher_logits(rt, teacher, v, output)?
-                    .argmax(1)
-                    .and_then(|t| t.to_dtype(DType::I64))
-                    .map_err(|e| candle_error("teacher labels", e))?,
+                Some(l) => l
+                    .flatten_all()
+                    .and_then(|l| l.to_vec1::<i64>())
+                    .map_err(|e| candle_error("labels", e))?,
+                None => unit_classes(&logits)?,
             };
             Some(Validation {
                 data: v,
                 binding: vb.inputs,
                 target,
+                task,
             })
         }
         None => None,
@@ -357,7 +362,7 @@ pub fn width_student(teacher: &ModelProto, share: f64) -> (ModelProto, Vec<Strin
             keep.len(),
             g.channels
         ));
-        crate::engine::channels::keep_channels(&mut student, &g, &keep);
+        crate::engine::channels::keep_layer_channels(&mut student, &g.layer, &keep);
     }
     (student, notes)
 }
@@ -403,7 +408,14 @@ struct FeatureDistillation<'a> {
     train: &'a Dataset,
     binding: Vec<(String, String)>,
     teacher: Tensor,
-    validation: Option<Validation<'a>>,
+    validation: Option<FeatureValidation<'a>>,
+}
+
+/// Validation rows of a feature distillation and the teacher's features on them.
+struct FeatureValidation<'a> {
+    data: &'a Dataset,
+    binding: Vec<(String, String)>,
+    target: Tensor,
 }
 
 impl Objective for FeatureDistillation<'_> {
@@ -422,7 +434,7 @@ impl Objective for FeatureDistillation<'_> {
     }
 
     fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>> {
-        let Some(Validation {
+        let Some(FeatureValidation {
             data,
             binding,
             target,
@@ -462,7 +474,7 @@ pub fn distill_features(
     let graph = TrainGraph::new(student, &[output.to_string()])?;
     let binding = bind(&summarize(student), &train.summary)?;
     let validation = match validation {
-        Some(v) => Some(Validation {
+        Some(v) => Some(FeatureValidation {
             data: v,
             binding: bind(&summarize(student), &v.summary)?.inputs,
             target: teacher_outputs(rt, teacher, v, output)?,

@@ -15,7 +15,7 @@ pub use super::ops::Mode;
 /// scaling constants of decomposed ops) never are.
 fn weight_inputs(op: &str) -> &'static [usize] {
     match op {
-        "Conv" | "Gemm" | "BatchNormalization" | "LayerNormalization" => &[1, 2],
+        "Conv" | "ConvTranspose" | "Gemm" | "BatchNormalization" | "LayerNormalization" => &[1, 2],
         "MatMul" | "Add" | "Sub" | "Mul" => &[0, 1],
         "Gather" => &[0],
         _ => &[],

@@ -12,6 +12,16 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     picked.mean_all()?.neg()
 }
 
+/// Mean cross-entropy of `logits` (units x classes) against `labels` (units) over the units
+/// whose `mask` is 1 (ignored pixels and padding are 0); 0 when no unit counts.
+pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let picked = log_softmax(logits)?
+        .gather(&labels.to_dtype(DType::I64)?.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
+    let counted = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    (picked * mask)?.sum_all()?.neg()? / counted
+}
+
 /// Hinton's distillation term: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over
 /// the batch (the T² keeps its gradients on the scale of the hard-label term).
 pub fn distillation_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {

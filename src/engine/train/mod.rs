@@ -13,6 +13,7 @@ pub mod graph;
 pub mod loss;
 mod ops;
 mod tensors;
+pub mod units;
 
 pub use graph::{Mode, TrainGraph, ValueHook};
 pub use tensors::feeds;
@@ -29,6 +30,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Concat",
     "Constant",
     "Conv",
+    "ConvTranspose",
     "Div",
     "Dropout",
     "Equal",
@@ -58,6 +60,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ReduceSum",
     "Relu",
     "Reshape",
+    "Resize",
     "Shape",
     "Sigmoid",
     "Slice",
@@ -68,6 +71,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Tanh",
     "Transpose",
     "Unsqueeze",
+    "Upsample",
     "Where",
 ];
 

@@ -134,6 +134,12 @@ pub fn feeds(
             TensorData::I32(v) => Tensor::from_vec(pick(v, row, rows, i64::from), shape, device),
             TensorData::I64(v) => Tensor::from_vec(pick(v, row, rows, |x| x), shape, device),
             TensorData::Bool(v) => Tensor::from_vec(pick(v, row, rows, u8::from), shape, device),
+            TensorData::Str(_) => {
+                return Err(crate::engine::EngineError::InvalidDataset {
+                    tensor: name.to_string(),
+                    problem: "holds text, which training cannot feed to a model".into(),
+                })
+            }
         }
         .map_err(|e| super::candle_error(&format!("dataset tensor `{name}`"), e))?;
         out.insert(input.clone(), tensor);

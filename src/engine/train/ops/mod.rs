@@ -1,6 +1,7 @@
 //! ONNX operators as differentiable candle compositions.
 mod attrs;
 mod norm;
+mod resize;
 mod shape;
 mod spatial;
 
@@ -175,6 +176,8 @@ pub fn run(n: &NodeProto, inputs: &[Option<Tensor>], ctx: &Ctx) -> Result<Vec<Te
             y
         }
         "Conv" => conv(n, x()?, input(inputs, 1)?, optional(inputs, 2))?,
+        "ConvTranspose" => resize::conv_transpose(n, x()?, input(inputs, 1)?, optional(inputs, 2))?,
+        "Resize" | "Upsample" => resize::resize(n, inputs, ctx.opset)?,
         "BatchNormalization" => batch_norm(n, inputs, ctx)?,
         "LayerNormalization" => layer_norm(n, inputs)?,
         "MaxPool" => pool(n, x()?, true)?,
