@@ -522,38 +522,33 @@ pub(crate) fn select_along(values: &[f32], d: &[usize], axis: usize, keep: &[usi
 /// Keeps only the channels `keep` (ascending indices) of `group`.
 pub fn keep_channels(model: &mut ModelProto, group: &ChannelGroup, keep: &[usize]) {
     let graph = model.graph.as_mut().expect("groups come from a graph");
-    for (name, axis) in &group.slices {
-        let Some(t) = graph
-            .initializer
+    let initializers = &mut graph.initializer;
+    // Keeps the indices `kept` along `axis` of initializer `name`, when that axis is `len` long.
+    let mut slice = |name: &str, axis: usize, len: usize, kept: &[usize]| {
+        let Some(t) = initializers
             .iter_mut()
             .find(|t| t.name.as_deref() == Some(name))
         else {
-            continue;
+            return;
         };
         let mut d = dims(t);
-        let values = select_along(&f32_values(t).unwrap_or_default(), &d, *axis, keep);
-        d[*axis] = keep.len();
+        if d[axis] != len {
+            return;
+        }
+        let values = select_along(&f32_values(t).unwrap_or_default(), &d, axis, kept);
+        d[axis] = kept.len();
         *t = f32_tensor(name, &d, &values);
+    };
+    for (name, axis) in &group.slices {
+        slice(name, *axis, group.channels, keep);
     }
     for (name, axis, offset, total) in &group.windows {
-        let Some(t) = graph
-            .initializer
-            .iter_mut()
-            .find(|t| t.name.as_deref() == Some(name))
-        else {
-            continue;
-        };
-        let mut d = dims(t);
-        if d[*axis] != *total {
-            continue;
-        }
+        // The group's window moves to its kept channels; the channels around it stay.
         let kept: Vec<usize> = (0..*offset)
             .chain(keep.iter().map(|&k| offset + k))
             .chain(offset + group.channels..*total)
             .collect();
-        let values = select_along(&f32_values(t).unwrap_or_default(), &d, *axis, &kept);
-        d[*axis] = kept.len();
-        *t = f32_tensor(name, &d, &values);
+        slice(name, *axis, *total, &kept);
     }
     for &i in &group.depthwise {
         for a in graph.node[i].attribute.iter_mut() {
