@@ -98,6 +98,9 @@ pub struct QuantizeArgs {
     /// The accuracy budget (0.005 = half a point of top-1).
     #[arg(long)]
     pub max_accuracy_drop: Option<f64>,
+    /// Most trial models the accuracy budget's search builds (default 200).
+    #[arg(long)]
+    pub max_trials: Option<u32>,
     /// Quantize every layer even when that is slower (skips the speed search).
     #[arg(long)]
     pub all_layers: bool,
@@ -288,6 +291,9 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let mut options = options.as_object().cloned().unwrap_or_default();
     if let Some(d) = args.max_accuracy_drop {
         options.insert("max_accuracy_drop".into(), d.into());
+    }
+    if let Some(n) = args.max_trials {
+        options.insert("max_trials".into(), n.into());
     }
     if options["mode"] == "qat" {
         let training =

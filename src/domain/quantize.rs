@@ -151,6 +151,12 @@ pub struct QuantizeOptions {
     /// to 0.005; 1 turns it off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_accuracy_drop: Option<f64>,
+    /// Most trial models the accuracy budget builds and scores (one per layer to measure each
+    /// layer's cost, then a bisection and a pass that returns unneeded float layers to int8);
+    /// 200 by default. A smaller number bounds the search's time: the best model found is
+    /// returned, and the budget fails when none of those tried fits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_trials: Option<u32>,
     /// Keep the int8 model even when ONNX Runtime runs it slower than the input (for its size).
     /// By default a slower int8 model is not kept: layers that slow the model stay float, and
     /// the stage returns its input when nothing helps.
@@ -233,6 +239,18 @@ impl Validate for QuantizeOptions {
                     "the accuracy budget chooses int8 layers: use it with mode auto, static, dynamic or qat",
                 );
             }
+        }
+        if let Some(n) = self.max_trials {
+            c.check(
+                "max_trials",
+                (1..=10_000).contains(&n),
+                "`max_trials` must be from 1 to 10000",
+            );
+            c.check(
+                "max_trials",
+                !matches!(mode, Fp16 | WeightOnly),
+                "`max_trials` bounds the accuracy budget's search: use it with mode auto, static, dynamic or qat",
+            );
         }
         c.nested("calibration", &self.calibration);
     }

@@ -49,6 +49,11 @@ pub struct OutputFidelity {
     /// Segmentation outputs: mean IoU between the two models' masks, over classes in either.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_iou: Option<f64>,
+    /// CTC outputs: share of samples whose greedy-decoded sequences (arg-max per step, repeats
+    /// merged, blanks dropped) equal the baseline's — what a recogniser's text depends on, where
+    /// per-position agreement also counts spikes that move by a step and decode the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence_agreement: Option<f64>,
     /// Mean over samples of the cosine similarity of the per-sample output vectors.
     pub cosine_mean: f64,
     pub cosine_min: f64,
@@ -319,9 +324,12 @@ impl Deltas {
 }
 
 impl OutputFidelity {
-    /// The fidelity budgets use: mask IoU for segmentation outputs, else top-1 agreement.
+    /// The fidelity budgets use: mask IoU for segmentation outputs, decoded-sequence agreement
+    /// for CTC outputs, else top-1 agreement (per sample or per position).
     pub fn agreement(&self) -> f64 {
-        self.mask_iou.unwrap_or(self.top1_agreement)
+        self.mask_iou
+            .or(self.sequence_agreement)
+            .unwrap_or(self.top1_agreement)
     }
 }
 

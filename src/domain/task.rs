@@ -38,7 +38,8 @@ impl TaskKind {
         match self {
             TaskKind::Classification => "top-1 agreement with the baseline",
             TaskKind::Segmentation => "mask IoU with the baseline",
-            TaskKind::Sequence | TaskKind::Ctc => "per-position agreement with the baseline",
+            TaskKind::Sequence => "per-position agreement with the baseline",
+            TaskKind::Ctc => "decoded-sequence agreement with the baseline",
         }
     }
 

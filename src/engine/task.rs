@@ -503,11 +503,17 @@ pub fn fidelity(base: &OutputValue, now: &OutputValue, r: &Reading) -> OutputFid
         }
         conf.mean_iou()
     });
+    let sequence_agreement = (r.kind == TaskKind::Ctc).then(|| {
+        let (db, dn) = (ctc_decode(base, r.blank), ctc_decode(now, r.blank));
+        let same = db.iter().zip(&dn).filter(|(a, b)| a == b).count();
+        same as f64 / db.len().min(dn.len()).max(1) as f64
+    });
     OutputFidelity {
         output: base.name.clone(),
         task: r.kind,
         top1_agreement: agree as f64 / pb.len().min(pn.len()).max(1) as f64,
         mask_iou,
+        sequence_agreement,
         cosine_mean: cos_sum / samples as f64,
         cosine_min: if cos_min.is_finite() { cos_min } else { 1.0 },
         mean_abs_error: abs_sum / (samples * row) as f64,

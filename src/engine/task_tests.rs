@@ -121,3 +121,30 @@ fn segmentation_fidelity_is_the_mask_iou_between_the_two_models() {
     assert!((f.mask_iou.unwrap() - (2.0 / 3.0 + 0.5) / 2.0).abs() < 1e-12);
     assert_eq!(f.top1_agreement, 0.75);
 }
+
+#[test]
+fn ctc_fidelity_is_the_share_of_samples_that_decode_the_same() {
+    // One-hot steps over 3 classes (0 = blank); two samples of 4 steps each.
+    let steps = |classes: &[usize]| -> Vec<f32> {
+        classes
+            .iter()
+            .flat_map(|&k| (0..3).map(move |c| if c == k { 1.0 } else { 0.0 }))
+            .collect()
+    };
+    let base = value(
+        &[2, 4, 3],
+        [steps(&[1, 0, 2, 0]), steps(&[1, 1, 0, 2])].concat(),
+    );
+    // Sample 0: the spike of class 2 moves by a step (decodes "1 2" still); sample 1 loses its 2.
+    let now = value(
+        &[2, 4, 3],
+        [steps(&[1, 0, 0, 2]), steps(&[1, 1, 0, 0])].concat(),
+    );
+    let f = fidelity(&base, &now, &Reading::new(TaskKind::Ctc));
+    assert_eq!(f.sequence_agreement, Some(0.5));
+    assert_eq!(f.top1_agreement, 5.0 / 8.0);
+    assert_eq!(f.agreement(), 0.5);
+    // Read per position, the same outputs keep no decoded-sequence figure.
+    let f = fidelity(&base, &now, &Reading::new(TaskKind::Sequence));
+    assert_eq!((f.sequence_agreement, f.agreement()), (None, 5.0 / 8.0));
+}

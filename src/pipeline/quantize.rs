@@ -247,7 +247,7 @@ fn run_mode(
                 &prepared,
                 scorer,
                 max_drop,
-                budget::MAX_TRIALS,
+                q.max_trials.map_or(budget::MAX_TRIALS, |n| n as usize),
                 &part(0.3, 0.4),
             )?;
             notes.extend(choice.notes);

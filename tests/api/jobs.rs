@@ -815,6 +815,16 @@ async fn quantize_options_are_validated_with_pointers() {
             "from 0 to 1",
         ),
         (
+            json!({"stage": "quantize", "max_trials": 0}),
+            "/pipeline/0/max_trials",
+            "from 1 to 10000",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "weight_only", "max_trials": 20}),
+            "/pipeline/0/max_trials",
+            "auto, static, dynamic or qat",
+        ),
+        (
             json!({"stage": "quantize", "mode": "fp16", "keep_io_types": "no"}),
             "/pipeline/0/keep_io_types",
             "true or false",
