@@ -297,26 +297,11 @@ fn readings(
         .iter()
         .map(|o| {
             let mine = Some(o.name.as_str()) == scored;
-            let mut kind = if mine {
+            let kind = if mine {
                 task::infer(&o.name, &o.shape, opts.task, labels)?
             } else {
                 task::infer(&o.name, &o.shape, None, None)?
             };
-            // Unlabelled and unnamed: a per-step output of a recogniser whose metadata lists its
-            // characters (PaddleOCR's) is CTC, so its fidelity is the decoded text's.
-            let recogniser = || {
-                model_characters(&model.proto).is_some_and(|c| {
-                    (c.len() + 1..=c.len() + 2).contains(o.shape.last().unwrap_or(&0))
-                })
-            };
-            if mine
-                && opts.task.is_none()
-                && labels.is_none()
-                && kind == TaskKind::Sequence
-                && recogniser()
-            {
-                kind = TaskKind::Ctc;
-            }
             let mut r = Reading::new(kind);
             if mine {
                 r.threshold = opts.threshold.unwrap_or(0.5);

@@ -296,11 +296,17 @@ fn the_budget_scores_sequences_by_their_own_metric_with_labels_and_without() {
         budget::Scorer::new(&runtime, &model("tagger.onnx"), &unlabelled, &quick()).unwrap();
     assert_eq!(scorer.metric, "per-position agreement with the float model");
     assert_eq!(scorer.float_score, 1.0);
-    // Unlabelled lines for a recogniser whose metadata lists its characters: the decoded text.
+    // Unlabelled lines: per position, unless the spec names the task `ctc` (the decoded text).
     let mut unlabelled = lines.clone();
     unlabelled.tensors.retain(|t| t.name != "labels");
     unlabelled.summary.tensors.retain(|t| t.name != "labels");
     let scorer = budget::Scorer::new(&runtime, &ctc, &unlabelled, &quick()).unwrap();
+    assert_eq!(scorer.metric, "per-position agreement with the float model");
+    let named = EvaluateOptions {
+        task: Some(TaskKind::Ctc),
+        ..quick()
+    };
+    let scorer = budget::Scorer::new(&runtime, &ctc, &unlabelled, &named).unwrap();
     assert_eq!(
         scorer.metric,
         "decoded-sequence agreement with the float model"
