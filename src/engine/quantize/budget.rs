@@ -1,10 +1,10 @@
 //! The accuracy budget (`max_accuracy_drop`): measure how much each layer costs alone in int8,
 //! find by bisection the fewest most harmful layers that, kept float, make the drop fit, then
 //! return to int8 every float layer the budget does not need. About n + log2(n) + k trial models
-//! for n layers of which k end up float. Scores are the task's metric when the data has labels (top-1 accuracy, mean IoU,
-//! per-position or sequence accuracy), else the scored output's agreement with the float model
-//! (top-1 agreement, mask IoU, per-position agreement), measured in ONNX Runtime on the
-//! evaluation data.
+//! for n layers of which k end up float. Scores are the task's metric when the data has labels
+//! (top-1 accuracy, mean IoU, per-position or sequence accuracy), else the scored output's
+//! agreement with the float model (top-1 agreement, mask IoU, per-position agreement, or for a
+//! named `ctc` task decoded-sequence agreement), measured in ONNX Runtime on the evaluation data.
 use super::{LayerDecision, Prepared};
 use crate::domain::report::primary_fidelity;
 use crate::domain::spec::EvaluateOptions;
