@@ -103,9 +103,16 @@ fn row_len(shape: &[usize]) -> usize {
     shape.iter().skip(1).product::<usize>().max(1)
 }
 
-/// Whether a single-channel map holds logits (any value outside [0, 1]) rather than probabilities.
+/// How far outside [0, 1] a probability map's values may stray and still read as probabilities:
+/// a quantized model's DequantizeLinear after its Sigmoid gives 255 x (1/255) = 1.0000001.
+const PROBABILITY_SLACK: f32 = 1e-3;
+
+/// Whether a single-channel map holds logits (a value clearly outside [0, 1]) rather than
+/// probabilities.
 fn is_logit_map(values: &[f32]) -> bool {
-    values.iter().any(|v| !(0.0..=1.0).contains(v))
+    values
+        .iter()
+        .any(|&v| !(-PROBABILITY_SLACK..=1.0 + PROBABILITY_SLACK).contains(&v))
 }
 
 /// Per-unit predicted classes: one per sample, per pixel (N·H·W, row-major) or per position (N·T).

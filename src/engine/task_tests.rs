@@ -148,3 +148,16 @@ fn ctc_fidelity_is_the_share_of_samples_that_decode_the_same() {
     let f = fidelity(&base, &now, &Reading::new(TaskKind::Sequence));
     assert_eq!((f.sequence_agreement, f.agreement()), (None, 5.0 / 8.0));
 }
+
+#[test]
+fn a_dequantized_probability_map_that_overshoots_one_by_rounding_is_still_probabilities() {
+    // An int8 model's DequantizeLinear after the Sigmoid: 255 x scale = 1.0000001, 0 x scale = -0.
+    let float = value(&[1, 1, 1, 4], vec![0.99, 0.2, 0.7, 0.1]);
+    let int8 = value(&[1, 1, 1, 4], vec![1.000_000_1, 0.2, 0.7, -1e-7]);
+    let r = Reading::new(TaskKind::Segmentation);
+    assert_eq!(predictions(&int8, &r), vec![1, 0, 1, 0]);
+    assert_eq!(fidelity(&float, &int8, &r).mask_iou, Some(1.0));
+    // Logits clearly outside [0, 1] still go through the sigmoid: -0.5 -> 0.38, 0.2 -> 0.55.
+    let logits = value(&[1, 1, 1, 2], vec![-0.5, 0.2]);
+    assert_eq!(predictions(&logits, &r), vec![0, 1]);
+}
