@@ -6,9 +6,7 @@ use shrink::domain::spec::EvaluateOptions;
 use shrink::engine::dataset::{self, Dataset, Tensor, TensorData};
 use shrink::engine::evaluate::{evaluate, Evaluation};
 use shrink::engine::onnx::{load_model_file, LoadedModel};
-use shrink::engine::quantize::{
-    self, budget, params::ActivationType, CalibrationData, Prepared, Scheme, StaticOptions,
-};
+use shrink::engine::quantize::{self, budget, CalibrationData, Prepared, Scheme};
 use shrink::engine::runtime::Runtime;
 use shrink::engine::{EngineError, NoProgress};
 use std::sync::Arc;
@@ -224,18 +222,7 @@ fn the_accuracy_budget_on_a_segmenter_measures_mean_iou_and_keeps_it() {
         data("seg_val.npz"),
         data("seg_train.npz"),
     );
-    let scheme = Scheme::Static(StaticOptions {
-        per_channel: true,
-        auto_granularity: false,
-        tables_per_row: true,
-        activation: ActivationType::Uint8,
-        symmetric: false,
-        op_types: ["Conv", "MatMul", "Gemm"].map(String::from).to_vec(),
-        exclude: vec![],
-        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
-        calibration: None,
-        also_try: vec![],
-    });
+    let scheme = Scheme::Static(crate::evaluate::static_options(true));
     let prepared = Prepared::new(
         &rt(),
         &m,

@@ -330,7 +330,8 @@ fn a_missing_runtime_library_is_a_clear_error_from_the_eval_command() {
     );
 }
 
-fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions {
+/// Static int8 as the tests build it: uint8 activations, min/max ranges, the worker's weight bits.
+pub(crate) fn static_options(per_channel: bool) -> shrink::engine::quantize::StaticOptions {
     shrink::engine::quantize::StaticOptions {
         per_channel,
         auto_granularity: false,

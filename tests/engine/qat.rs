@@ -4,7 +4,6 @@
 use crate::fixtures::{fixture, onnxruntime_python};
 use shrink::engine::dataset::{self, Dataset};
 use shrink::engine::onnx::{load_model_file, LoadedModel};
-use shrink::engine::quantize::params::ActivationType;
 use shrink::engine::quantize::{self, qat, CalibrationData, Prepared, Scheme, StaticOptions};
 use shrink::engine::runtime::Runtime;
 use shrink::engine::train::distill::Recipe;
@@ -27,16 +26,9 @@ fn data(name: &str) -> Dataset {
 
 fn static_scheme() -> Scheme {
     Scheme::Static(StaticOptions {
-        per_channel: true,
         auto_granularity: true,
         tables_per_row: false,
-        activation: ActivationType::Uint8,
-        symmetric: false,
-        op_types: ["Conv", "MatMul", "Gemm"].map(String::from).to_vec(),
-        exclude: vec![],
-        reduce_range: shrink::engine::quantize::params::u8s8_saturates(),
-        calibration: None,
-        also_try: vec![],
+        ..crate::evaluate::static_options(true)
     })
 }
 
