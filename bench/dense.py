@@ -132,7 +132,7 @@ def layers_line(stage):
 def notes(stage):
     """The stage's notes on the budget, the calibration and the speed of the result."""
     keys = ("accuracy budget", "calibration auto", "layer(s) kept float", "ONNX Runtime p50", "speed search",
-            "after the speed search", "no int8 configuration", "no configuration found")
+            "after the speed search", "no int8 configuration", "no configuration found", "keeping layers float")
     for n in stage.get("notes", []):
         if any(k in n for k in keys):
             print(f"  note: {n}")
@@ -141,6 +141,9 @@ def notes(stage):
     if sens:
         print("  most sensitive alone in int8: " + ", ".join(
             f"{l['node']} ({l['op']}) {l['sensitivity']:.4f}" for l in sens[:8]))
+    kept = [l["node"] for l in stage["layers"] if l["precision"] == "float" and "accuracy budget" in l["reason"]]
+    if kept:
+        print("  kept float for the budget: " + ", ".join(kept))
 
 
 def job(svc, model, data, calib):

@@ -78,9 +78,9 @@ impl Rewrite {
 const F16_MIN_SCALES: usize = 64;
 
 /// Quantization scales under `name`: float16 behind a Cast to float32 when there are many and
-/// every one is exactly a float16 value (per-channel weight scales are made so, see
-/// `quantize::params::channel_scale`): half the bytes, the same numbers, and ONNX Runtime folds
-/// the Cast when it loads the model. Otherwise one float32 initializer. Returns the
+/// every one is exactly a float16 value (per-channel weight scales in float16's normal range are
+/// made so, see `quantize::params::channel_scale`): half the bytes, the same numbers, and ONNX
+/// Runtime folds the Cast when it loads the model. Otherwise one float32 initializer. Returns the
 /// initializer and the Cast node, if any, which must run before the first reader.
 pub fn scale_tensors(
     name: &str,

@@ -1,6 +1,7 @@
 //! The accuracy budget (`max_accuracy_drop`): measure how much each layer costs alone in int8,
 //! find by bisection the fewest most harmful layers that, kept float, make the drop fit, then
-//! return to int8 every float layer the budget does not need. About n + log2(n) + k trial models
+//! return to int8 every float layer the budget does not need; the same again with the layers
+//! ordered by harm per weight, and the smaller model wins. About n + 2·(log2(n) + k) trial models
 //! for n layers of which k end up float. Scores are the task's metric when the data has labels
 //! (top-1 accuracy, mean IoU, per-position or sequence accuracy), else the scored output's
 //! agreement with the float model (top-1 agreement, mask IoU, per-position agreement, or for a
@@ -264,55 +265,21 @@ pub fn search(
         alone[i] = Some(f - trial(&only)?);
         progress.update(0.6 * (i + 1) as f64 / candidates.len() as f64)?;
     }
-    // Most harmful first (unmeasured last); equal losses keep the graph's order.
-    let loss = |i: usize| alone[i].unwrap_or(f64::NEG_INFINITY);
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
-    order.sort_by(|&a, &b| loss(b).total_cmp(&loss(a)).then(a.cmp(&b)));
-    let prefix = |k: usize| -> HashSet<String> {
-        order[..k].iter().map(|&i| candidates[i].clone()).collect()
+    let weights = prepared.weight_elements(&candidates);
+    let bytes =
+        |float: &HashSet<String>| -> Result<usize> { Ok(prepared.build(float)?.0.encoded_len()) };
+    let search = Search {
+        candidates: &candidates,
+        alone: &alone,
+        weights: &weights,
+        all_int8,
+        float_score: f,
+        metric: &scorer.metric,
     };
-    // The fewest most-harmful layers kept float that fit the budget, by bisection over that
-    // order: every layer float fits (it is the float model), none does not (measured above).
-    let (mut lo, mut hi) = (0, candidates.len());
-    let mut best = (all_int8, HashSet::new());
-    let mut fitting: Option<(f64, HashSet<String>)> = None;
-    while hi - lo > 1 && count.get() < max_trials {
-        let mid = (lo + hi) / 2;
-        let float = prefix(mid);
-        let s = trial(&float)?;
-        if within(s) {
-            hi = mid;
-            fitting = Some((s, float));
-        } else {
-            lo = mid;
-            if s > best.0 {
-                best = (s, float);
-            }
-        }
-    }
-    if let Some(fit) = fitting {
-        best = fit;
-    } else if hi - lo <= 1 {
-        best = (f, prefix(candidates.len()));
-    }
-    progress.update(0.8)?;
-    // Give back to int8 every float layer the budget does not need, least sensitive first.
-    if within(best.0) {
-        for &i in order.iter().rev() {
-            if count.get() >= max_trials {
-                break;
-            }
-            let mut fewer = best.1.clone();
-            if !fewer.remove(&candidates[i]) {
-                continue;
-            }
-            let s = trial(&fewer)?;
-            if within(s) {
-                best = (s, fewer);
-            }
-        }
-    }
-    let (score, float) = best;
+    let (score, float, note) =
+        search.smallest_fit(&within, &trial, &bytes, &|| count.get() < max_trials)?;
+    notes.extend(note);
+    progress.update(0.9)?;
     let trials = count.get();
     let holds = within(score);
     let (model, mut layers) = prepared.build(&float)?;
@@ -350,4 +317,231 @@ pub fn search(
         trials,
         notes,
     })
+}
+
+/// Candidate indices sorted by `key` descending (unmeasured layers, -inf, last); equal keys keep
+/// the graph's order.
+fn order_by(n: usize, key: impl Fn(usize) -> f64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    order
+}
+
+/// What the sensitivity pass measured, for choosing the layers to keep float.
+struct Search<'a> {
+    candidates: &'a [String],
+    /// What each candidate loses alone in int8 (None: trials ran out first).
+    alone: &'a [Option<f64>],
+    /// Each candidate's weight count.
+    weights: &'a [usize],
+    all_int8: f64,
+    float_score: f64,
+    metric: &'a str,
+}
+
+/// A score and the layers kept float for it.
+type Fit = (f64, HashSet<String>);
+
+impl Search<'_> {
+    /// Searches two orders of keeping layers float the same way ([`Self::fewest_float`]): most
+    /// harmful first (the fewest float layers) and most harmful per weight first (the fewest
+    /// float weights: a network's small high-resolution layers often cost the most accuracy in
+    /// int8 and the least size in float). The smaller fitting model wins (`bytes` measures it);
+    /// when neither fits, the better scoring. Returns it and a note comparing the two, when
+    /// both orders were searched.
+    fn smallest_fit(
+        &self,
+        within: &dyn Fn(f64) -> bool,
+        trial: &dyn Fn(&HashSet<String>) -> Result<f64>,
+        bytes: &dyn Fn(&HashSet<String>) -> Result<usize>,
+        trials_left: &dyn Fn() -> bool,
+    ) -> Result<(f64, HashSet<String>, Option<String>)> {
+        let n = self.candidates.len();
+        let loss = |i: usize| self.alone[i].unwrap_or(f64::NEG_INFINITY);
+        let by_loss = order_by(n, loss);
+        let by_loss_per_weight = order_by(n, |i| loss(i) / self.weights[i].max(1) as f64);
+        let first = self.fewest_float(&by_loss, within, trial, trials_left)?;
+        if by_loss_per_weight == by_loss || !trials_left() {
+            return Ok((first.0, first.1, None));
+        }
+        let second = self.fewest_float(&by_loss_per_weight, within, trial, trials_left)?;
+        let (b1, b2) = (bytes(&first.1)?, bytes(&second.1)?);
+        let wins = match (within(first.0), within(second.0)) {
+            (true, true) => b2 < b1,
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => second.0 > first.0,
+        };
+        let note = format!(
+            "keeping layers float most harmful first: {} float, {b1} bytes, {} {:.4}; most harmful per weight first: {} float, {b2} bytes, {:.4}: kept {}",
+            first.1.len(),
+            self.metric,
+            first.0,
+            second.1.len(),
+            second.0,
+            if wins {
+                "the fewest float weights"
+            } else {
+                "the fewest float layers"
+            }
+        );
+        let (score, float) = if wins { second } else { first };
+        Ok((score, float, Some(note)))
+    }
+
+    /// The shortest prefix of `order` that, kept float, fits the budget (by bisection: every
+    /// layer float fits, it is the float model; none does not, `all_int8` measured that), then
+    /// every float layer the budget does not need given back to int8, the last in `order` first.
+    /// The best scoring prefix tried when trials ran out before one fit.
+    fn fewest_float(
+        &self,
+        order: &[usize],
+        within: &dyn Fn(f64) -> bool,
+        trial: &dyn Fn(&HashSet<String>) -> Result<f64>,
+        trials_left: &dyn Fn() -> bool,
+    ) -> Result<Fit> {
+        let candidates = self.candidates;
+        let prefix = |k: usize| -> HashSet<String> {
+            order[..k].iter().map(|&i| candidates[i].clone()).collect()
+        };
+        let (mut lo, mut hi) = (0, candidates.len());
+        let mut best = (self.all_int8, HashSet::new());
+        let mut fitting: Option<Fit> = None;
+        while hi - lo > 1 && trials_left() {
+            let mid = (lo + hi) / 2;
+            let float = prefix(mid);
+            let s = trial(&float)?;
+            if within(s) {
+                hi = mid;
+                fitting = Some((s, float));
+            } else {
+                lo = mid;
+                if s > best.0 {
+                    best = (s, float);
+                }
+            }
+        }
+        if let Some(fit) = fitting {
+            best = fit;
+        } else if hi - lo <= 1 {
+            best = (self.float_score, prefix(candidates.len()));
+        }
+        if within(best.0) {
+            for &i in order.iter().rev() {
+                if !trials_left() {
+                    break;
+                }
+                let mut fewer = best.1.clone();
+                if !fewer.remove(&candidates[i]) {
+                    continue;
+                }
+                let s = trial(&fewer)?;
+                if within(s) {
+                    best = (s, fewer);
+                }
+            }
+        }
+        Ok(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// Harms that add up: the score is 1 minus the losses of the layers left in int8.
+    fn additive<'a>(
+        names: &'a [String],
+        loss: &'a [f64],
+    ) -> impl Fn(&HashSet<String>) -> Result<f64> + 'a {
+        move |float| {
+            Ok(1.0
+                - names
+                    .iter()
+                    .zip(loss)
+                    .filter(|(n, _)| !float.contains(*n))
+                    .map(|(_, l)| l)
+                    .sum::<f64>())
+        }
+    }
+
+    #[test]
+    fn the_search_keeps_the_small_harmful_layers_float_when_that_makes_the_smaller_model() {
+        let names: Vec<String> = ["big", "small1", "small2", "tiny"].map(String::from).into();
+        let loss = [0.05, 0.045, 0.04, 0.001];
+        let weights = [10_000, 100, 100, 10];
+        let alone: Vec<Option<f64>> = loss.iter().map(|&l| Some(l)).collect();
+        let trial = additive(&names, &loss);
+        let bytes = |float: &HashSet<String>| -> Result<usize> {
+            Ok(names
+                .iter()
+                .zip(weights)
+                .map(|(n, w)| if float.contains(n) { 4 * w } else { w })
+                .sum())
+        };
+        let search = Search {
+            candidates: &names,
+            alone: &alone,
+            weights: &weights,
+            all_int8: trial(&HashSet::new()).unwrap(),
+            float_score: 1.0,
+            metric: "accuracy",
+        };
+        let within = |s: f64| 1.0 - s <= 0.06 + 1e-9;
+        let trials = Cell::new(0);
+        let counted = |f: &HashSet<String>| {
+            trials.set(trials.get() + 1);
+            trial(f)
+        };
+        let (score, float, note) = search
+            .smallest_fit(&within, &counted, &bytes, &|| true)
+            .unwrap();
+        // Most harmful first needs "big" and "small1" float (40,510 bytes); the two small
+        // layers alone fit too, at 10,810 bytes.
+        let want: HashSet<String> = ["small1", "small2"].map(String::from).into();
+        assert_eq!(float, want);
+        assert!((score - 0.949).abs() < 1e-9, "{score}");
+        let note = note.unwrap();
+        assert!(
+            note.contains("2 float, 40510 bytes")
+                && note.contains("2 float, 10810 bytes")
+                && note.ends_with("kept the fewest float weights"),
+            "{note}"
+        );
+
+        // With no trials left after the first order, only it is searched.
+        let left = Cell::new(3);
+        let (_, float, note) = search
+            .smallest_fit(&within, &trial, &bytes, &|| {
+                left.set(left.get() - 1);
+                left.get() > 0
+            })
+            .unwrap();
+        assert!(note.is_none());
+        assert!(float.contains("big"), "{float:?}");
+    }
+
+    #[test]
+    fn layers_of_one_size_are_searched_in_one_order() {
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let loss = [0.02, 0.05, 0.01];
+        let alone: Vec<Option<f64>> = vec![Some(0.02), Some(0.05), None];
+        let trial = additive(&names, &loss);
+        let search = Search {
+            candidates: &names,
+            alone: &alone,
+            weights: &[64, 64, 64],
+            all_int8: trial(&HashSet::new()).unwrap(),
+            float_score: 1.0,
+            metric: "accuracy",
+        };
+        let within = |s: f64| 1.0 - s <= 0.03 + 1e-9;
+        let (score, float, note) = search
+            .smallest_fit(&within, &trial, &|_| Ok(0), &|| true)
+            .unwrap();
+        assert!(note.is_none());
+        assert_eq!(float, HashSet::from(["b".to_string()]));
+        assert!((score - 0.97).abs() < 1e-9);
+    }
 }

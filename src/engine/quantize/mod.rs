@@ -405,6 +405,36 @@ impl Prepared {
             .map(|l| l.node)
             .collect())
     }
+
+    /// How many weights each named layer holds (its weight initializer's elements; 1 when the
+    /// layer has none, or for names not in the graph): what keeping it float costs in size.
+    pub fn weight_elements(&self, names: &[String]) -> Vec<usize> {
+        let Some(graph) = self.model.graph.as_ref() else {
+            return vec![1; names.len()];
+        };
+        let inits = rewrite::initializers(graph);
+        let by_name: std::collections::HashMap<String, usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let elements = n
+                    .input
+                    .get(1)
+                    .and_then(|w| inits.get(w.as_str()))
+                    .map_or(1, |w| {
+                        crate::engine::onnx::tensor::dims(w)
+                            .iter()
+                            .product::<usize>()
+                    });
+                (rewrite::layer_name(n, i), elements.max(1))
+            })
+            .collect();
+        names
+            .iter()
+            .map(|n| by_name.get(n).copied().unwrap_or(1))
+            .collect()
+    }
 }
 
 /// Serializes `proto` and checks that ONNX Runtime loads it.

@@ -134,21 +134,33 @@ pub fn quantize_weights_per_channel<T: F32>(
 /// Smallest normal float16.
 pub const F16_MIN_NORMAL: f32 = 6.103_515_6e-5;
 
-/// The scale of one channel whose largest |weight| is `max_abs`: max_abs / 127 rounded to the
-/// nearest float16 value, and at least the smallest normal float16. Scales that are float16
-/// values store in half the bytes without changing a weight; the rounding moves the scale by at
-/// most 2^-11 of itself (the largest weight may then clamp by under 0.07 of a step). Only
-/// channels with max |w| < 127 * 2^-14 (dead neurons) get a step coarser than their own range,
-/// still finer than any scale shared with a live channel.
-pub fn channel_scale(max_abs: f32) -> f32 {
-    if max_abs.is_nan() || max_abs <= 0.0 {
+/// How much finer than the layer's coarsest step a channel's step may get: channels whose
+/// largest |weight| is under 2^-12 of the layer's largest (dead neurons) share this floor, so
+/// their step stays in proportion to the layer's (and their int32 bias scale far from underflow).
+pub const DEAD_CHANNEL_RATIO: f32 = 1.0 / 4096.0;
+
+/// The scale of one channel whose largest |weight| is `max_abs`, in a layer whose largest is
+/// `layer_max`: max_abs / 127, at least `layer_max / 127 * DEAD_CHANNEL_RATIO`, rounded to the
+/// nearest float16 value when it is a normal float16 (then the scales store in half the bytes
+/// without changing a weight; the rounding moves the scale by at most 2^-11 of itself, so the
+/// largest weight may clamp by under 0.07 of a step). Scales outside float16's normal range stay
+/// float32: a layer whose BatchNorm folded in a factor of 1e-4 has weights of 1e-4 and steps of
+/// 1e-6, which a float16 floor would have made 2-bit.
+pub fn channel_scale(max_abs: f32, layer_max: f32) -> f32 {
+    if layer_max.is_nan() || layer_max <= 0.0 {
         return 1.0;
     }
-    let exact = (max_abs / 127.0).max(F16_MIN_NORMAL);
-    if exact > half::f16::MAX.to_f32() {
-        return exact; // stored as float32
+    let exact = (max_abs.max(0.0) / 127.0).max(layer_max / 127.0 * DEAD_CHANNEL_RATIO);
+    as_f16_when_normal(exact)
+}
+
+/// `scale` rounded to the nearest float16 value when it is within float16's normal range.
+fn as_f16_when_normal(scale: f32) -> f32 {
+    if (F16_MIN_NORMAL..=half::f16::MAX.to_f32()).contains(&scale) {
+        half::f16::from_f32(scale).to_f32()
+    } else {
+        scale
     }
-    half::f16::from_f32(exact).to_f32()
 }
 
 /// Per-channel quantization from channel maxima already computed.
@@ -160,7 +172,11 @@ fn with_channel_max<T: F32>(
 ) -> (Vec<f32>, Vec<i8>) {
     let inner: usize = shape[axis + 1..].iter().product::<usize>().max(1);
     let block = max_abs.len() * inner;
-    let scales: Vec<f32> = max_abs.iter().map(|&m| channel_scale(m)).collect();
+    let layer_max = max_abs.iter().copied().fold(0.0f32, f32::max);
+    let scales: Vec<f32> = max_abs
+        .iter()
+        .map(|&m| channel_scale(m, layer_max))
+        .collect();
     let mut q = vec![0i8; values.len()];
     if inner == 1 {
         for (row, out) in values.chunks(block).zip(q.chunks_mut(block)) {
@@ -279,7 +295,7 @@ pub fn quantize_weights_bits<T: F32>(
 }
 
 /// The same weights in 7 bits ([-63, 63]): scales 127/63 times coarser (float16 values when
-/// per channel, as [`channel_scale`] keeps them), values requantized from the floats.
+/// per channel and normal, as [`channel_scale`] keeps them), values requantized from the floats.
 pub fn reduce_range<T: F32>(
     q: QuantizedWeights,
     values: &[T],
@@ -293,8 +309,8 @@ pub fn reduce_range<T: F32>(
         .iter()
         .map(|s| {
             let wide = s * 127.0 / 63.0;
-            if q.per_channel && wide <= half::f16::MAX.to_f32() {
-                half::f16::from_f32(wide).to_f32()
+            if q.per_channel {
+                as_f16_when_normal(wide)
             } else {
                 wide
             }
@@ -407,22 +423,58 @@ mod tests {
 
     #[test]
     fn channel_scales_are_float16_values_within_half_a_step() {
-        for m in [1e-9f32, 1e-3, 0.0123, 0.5, 1.0, 3.3, 1000.0, 7e6] {
-            let s = channel_scale(m);
-            let exact = (m / 127.0).max(F16_MIN_NORMAL);
+        for m in [1e-2f32, 0.0123, 0.5, 1.0, 3.3, 1000.0, 7e6] {
+            let s = channel_scale(m, m);
+            let exact = m / 127.0;
             assert!((s - exact).abs() <= exact / 2048.0, "{m}: {s} vs {exact}");
             if exact <= 65504.0 {
                 assert_eq!(half::f16::from_f32(s).to_f32(), s, "{m}: {s} is no float16");
             }
         }
-        // A dead channel's tiny weights get the smallest normal float16 step, never 0 or subnormal.
-        assert_eq!(channel_scale(1e-9), F16_MIN_NORMAL);
+        // A dead channel's tiny weights get a step 4096 times finer than the layer's largest,
+        // never 0.
+        assert_eq!(channel_scale(1e-9, 1.0), 1.0 / 127.0 / 4096.0);
+        assert_eq!(channel_scale(0.0, 1.0), 1.0 / 127.0 / 4096.0);
+    }
+
+    #[test]
+    fn weights_smaller_than_float16_steps_keep_their_own_scale() {
+        // PP-OCRv4 det's head Conv after folding its BatchNorm (factor ~1e-4): channel maxima of
+        // 6e-5..2.4e-4, steps below float16's smallest normal. A float16 floor made them 2-bit
+        // weights and cost the detector half its mask IoU.
+        let values: Vec<f32> = (0..64)
+            .map(|i| (i as f32 - 31.5) / 31.5 * [2.4e-4, 6.1e-5][i / 32])
+            .collect();
+        let (scales, q) = quantize_weights_per_channel(&values, &[2, 32], 0);
+        assert!((scales[0] - 2.4e-4 / 127.0).abs() < 1e-12, "{scales:?}");
+        assert!((scales[1] - 6.1e-5 / 127.0).abs() < 1e-12, "{scales:?}");
+        let back = QuantizedWeights {
+            scales,
+            values: q,
+            per_channel: true,
+        }
+        .dequantize(&[2, 32], 0);
+        for (i, (v, b)) in values.iter().zip(&back).enumerate() {
+            let half_step = [2.4e-4f32, 6.1e-5][i / 32] / 127.0 / 2.0;
+            assert!((v - b).abs() <= half_step * 1.001, "{v} -> {b}");
+        }
+        let seven = quantize_weights_bits(&values, &[2, 32], 0, true, false, true);
+        assert!(
+            (seven.scales[1] - 6.1e-5 / 63.0).abs() < 1e-12,
+            "{:?}",
+            seven.scales
+        );
     }
 
     #[test]
     fn an_all_zero_channel_gets_a_usable_scale() {
         let (scales, q) = quantize_weights_per_channel(&[0.0, 0.0, 1.0, -1.0], &[2, 2], 0);
-        assert_eq!((scales[0], q[0], q[2], q[3]), (1.0, 0, 127, -127));
+        assert_eq!(
+            (scales[0], q[0], q[2], q[3]),
+            (1.0 / 127.0 / 4096.0, 0, 127, -127)
+        );
+        let (scales, q) = quantize_weights_per_channel(&[0.0, 0.0, 0.0, 0.0], &[2, 2], 0);
+        assert_eq!((scales, q), (vec![1.0, 1.0], vec![0; 4]));
     }
 
     #[test]
