@@ -501,6 +501,8 @@ mod tests {
         // layers alone fit too, at 10,810 bytes.
         let want: HashSet<String> = ["small1", "small2"].map(String::from).into();
         assert_eq!(float, want);
+        // Per order: two bisection steps over four layers, then two give-back trials.
+        assert_eq!(trials.get(), 8);
         assert!((score - 0.949).abs() < 1e-9, "{score}");
         let note = note.unwrap();
         assert!(
