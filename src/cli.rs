@@ -104,6 +104,9 @@ pub struct QuantizeArgs {
     /// Quantize every layer even when that is slower (skips the speed search).
     #[arg(long)]
     pub all_layers: bool,
+    /// static: leave biases as calibrated (no empirical bias correction).
+    #[arg(long)]
+    pub no_bias_correction: bool,
     /// fp16: change the graph's inputs and outputs to float16 too.
     #[arg(long)]
     pub fp16_io: bool,
@@ -294,6 +297,9 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(n) = args.max_trials {
         options.insert("max_trials".into(), n.into());
+    }
+    if args.no_bias_correction {
+        options.insert("bias_correction".into(), false.into());
     }
     if options["mode"] == "qat" {
         let training =

@@ -173,6 +173,11 @@ pub struct QuantizeOptions {
     /// from every worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce_range: Option<bool>,
+    /// Static int8 (post-training): move each int8 Conv's and Gemm's bias by the mean shift int8
+    /// rounding gives its output on the calibration rows, layer by layer in graph order. With an
+    /// accuracy budget it is kept only when every-layer-int8 scores no worse with it. On by default.
+    #[serde(default = "default_true")]
+    pub bias_correction: bool,
 }
 
 fn default_op_types() -> Vec<String> {
@@ -212,6 +217,13 @@ impl Validate for QuantizeOptions {
             "reduce_range",
             !(self.reduce_range.is_some() && matches!(mode, WeightOnly | Fp16)),
             "`reduce_range` applies to the integer-kernel modes (auto, dynamic, static, qat)",
+        );
+        c.check(
+            "bias_correction",
+            !(self.bias_correction
+                && c.given("bias_correction")
+                && matches!(mode, Dynamic | WeightOnly | Fp16 | Qat)),
+            "`bias_correction` corrects post-training static int8 (mode auto or static); `qat` trains the biases itself",
         );
         match self.bits {
             8 => {}

@@ -5,11 +5,11 @@ use crate::domain::quantize::{Granularity, QuantizeMode, QuantizeOptions};
 use crate::domain::report::LayerReport;
 use crate::domain::spec::JobSpec;
 use crate::engine::onnx::{summarize, LoadedModel};
-use crate::engine::quantize::calibrate;
 use crate::engine::quantize::{
     self, budget, latency_gate, params, CalibrationData, DynamicOptions, LayerDecision, Prepared,
     Scheme, StaticOptions, WeightOnlyOptions,
 };
+use crate::engine::quantize::{bias_correction, calibrate};
 use crate::engine::{Progress, Result, SubProgress};
 use std::collections::HashSet;
 
@@ -215,6 +215,7 @@ fn run_mode(
         start,
         span,
     };
+    let calibration_rows = calibration;
     let calibration = calibration.map(|data| CalibrationData {
         data,
         samples: q.calibration.samples as usize,
@@ -234,6 +235,20 @@ fn run_mode(
         let (chosen, note) = budget::choose_calibration(prepared, scorer)?;
         (prepared, notes) = (chosen, [notes, note].concat());
     }
+    // Post-training static int8 only (QAT trains the biases itself); with a budget, after its
+    // search ([`bias_correction::refine`]).
+    let correct_from = calibration_rows.filter(|_| {
+        q.bias_correction && q.mode != QuantizeMode::Qat && matches!(scheme, Scheme::Static(_))
+    });
+    if let (Some(data), None) = (correct_from, &scorer) {
+        notes.extend(bias_correction::run(
+            &mut prepared,
+            rt,
+            data,
+            q.calibration.samples as usize,
+            &part(0.3, 0.05),
+        )?);
+    }
     let mut qat = None;
     if q.mode == QuantizeMode::Qat {
         let trained = super::qat::run(&q.qat, &prepared, ctx, &part(0.3, 0.3))?;
@@ -243,14 +258,23 @@ fn run_mode(
     }
     let (proto, mut layers, float) = match (measured, &scorer) {
         (Some(max_drop), Some(scorer)) => {
-            let choice = budget::search(
-                &prepared,
-                scorer,
-                max_drop,
-                q.max_trials.map_or(budget::MAX_TRIALS, |n| n as usize),
-                &part(0.3, 0.4),
-            )?;
-            notes.extend(choice.notes);
+            let max_trials = q.max_trials.map_or(budget::MAX_TRIALS, |n| n as usize);
+            let mut choice =
+                budget::search(&prepared, scorer, max_drop, max_trials, &part(0.3, 0.4))?;
+            notes.append(&mut choice.notes);
+            if let Some(data) = correct_from {
+                let trials_left = max_trials.saturating_sub(choice.trials);
+                notes.extend(bias_correction::refine(
+                    &mut prepared,
+                    rt,
+                    data,
+                    q.calibration.samples as usize,
+                    scorer,
+                    &mut choice,
+                    max_drop,
+                    trials_left,
+                )?);
+            }
             notes.push(format!(
                 "the budget was measured on the {} evaluation samples",
                 eval_data.summary.samples

@@ -160,6 +160,44 @@ async fn mode_auto_quantizes_an_mlp_dynamically_and_a_cnn_statically() {
     );
     assert!(notes.contains("kept "), "{notes}");
     assert_eq!(report["calibration"]["source"], "split_of_dataset");
+    // Bias correction of the budget's model: kept only when it scores no worse.
+    let scored = bias_correction_scores(&notes);
+    assert!(
+        notes.contains("bias correction: moved the biases of"),
+        "{notes}"
+    );
+    match scored {
+        Some((with, without)) if with < without => assert!(notes.contains(": not kept"), "{notes}"),
+        Some((with, without)) if with > without => {
+            assert!(!notes.contains(": not kept"), "{notes}")
+        }
+        Some(_) => {}
+        None => panic!("the bias correction note gives both scores: {notes}"),
+    }
+    let report = run_job(
+        &app,
+        json!({"model_id": cnn["id"], "dataset_id": images["id"],
+        "pipeline": [{"stage": "quantize", "allow_slower": true, "bias_correction": false,
+                      "calibration": {"samples": 32}}]}),
+    )
+    .await;
+    let notes = report["stages"][0]["notes"].to_string();
+    assert!(notes.contains("static int8 QDQ"), "{notes}");
+    assert!(!notes.contains("bias correction"), "{notes}");
+}
+
+/// The (with, without) scores of the bias correction note.
+fn bias_correction_scores(notes: &str) -> Option<(f64, f64)> {
+    let at = notes.find("bias correction:")?;
+    let rest = &notes[at..];
+    let rest = &rest[rest.find("the budget's model scores")?..];
+    let numbers: Vec<f64> = rest
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|s| s.contains('.') && s.len() > 2)
+        .filter_map(|s| s.parse().ok())
+        .take(2)
+        .collect();
+    (numbers.len() == 2).then(|| (numbers[0], numbers[1]))
 }
 
 #[tokio::test]
@@ -270,6 +308,21 @@ async fn qat_and_reduce_range_specs_are_validated_with_pointers() {
             json!({"stage": "quantize", "mode": "fp16", "reduce_range": true}),
             false,
             "/pipeline/0/reduce_range",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "dynamic", "bias_correction": true}),
+            false,
+            "/pipeline/0/bias_correction",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "bias_correction": true}),
+            true,
+            "/pipeline/0/bias_correction",
+        ),
+        (
+            json!({"stage": "quantize", "bias_correction": "on"}),
+            false,
+            "/pipeline/0/bias_correction",
         ),
     ] {
         let mut spec = json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]});

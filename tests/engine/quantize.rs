@@ -509,6 +509,52 @@ fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
         choice.layers.iter().any(|l| l.precision == "int8"),
         "the rest stays int8"
     );
+
+    // Bias correction of the chosen model, then float layers back to int8 while the budget holds:
+    // whatever it changes, the model it leaves holds the budget and the report says so.
+    let mut prepared = prepared;
+    let mut choice = choice;
+    let before: HashSet<String> = choice.float.clone();
+    let notes = quantize::bias_correction::refine(
+        &mut prepared,
+        &rt(),
+        &calib,
+        64,
+        &scorer,
+        &mut choice,
+        0.005,
+        budget::MAX_TRIALS,
+    )
+    .unwrap();
+    assert!(
+        notes[0].starts_with("bias correction: moved the biases of"),
+        "{notes:?}"
+    );
+    assert!(choice.holds, "{notes:?}");
+    assert!(choice.float.is_subset(&before), "{notes:?}");
+    let q = quantize::finish(&rt(), &choice.model).unwrap();
+    let got = top1(&eval(&q, &val, Some(&base)));
+    assert!(
+        top1(&base) - got <= 0.005,
+        "{} -> {got}: {notes:?}",
+        top1(&base)
+    );
+    assert!(
+        (scorer.float_score - choice.drop - got).abs() < 1e-9,
+        "the reported drop is the model's: {} vs {got}",
+        scorer.float_score - choice.drop
+    );
+    for l in &choice.layers {
+        let returned = before.contains(&l.node) && !choice.float.contains(&l.node);
+        assert_eq!(
+            returned,
+            l.reason.contains("once bias-corrected"),
+            "{l:?}: {notes:?}"
+        );
+        if returned {
+            assert_eq!(l.precision, "int8", "{l:?}");
+        }
+    }
 }
 
 #[test]
@@ -839,4 +885,100 @@ fn a_maxpool_shares_its_inputs_quantization_so_onnx_runtime_pools_uint8_values()
         let e = eval(&q.model, &images, Some(&base));
         same_top1_within(&py, &base, &e, 0.01);
     }
+}
+
+/// The per-class mean of `output` over the first `rows` rows of `data`.
+fn output_means(m: &LoadedModel, data: &Dataset, output: &str, rows: usize) -> Vec<f64> {
+    let names = [output.to_string()];
+    quantize::calibrate::Calibrator::new(&rt(), m, data, &names, rows)
+        .unwrap()
+        .channel_means(&NoProgress)
+        .unwrap()
+        .remove(output)
+        .unwrap()
+}
+
+fn largest_gap(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn bias_correction_moves_each_int8_layers_output_mean_back_to_the_float_models() {
+    use shrink::engine::onnx::proto::ModelProto;
+    use shrink::engine::quantize::bias_correction;
+    let images = data("digits_images.npz");
+    // The first Conv without a bias: the correction has to give it one.
+    let mut proto: ModelProto = model("digits_cnn.onnx").proto;
+    let graph = proto.graph.as_mut().unwrap();
+    let conv = graph
+        .node
+        .iter()
+        .position(|n| n.op_type.as_deref() == Some("Conv"))
+        .unwrap();
+    let dropped = graph.node[conv].input.remove(2);
+    graph
+        .initializer
+        .retain(|t| t.name.as_deref() != Some(&dropped));
+    let m = quantize::finish(&rt(), &proto).unwrap();
+    let calib = CalibrationData {
+        data: &images,
+        samples: 64,
+    };
+    let mut prepared = Prepared::new(
+        &rt(),
+        &m,
+        &static_scheme(true, None),
+        Some(calib),
+        &NoProgress,
+    )
+    .unwrap();
+    let rows = bias_correction::ROWS;
+    let want = output_means(&m, &images, "logits", rows);
+    let plain = quantize::finish(&rt(), &prepared.build(&HashSet::new()).unwrap().0).unwrap();
+    let before = largest_gap(&output_means(&plain, &images, "logits", rows), &want);
+    let summary = bias_correction::correct(
+        &mut prepared,
+        &rt(),
+        &images,
+        64,
+        &HashSet::new(),
+        None,
+        &NoProgress,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!((summary.layers, summary.rows), (3, rows), "{summary:?}");
+    let corrected = quantize::finish(&rt(), &prepared.build(&HashSet::new()).unwrap().0).unwrap();
+    let after = largest_gap(&output_means(&corrected, &images, "logits", rows), &want);
+    // The Gemm's output stays float (nothing int8 reads the logits): on the rows it was measured
+    // over, its mean is the float model's but for the int32 rounding of the bias.
+    assert!(
+        after < 1e-4 && after < before / 10.0,
+        "largest per-class mean gap {before} -> {after}"
+    );
+    let graph = corrected.proto.graph.as_ref().unwrap();
+    let conv = graph
+        .node
+        .iter()
+        .find(|n| n.op_type.as_deref() == Some("Conv"))
+        .unwrap();
+    assert_eq!(conv.input.len(), 3, "{conv:?}");
+    assert!(conv.input[2].ends_with("_dq"), "an int32 bias: {conv:?}");
+    // onnxruntime-Python runs it with integer kernels and the accuracy kept.
+    let py = in_python(&corrected, "digits_images.npz", "logits");
+    assert!(
+        has(&py["optimized_ops"], "QLinearConv"),
+        "{}",
+        py["optimized_ops"]
+    );
+    let base = eval(&m, &images, None);
+    let e = eval(&corrected, &images, Some(&base));
+    same_top1_within(&py, &base, &e, 0.01);
+    // Forgotten, the model is built from the calibrated ranges alone again.
+    bias_correction::clear(&mut prepared);
+    assert!(bias_correction::corrections(&prepared).is_empty());
+    let again = prepared.build(&HashSet::new()).unwrap().0;
+    assert_eq!(again, plain.proto);
 }

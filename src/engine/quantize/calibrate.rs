@@ -110,7 +110,7 @@ impl<'a> Calibrator<'a> {
     /// The min/max of every calibrated tensor.
     pub fn min_max(&mut self, progress: &dyn Progress) -> Result<Ranges> {
         let mut ranges = Ranges::new();
-        self.observe(progress, |name, values| {
+        self.observe(progress, |name, _, values| {
             let entry = ranges
                 .entry(name.to_string())
                 .or_insert((f32::INFINITY, f32::NEG_INFINITY));
@@ -153,7 +153,7 @@ impl<'a> Calibrator<'a> {
                 start: 0.5,
                 span: 0.5,
             },
-            |name, values| {
+            |name, _, values| {
                 let (Some(&(lo, hi)), Some(h)) = (full.get(name), hist.get_mut(name)) else {
                     return;
                 };
@@ -166,11 +166,46 @@ impl<'a> Calibrator<'a> {
         Ok(Histograms { full, hist })
     }
 
+    /// The mean of every calibrated tensor over each index of its axis 1 (a Conv's or Gemm's
+    /// output channels), over all rows and positions; tensors of rank below 2 are left out.
+    pub fn channel_means(&mut self, progress: &dyn Progress) -> Result<BTreeMap<String, Vec<f64>>> {
+        let mut sums: BTreeMap<String, (Vec<f64>, Vec<u64>)> = BTreeMap::new();
+        self.observe(progress, |name, shape, values| {
+            if shape.len() < 2 {
+                return;
+            }
+            let channels = shape[1].max(1) as usize;
+            let inner: usize = shape[2..].iter().map(|d| *d as usize).product();
+            let (sum, count) = sums
+                .entry(name.to_string())
+                .or_insert_with(|| (vec![0.0; channels], vec![0; channels]));
+            if sum.len() != channels || inner == 0 {
+                return;
+            }
+            for (i, chunk) in values.chunks(inner).enumerate() {
+                let c = i % channels;
+                sum[c] += chunk.iter().map(|v| *v as f64).sum::<f64>();
+                count[c] += chunk.len() as u64;
+            }
+        })?;
+        Ok(sums
+            .into_iter()
+            .map(|(name, (sum, count))| {
+                let means = sum
+                    .iter()
+                    .zip(&count)
+                    .map(|(s, n)| s / (*n).max(1) as f64)
+                    .collect();
+                (name, means)
+            })
+            .collect())
+    }
+
     /// Runs the calibration rows in batches and hands each exposed tensor's values to `visit`.
     fn observe(
         &mut self,
         progress: &dyn Progress,
-        mut visit: impl FnMut(&str, &[f32]),
+        mut visit: impl FnMut(&str, &[i64], &[f32]),
     ) -> Result<()> {
         let batch = 16;
         let mut start = 0;
@@ -184,10 +219,10 @@ impl<'a> Calibrator<'a> {
                 let Some(value) = outputs.get(name.as_str()) else {
                     continue;
                 };
-                let Ok((_, values)) = value.try_extract_tensor::<f32>() else {
+                let Ok((shape, values)) = value.try_extract_tensor::<f32>() else {
                     continue;
                 };
-                visit(name, values);
+                visit(name, shape, values);
             }
             start = end;
             progress.update(start as f64 / self.rows as f64)?;

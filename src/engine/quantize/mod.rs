@@ -1,5 +1,6 @@
 //! Quantization schemes, one file each, behind [`quantize`]. Every output is checked by loading
 //! it in ONNX Runtime before it is returned.
+pub mod bias_correction;
 pub mod budget;
 pub mod calibrate;
 pub mod dynamic;
@@ -106,6 +107,8 @@ pub struct Prepared {
     /// Ranges of the scheme's `also_try` methods, from the same calibration pass.
     alternatives: Vec<(calibrate::RangeMethod, calibrate::Ranges)>,
     pub calibration_samples: usize,
+    /// Bias shifts of static int8 layers ([`bias_correction`]); empty until computed.
+    corrections: qdq::BiasCorrections,
 }
 
 impl Prepared {
@@ -253,6 +256,7 @@ impl Prepared {
             ranges,
             alternatives,
             calibration_samples,
+            corrections: Default::default(),
         })
     }
 
@@ -282,6 +286,7 @@ impl Prepared {
                 ranges: Some(r.clone()),
                 alternatives: Vec::new(),
                 calibration_samples: self.calibration_samples,
+                corrections: Default::default(),
             })
             .collect()
     }
@@ -316,7 +321,14 @@ impl Prepared {
                     .iter()
                     .filter_map(|n| all.get(n).map(|r| (n.clone(), *r)))
                     .collect();
-                let proto = qdq::rewrite(&self.model, &targets, &constants, &ranges, &o)?;
+                let proto = qdq::rewrite(
+                    &self.model,
+                    &targets,
+                    &constants,
+                    &ranges,
+                    &o,
+                    &self.corrections,
+                )?;
                 with_tables(proto, layers)
             }
             Scheme::Dynamic(o) => dynamic::quantize_dynamic(
@@ -375,6 +387,8 @@ impl Prepared {
             ranges: self.ranges.clone(),
             alternatives: self.alternatives.clone(),
             calibration_samples: self.calibration_samples,
+            // Measured for per-channel weights: one scale per tensor errs differently.
+            corrections: Default::default(),
         })
     }
 
@@ -388,6 +402,8 @@ impl Prepared {
             ranges: self.ranges.clone(),
             alternatives: Vec::new(),
             calibration_samples: self.calibration_samples,
+            // Training moved the weights the corrections were measured for.
+            corrections: Default::default(),
         }
     }
 

@@ -279,6 +279,11 @@ pub fn fold_activation_ranges(model: &ModelProto, ranges: &mut Ranges) {
     }
 }
 
+/// Output channels of a weight of `shape` whose channel axis is `axis`.
+fn w_channels(shape: &[usize], axis: usize) -> usize {
+    shape.get(axis).copied().unwrap_or(0)
+}
+
 /// uint8 parameters of a constant read by a chained op: its whole range, and zero.
 pub fn constant_params(values: &[f32]) -> QParams {
     let (lo, hi) = values
@@ -295,13 +300,20 @@ pub fn activation_limits(ty: ActivationType) -> (i32, i32) {
     }
 }
 
-/// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of DequantizeLinear).
+/// Per-output-channel shifts to subtract from quantized layers' biases, by layer name
+/// ([`super::bias_correction`]).
+pub type BiasCorrections = HashMap<String, Vec<f32>>;
+
+/// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of
+/// DequantizeLinear). A layer in `corrections` gets its bias shifted (a Conv or Gemm without one
+/// gets one).
 pub fn rewrite(
     model: &ModelProto,
     targets: &[Target],
     constants: &[ConstInput],
     ranges: &Ranges,
     opts: &StaticOptions,
+    corrections: &BiasCorrections,
 ) -> Result<ModelProto> {
     let mut out = model.clone();
     let graph = out.graph.as_mut().expect("loaded models have a graph");
@@ -396,9 +408,25 @@ pub fn rewrite(
             rename.push((t.node, 1, dqname));
             (sname, scales)
         };
-        if let Some(b) = &t.bias {
+        let correction = corrections
+            .get(&t.name)
+            .filter(|c| c.len() == w_channels(&shape, t.axis) && t.op != "MatMul");
+        let bias = match (&t.bias, correction) {
+            (Some(b), _) => Some((
+                b.clone(),
+                f32_values(&inits[b]).expect("planned biases are float"),
+            )),
+            (None, Some(c)) => Some((format!("{}_bias", t.name), vec![0.0; c.len()])),
+            (None, None) => None,
+        };
+        if let Some((b, mut bias)) = bias {
+            let b = &b;
+            if let Some(c) = correction {
+                for (v, d) in bias.iter_mut().zip(c) {
+                    *v -= d;
+                }
+            }
             let x = act[&t.activation];
-            let bias = f32_values(&inits[b]).expect("planned biases are float");
             let scales: Vec<f32> = (0..bias.len())
                 .map(|c| x.scale * w_scales[if w_scales.len() == 1 { 0 } else { c }])
                 .collect();
@@ -445,6 +473,9 @@ pub fn rewrite(
                 vec![int_attr("axis", 0)],
             ));
             replaced.insert(b.clone());
+            if graph.node[t.node].input.len() < 3 {
+                graph.node[t.node].input.push(String::new());
+            }
             rename.push((t.node, 2, dqname));
         }
     }
