@@ -71,7 +71,13 @@ fn a_model_within_its_accuracy_budget_exits_0() {
 
 #[test]
 fn static_quantize_corrects_biases_unless_told_not_to() {
-    let args = ["--mode", "static", "--max-accuracy-drop", "1", "--all-layers"];
+    let args = [
+        "--mode",
+        "static",
+        "--max-accuracy-drop",
+        "1",
+        "--all-layers",
+    ];
     let (out, _dir) = quantize("digits_cnn.onnx", "digits_images.npz", &args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
