@@ -174,7 +174,7 @@ pub fn run(
 }
 
 /// After the accuracy budget's search: corrects the chosen model's int8 layers and keeps that when
-/// it scores no worse; then, while the budget holds, returns float layers to int8 in order of
+/// it scores no worse; then (either way), while the budget holds, returns float layers to int8 in order of
 /// least harm per weight — a bisection for the longest prefix of that order (each probe corrected
 /// anew), then the rest one at a time (each with its own correction measured in place), at most
 /// `trials` trial models — and corrects the whole result again when that scores no worse.
@@ -207,11 +207,14 @@ pub fn refine(
         if kept { "kept" } else { "not kept" }
     ));
     let mut notes = vec![note];
-    if !kept {
+    // Not kept on the budget's model (whose shifts its float layers already avoid), corrections
+    // may still let more layers go int8: every probe below is corrected and scored anew.
+    let mut score = if kept {
+        after.0
+    } else {
         clear(prepared);
-        return Ok(notes);
-    }
-    let mut score = after.0;
+        before.0
+    };
     let mut float = choice.float.clone();
     let mut returned = Vec::new();
     if within(score) && !float.is_empty() {
