@@ -14,7 +14,7 @@
 //! the accuracy budget searches without it ([`refine`] corrects the model it chose, then returns
 //! float layers to int8 while the budget holds). Weights and activation scales are untouched;
 //! only int32 biases change.
-use super::budget::{BudgetChoice, Scorer};
+use super::budget::{BudgetChoice, Scorer, SCORE_TIE};
 use super::calibrate::Calibrator;
 use super::qdq::{self, BiasCorrections};
 use super::{Prepared, Scheme};
@@ -145,9 +145,6 @@ pub fn clear(prepared: &mut Prepared) {
 pub fn corrections(prepared: &Prepared) -> &BiasCorrections {
     &prepared.corrections
 }
-
-/// Scores equal within this are a tie.
-const SCORE_TIE: f64 = 1e-9;
 
 /// Whether the corrected model's (score, output error) is no worse than the uncorrected one's:
 /// a higher score, or the same score and no more error.

@@ -97,7 +97,7 @@ impl<'a> Scorer<'a> {
 }
 
 /// Scores equal within this are a tie, broken by the smaller output error.
-const SCORE_TIE: f64 = 1e-9;
+pub(super) const SCORE_TIE: f64 = 1e-9;
 
 /// Calibration `auto`: the model with every layer int8 is built from each calibration the
 /// preparation holds (min/max and its `also_try` methods, all from one histogram pass) and the
