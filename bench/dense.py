@@ -133,7 +133,7 @@ def notes(stage):
     """The stage's notes on the budget, the calibration and the speed of the result."""
     keys = ("accuracy budget", "calibration auto", "layer(s) kept float", "ONNX Runtime p50", "speed search",
             "after the speed search", "no int8 configuration", "no configuration found", "keeping layers float",
-            "bias correction")
+            "bias correction", "GPTQ", "weight rounding")
     for n in stage.get("notes", []):
         if any(k in n for k in keys):
             print(f"  note: {n}")

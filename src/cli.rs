@@ -107,6 +107,9 @@ pub struct QuantizeArgs {
     /// static: leave biases as calibrated (no empirical bias correction).
     #[arg(long)]
     pub no_bias_correction: bool,
+    /// static: how weights round to int8, gptq (the default) or nearest.
+    #[arg(long)]
+    pub weight_rounding: Option<String>,
     /// fp16: change the graph's inputs and outputs to float16 too.
     #[arg(long)]
     pub fp16_io: bool,
@@ -300,6 +303,9 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     }
     if args.no_bias_correction {
         options.insert("bias_correction".into(), false.into());
+    }
+    if let Some(r) = &args.weight_rounding {
+        options.insert("weight_rounding".into(), r.clone().into());
     }
     if options["mode"] == "qat" {
         let training =

@@ -41,6 +41,19 @@ pub enum Granularity {
     PerTensor,
 }
 
+/// How static int8 weights are rounded to their integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightRounding {
+    /// GPTQ: each layer's weights rounded one input after another, the weights not yet rounded
+    /// moved to cancel the error on the calibration rows' inputs. Same scales as nearest
+    /// rounding. With an accuracy budget it is kept only when every-layer-int8 scores no worse.
+    #[default]
+    Gptq,
+    /// Each weight to its nearest integer step.
+    Nearest,
+}
+
 /// Integer type of quantized activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -178,6 +191,9 @@ pub struct QuantizeOptions {
     /// accuracy budget it is kept only when every-layer-int8 scores no worse with it. On by default.
     #[serde(default = "default_true")]
     pub bias_correction: bool,
+    /// Static int8 (post-training): how weights round to int8, `gptq` (default) or `nearest`.
+    #[serde(default)]
+    pub weight_rounding: WeightRounding,
 }
 
 fn default_op_types() -> Vec<String> {
@@ -224,6 +240,13 @@ impl Validate for QuantizeOptions {
                 && c.given("bias_correction")
                 && matches!(mode, Dynamic | WeightOnly | Fp16 | Qat)),
             "`bias_correction` corrects post-training static int8 (mode auto or static); `qat` trains the biases itself",
+        );
+        c.check(
+            "weight_rounding",
+            !(self.weight_rounding == WeightRounding::Gptq
+                && c.given("weight_rounding")
+                && matches!(mode, Dynamic | WeightOnly | Fp16 | Qat)),
+            "`weight_rounding: gptq` rounds post-training static int8 weights against the calibration rows (mode auto or static); `qat` trains the weights itself",
         );
         match self.bits {
             8 => {}

@@ -1,6 +1,7 @@
 //! The `quantize` stage: options -> engine scheme, the accuracy budget, the speed search and the
 //! latency gate, and the notes and per-layer table the report carries.
 use super::{StageContext, StageOutcome};
+use crate::domain::quantize::WeightRounding;
 use crate::domain::quantize::{Granularity, QuantizeMode, QuantizeOptions};
 use crate::domain::report::LayerReport;
 use crate::domain::spec::JobSpec;
@@ -9,7 +10,7 @@ use crate::engine::quantize::{
     self, budget, latency_gate, params, CalibrationData, DynamicOptions, LayerDecision, Prepared,
     Scheme, StaticOptions, WeightOnlyOptions,
 };
-use crate::engine::quantize::{bias_correction, calibrate};
+use crate::engine::quantize::{bias_correction, calibrate, gptq};
 use crate::engine::{Progress, Result, SubProgress};
 use std::collections::HashSet;
 
@@ -220,12 +221,17 @@ fn run_mode(
         data,
         samples: q.calibration.samples as usize,
     });
-    let mut prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.3))?;
+    let mut prepared = Prepared::new(rt, current, &scheme, calibration, &part(0.0, 0.25))?;
     let mut notes = prepared.notes.clone();
     notes.push(match &scheme {
         Scheme::Static(_) => format!("{}, {}", scheme.describe(), calibration_note(&prepared)),
         _ => scheme.describe(),
     });
+    // Post-training static int8 only: QAT trains the weights (and biases) itself.
+    let post_training = |on: bool| {
+        calibration_rows
+            .filter(|_| on && q.mode != QuantizeMode::Qat && matches!(scheme, Scheme::Static(_)))
+    };
     let scorer = match measured {
         Some(_) => Some(budget::Scorer::new(rt, current, eval_data, eval_opts)?),
         None => None,
@@ -235,19 +241,38 @@ fn run_mode(
         let (chosen, note) = budget::choose_calibration(prepared, scorer)?;
         (prepared, notes) = (chosen, [notes, note].concat());
     }
-    // Post-training static int8 only (QAT trains the biases itself); with a budget, after its
-    // search ([`bias_correction::refine`]).
-    let correct_from = calibration_rows.filter(|_| {
-        q.bias_correction && q.mode != QuantizeMode::Qat && matches!(scheme, Scheme::Static(_))
-    });
+    // GPTQ rounding, then bias correction; with a budget, of the models its search chose and
+    // each model its give-back scores ([`bias_correction::refine`]), as both depend on which
+    // layers stay float.
+    let post = bias_correction::Post {
+        gptq: q.weight_rounding == WeightRounding::Gptq,
+        bias: q.bias_correction,
+    };
+    let correct_from = post_training(post.gptq || post.bias);
     if let (Some(data), None) = (correct_from, &scorer) {
-        notes.extend(bias_correction::run(
-            &mut prepared,
-            rt,
-            data,
-            q.calibration.samples as usize,
-            &part(0.3, 0.05),
-        )?);
+        let samples = q.calibration.samples as usize;
+        if post.gptq {
+            let none = HashSet::new();
+            let rounded = gptq::run(
+                &mut prepared,
+                rt,
+                data,
+                samples,
+                &none,
+                None,
+                &part(0.25, 0.05),
+            )?;
+            notes.extend(rounded.map(|s| s.describe()));
+        }
+        if post.bias {
+            notes.extend(bias_correction::run(
+                &mut prepared,
+                rt,
+                data,
+                samples,
+                &part(0.3, 0.05),
+            )?);
+        }
     }
     let mut qat = None;
     if q.mode == QuantizeMode::Qat {
@@ -273,6 +298,7 @@ fn run_mode(
                     &mut choice,
                     max_drop,
                     trials_left,
+                    post,
                 )?);
             }
             notes.push(format!(

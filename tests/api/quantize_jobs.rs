@@ -90,9 +90,19 @@ async fn a_budget_job_keeps_the_outlier_layers_float_explains_them_and_passes_it
     let m = app.model("digits_mlp_outlier.onnx").await;
     let d = app.dataset("digits_val.npz").await;
     let c = app.dataset("digits_train.npz").await;
+    // Nearest rounding: the outlier layers cost more than the budget.
     let spec = json!({"model_id": m["id"], "dataset_id": d["id"], "calibration_dataset_id": c["id"],
         "pipeline": [{"stage": "quantize", "mode": "static", "granularity": "per_tensor",
+                      "weight_rounding": "nearest",
                       "max_accuracy_drop": 0.005, "allow_slower": true, "calibration": {"samples": 64}}]});
+    let gptq_spec = {
+        let mut s = spec.clone();
+        s["pipeline"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("weight_rounding");
+        s
+    };
     let report = run_job(&app, spec).await;
     let verdict = report["verdicts"]
         .as_array()
@@ -128,6 +138,29 @@ async fn a_budget_job_keeps_the_outlier_layers_float_explains_them_and_passes_it
     )
     .unwrap();
     assert!(log.contains("kept float for the accuracy budget"), "{log}");
+    // GPTQ rounding (the default) holds the same budget with no more float layers.
+    let report = run_job(&app, gptq_spec).await;
+    let notes = report["stages"][0]["notes"].to_string();
+    assert!(notes.contains("GPTQ weight rounding: "), "{notes}");
+    let verdict = report["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["constraint"] == "stages/0/max_accuracy_drop")
+        .unwrap()
+        .clone();
+    assert_eq!(verdict["passed"], true, "{verdict}");
+    let gptq_float = report["stages"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["precision"] == "float")
+        .count();
+    assert!(
+        gptq_float <= float.len(),
+        "{gptq_float} vs {}: {notes}",
+        float.len()
+    );
 }
 
 #[tokio::test]
@@ -174,16 +207,22 @@ async fn mode_auto_quantizes_an_mlp_dynamically_and_a_cnn_statically() {
         Some(_) => {}
         None => panic!("the bias correction note gives both scores: {notes}"),
     }
+    // GPTQ rounding of the budget's model, before its bias correction.
+    assert!(
+        notes.contains("GPTQ weight rounding: ") && notes.contains("; bias correction: moved"),
+        "{notes}"
+    );
     let report = run_job(
         &app,
         json!({"model_id": cnn["id"], "dataset_id": images["id"],
         "pipeline": [{"stage": "quantize", "allow_slower": true, "bias_correction": false,
-                      "calibration": {"samples": 32}}]}),
+                      "weight_rounding": "nearest", "calibration": {"samples": 32}}]}),
     )
     .await;
     let notes = report["stages"][0]["notes"].to_string();
     assert!(notes.contains("static int8 QDQ"), "{notes}");
     assert!(!notes.contains("bias correction"), "{notes}");
+    assert!(!notes.contains("GPTQ"), "{notes}");
 }
 
 /// The (with, without) scores of the bias correction note.
@@ -323,6 +362,21 @@ async fn qat_and_reduce_range_specs_are_validated_with_pointers() {
             json!({"stage": "quantize", "bias_correction": "on"}),
             false,
             "/pipeline/0/bias_correction",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "dynamic", "weight_rounding": "gptq"}),
+            false,
+            "/pipeline/0/weight_rounding",
+        ),
+        (
+            json!({"stage": "quantize", "mode": "qat", "weight_rounding": "gptq"}),
+            true,
+            "/pipeline/0/weight_rounding",
+        ),
+        (
+            json!({"stage": "quantize", "weight_rounding": "adaround"}),
+            false,
+            "/pipeline/0/weight_rounding",
         ),
     ] {
         let mut spec = json!({"model_id": m["id"], "dataset_id": d["id"], "pipeline": [stage]});

@@ -70,7 +70,7 @@ fn a_model_within_its_accuracy_budget_exits_0() {
 }
 
 #[test]
-fn static_quantize_corrects_biases_unless_told_not_to() {
+fn static_quantize_rounds_by_gptq_and_corrects_biases_unless_told_not_to() {
     let args = [
         "--mode",
         "static",
@@ -86,9 +86,23 @@ fn static_quantize_corrects_biases_unless_told_not_to() {
             && stdout.contains("not scored (no accuracy budget)"),
         "{stdout}"
     );
-    let off = [&args[..], &["--no-bias-correction"]].concat();
+    assert!(
+        stdout.contains("GPTQ weight rounding: 3 layer(s)"),
+        "{stdout}"
+    );
+    let off = [
+        &args[..],
+        &["--no-bias-correction", "--weight-rounding", "nearest"],
+    ]
+    .concat();
     let (out, _dir) = quantize("digits_cnn.onnx", "digits_images.npz", &off);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(!stdout.contains("bias correction"), "{stdout}");
+    assert!(!stdout.contains("GPTQ"), "{stdout}");
+    let bad = [&args[..], &["--weight-rounding", "round-half-up"]].concat();
+    let (out, _dir) = quantize("digits_cnn.onnx", "digits_images.npz", &bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("weight_rounding"), "{stderr}");
 }

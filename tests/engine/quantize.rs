@@ -510,8 +510,9 @@ fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
         "the rest stays int8"
     );
 
-    // Bias correction of the chosen model, then float layers back to int8 while the budget holds:
-    // whatever it changes, the model it leaves holds the budget and the report says so.
+    // GPTQ rounding and bias correction of the chosen model, then float layers back to int8 while
+    // the budget holds: whatever it changes, the model it leaves holds the budget and the report
+    // says so.
     let mut prepared = prepared;
     let mut choice = choice;
     let before: HashSet<String> = choice.float.clone();
@@ -524,10 +525,15 @@ fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
         &mut choice,
         0.005,
         budget::MAX_TRIALS,
+        quantize::bias_correction::Post {
+            gptq: true,
+            bias: true,
+        },
     )
     .unwrap();
     assert!(
-        notes[0].starts_with("bias correction: moved the biases of"),
+        notes[0].starts_with("GPTQ weight rounding: ")
+            && notes[0].contains("; bias correction: moved the biases of"),
         "{notes:?}"
     );
     assert!(choice.holds, "{notes:?}");
@@ -548,7 +554,8 @@ fn the_accuracy_budget_keeps_the_outlier_layers_float_and_holds() {
         let returned = before.contains(&l.node) && !choice.float.contains(&l.node);
         assert_eq!(
             returned,
-            l.reason.contains("once bias-corrected"),
+            l.reason
+                .contains("once corrected: GPTQ rounding and bias correction"),
             "{l:?}: {notes:?}"
         );
         if returned {
@@ -981,4 +988,105 @@ fn bias_correction_moves_each_int8_layers_output_mean_back_to_the_float_models()
     assert!(bias_correction::corrections(&prepared).is_empty());
     let again = prepared.build(&HashSet::new()).unwrap().0;
     assert_eq!(again, plain.proto);
+}
+
+#[test]
+fn gptq_rounds_static_int8_weights_with_less_output_error_than_nearest_rounding() {
+    use shrink::engine::quantize::{budget::Scorer, gptq};
+    let images = data("digits_images.npz");
+    let m = model("digits_cnn.onnx");
+    let calib = CalibrationData {
+        data: &images,
+        samples: 64,
+    };
+    let scheme = static_scheme(true, None);
+    let mut prepared = Prepared::new(&rt(), &m, &scheme, Some(calib), &NoProgress).unwrap();
+    let all = HashSet::new();
+    let nearest = prepared.build(&all).unwrap().0;
+    let none = HashSet::new();
+    let summary = gptq::run(&mut prepared, &rt(), &images, 64, &none, None, &NoProgress)
+        .unwrap()
+        .unwrap();
+    let candidates = prepared.candidates().unwrap();
+    assert_eq!(summary.layers, candidates.len(), "{summary:?}");
+    assert!(
+        summary.skipped.is_empty() && summary.rows == 64,
+        "{summary:?}"
+    );
+    assert!(
+        summary.changed > 0.0 && summary.changed < 1.0,
+        "{summary:?}"
+    );
+    assert_eq!(prepared.rounded_layers(), candidates.len());
+    let rounded = prepared.build(&all).unwrap().0;
+    // Only the integers change: every scale is nearest rounding's.
+    let scales = |p: &shrink::engine::onnx::proto::ModelProto| {
+        let mut s: Vec<_> = p
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .filter(|t| t.name.as_deref().is_some_and(|n| n.ends_with("_s")))
+            .map(|t| (t.name.clone(), t.raw_data.clone(), t.float_data.clone()))
+            .collect();
+        s.sort_by(|a, b| a.0.cmp(&b.0));
+        s
+    };
+    assert_eq!(scales(&rounded), scales(&nearest));
+    assert_ne!(rounded, nearest);
+    // Scored on every row (most of them outside the 64 it was fitted on).
+    let runtime = rt();
+    let scorer = Scorer::new(&runtime, &m, &images, &quick()).unwrap();
+    let (_, error_nearest) = scorer.score_and_error(&nearest).unwrap();
+    let (_, error_gptq) = scorer.score_and_error(&rounded).unwrap();
+    assert!(
+        error_gptq < 0.9 * error_nearest,
+        "output error: nearest {error_nearest:.4e}, GPTQ {error_gptq:.4e}"
+    );
+    // onnxruntime-Python runs it with integer kernels and the accuracy kept.
+    let loaded = quantize::finish(&rt(), &rounded).unwrap();
+    let py = in_python(&loaded, "digits_images.npz", "logits");
+    assert!(
+        has(&py["optimized_ops"], "QLinearConv"),
+        "{}",
+        py["optimized_ops"]
+    );
+    let base = eval(&m, &images, None);
+    let e = eval(&loaded, &images, Some(&base));
+    same_top1_within(&py, &base, &e, 0.01);
+    // Kept float, a layer is rounded by neither; the layers after it are fitted anew.
+    let first = candidates[0].clone();
+    let float: HashSet<String> = [first.clone()].into();
+    let again = gptq::run(&mut prepared, &rt(), &images, 64, &float, None, &NoProgress)
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.layers, candidates.len() - 1, "{again:?}");
+    let (model, layers) = prepared.build(&float).unwrap();
+    assert!(layers
+        .iter()
+        .any(|l| l.node == first && l.precision == "float"));
+    let (_, error_mixed) = scorer.score_and_error(&model).unwrap();
+    let (_, error_mixed_nearest) = {
+        let mut p = Prepared::new(
+            &rt(),
+            &m,
+            &scheme,
+            Some(CalibrationData {
+                data: &images,
+                samples: 64,
+            }),
+            &NoProgress,
+        )
+        .unwrap();
+        p.clear_rounding();
+        scorer.score_and_error(&p.build(&float).unwrap().0).unwrap()
+    };
+    assert!(
+        error_mixed < error_mixed_nearest,
+        "first layer float: GPTQ {error_mixed:.4e}, nearest {error_mixed_nearest:.4e}"
+    );
+    // Dropped, the model is nearest rounding's again.
+    prepared.clear_rounding();
+    assert_eq!(prepared.build(&all).unwrap().0, nearest);
 }

@@ -16,6 +16,7 @@
 //! only int32 biases change.
 use super::budget::{BudgetChoice, Scorer, SCORE_TIE};
 use super::calibrate::Calibrator;
+use super::gptq;
 use super::qdq::{self, BiasCorrections};
 use super::{Prepared, Scheme};
 use crate::engine::dataset::Dataset;
@@ -136,14 +137,79 @@ impl Summary {
     }
 }
 
-/// Forgets the corrections: models are built from the calibrated ranges alone again.
+/// Forgets the bias corrections: models are built from the calibrated ranges alone again.
 pub fn clear(prepared: &mut Prepared) {
     prepared.corrections.clear();
+}
+
+/// The post-training corrections [`refine`] measures anew for each model it scores: GPTQ weight
+/// rounding ([`gptq`]), then bias correction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Post {
+    pub gptq: bool,
+    pub bias: bool,
+}
+
+/// What the corrections of a preparation hold, to put back after a probe.
+type Held = (BiasCorrections, gptq::RoundedWeights);
+
+fn held(prepared: &Prepared) -> Held {
+    (prepared.corrections.clone(), prepared.rounded.clone())
+}
+
+fn restore(prepared: &mut Prepared, (corrections, rounded): Held) {
+    prepared.corrections = corrections;
+    prepared.rounded = rounded;
+}
+
+/// Measures `post`'s corrections for the model with the layers in `float` kept float (with
+/// `only`, for those layers alone); the description of what was done, None when nothing was.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    prepared: &mut Prepared,
+    rt: &Runtime,
+    data: &Dataset,
+    samples: usize,
+    float: &HashSet<String>,
+    only: Option<&[String]>,
+    post: Post,
+) -> Result<Option<String>> {
+    let none = crate::engine::NoProgress;
+    let mut parts = Vec::new();
+    if post.gptq {
+        // Biases measured for other weights would mislead the fit of the layers after them.
+        match only {
+            None => prepared.corrections.clear(),
+            Some(names) => names.iter().for_each(|n| {
+                prepared.corrections.remove(n);
+            }),
+        }
+        if let Some(s) = gptq::run(prepared, rt, data, samples, float, only, &none)? {
+            parts.push(s.describe());
+        }
+    }
+    if post.bias {
+        if let Some(s) = correct(prepared, rt, data, samples, float, only, &none)? {
+            parts.push(s.describe());
+        }
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("; ")))
 }
 
 /// The corrections held, by layer name.
 pub fn corrections(prepared: &Prepared) -> &BiasCorrections {
     &prepared.corrections
+}
+
+impl Post {
+    /// "GPTQ rounding and bias correction", "bias correction", "GPTQ rounding".
+    pub fn describe(&self) -> &'static str {
+        match (self.gptq, self.bias) {
+            (true, true) => "GPTQ rounding and bias correction",
+            (true, false) => "GPTQ rounding",
+            _ => "bias correction",
+        }
+    }
 }
 
 /// Whether the corrected model's (score, output error) is no worse than the uncorrected one's:
@@ -186,14 +252,13 @@ pub fn refine(
     choice: &mut BudgetChoice,
     max_drop: f64,
     trials: usize,
+    post: Post,
 ) -> Result<Vec<String>> {
-    let none = crate::engine::NoProgress;
     let within = |s: f64| scorer.float_score - s <= max_drop + 1e-9;
     let before = scorer.score_and_error(&choice.model)?;
-    let Some(summary) = correct(prepared, rt, data, samples, &choice.float, None, &none)? else {
+    let Some(mut note) = apply(prepared, rt, data, samples, &choice.float, None, post)? else {
         return Ok(Vec::new());
     };
-    let mut note = summary.describe();
     let after = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
     let kept = no_worse(after, before);
     note.push_str(&format!(
@@ -209,7 +274,8 @@ pub fn refine(
     let mut score = if kept {
         after.0
     } else {
-        clear(prepared);
+        prepared.corrections.clear();
+        prepared.rounded.clear();
         before.0
     };
     let mut float = choice.float.clone();
@@ -249,20 +315,20 @@ pub fn refine(
                 .filter(|n| !order[..mid].contains(n))
                 .cloned()
                 .collect();
-            let saved = prepared.corrections.clone();
-            correct(prepared, rt, data, samples, &probe, None, &none)?;
+            let saved = held(prepared);
+            apply(prepared, rt, data, samples, &probe, None, post)?;
             let s = scorer.score(&prepared.build(&probe)?.0)?;
             if within(s) {
                 lo = mid;
-                best = Some((probe, prepared.corrections.clone(), s));
+                best = Some((probe, held(prepared), s));
             } else {
                 hi = mid - 1;
             }
-            prepared.corrections = saved;
+            restore(prepared, saved);
         }
         if let Some((probe, corrections, s)) = best {
             (float, score) = (probe, s);
-            prepared.corrections = corrections;
+            restore(prepared, corrections);
             returned.extend(order[..lo].iter().cloned());
         }
         // Then one at a time, each with its own correction measured in place.
@@ -273,36 +339,30 @@ pub fn refine(
             left -= 1;
             let mut fewer = float.clone();
             fewer.remove(name);
-            let saved = prepared.corrections.clone();
-            correct(
-                prepared,
-                rt,
-                data,
-                samples,
-                &fewer,
-                Some(std::slice::from_ref(name)),
-                &none,
-            )?;
+            let saved = held(prepared);
+            let only = Some(std::slice::from_ref(name));
+            apply(prepared, rt, data, samples, &fewer, only, post)?;
             let s = scorer.score(&prepared.build(&fewer)?.0)?;
             if within(s) {
                 (float, score) = (fewer, s);
                 returned.push(name.clone());
             } else {
-                prepared.corrections = saved;
+                restore(prepared, saved);
             }
         }
     }
     if !returned.is_empty() {
-        let saved = prepared.corrections.clone();
-        correct(prepared, rt, data, samples, &float, None, &none)?;
+        let saved = held(prepared);
+        apply(prepared, rt, data, samples, &float, None, post)?;
         let s = scorer.score(&prepared.build(&float)?.0)?;
         if within(s) && s >= score - SCORE_TIE {
             score = s;
         } else {
-            prepared.corrections = saved;
+            restore(prepared, saved);
         }
         notes.push(format!(
-            "after bias correction {} float layer(s) went back to int8 within the budget (least harm per weight first: a bisection, every probe corrected anew, then one at a time): {}; {} {score:.4}, {} layer(s) float",
+            "after {} {} float layer(s) went back to int8 within the budget (least harm per weight first: a bisection, every probe corrected anew, then one at a time): {}; {} {score:.4}, {} layer(s) float",
+            post.describe(),
             returned.len(),
             returned.join(", "),
             scorer.metric,
@@ -317,7 +377,8 @@ pub fn refine(
                 .find(|n| n.node == l.node)
                 .map_or_else(|| "int8".into(), |n| n.precision.clone());
             l.reason = format!(
-                "int8 within the budget once bias-corrected ({})",
+                "int8 within the budget once corrected: {} ({})",
+                post.describe(),
                 l.reason
                     .strip_prefix("kept float for the accuracy budget: ")
                     .unwrap_or(&l.reason)

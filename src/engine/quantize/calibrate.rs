@@ -201,6 +201,21 @@ impl<'a> Calibrator<'a> {
             .collect())
     }
 
+    /// Calibration rows each pass runs over.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Runs the calibration rows once, handing each exposed tensor's shape and values to
+    /// `visit` batch by batch.
+    pub fn visit(
+        &mut self,
+        progress: &dyn Progress,
+        visit: impl FnMut(&str, &[i64], &[f32]),
+    ) -> Result<()> {
+        self.observe(progress, visit)
+    }
+
     /// Runs the calibration rows in batches and hands each exposed tensor's values to `visit`.
     fn observe(
         &mut self,

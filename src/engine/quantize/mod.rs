@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod dynamic;
 mod embedding;
 pub mod fp16;
+pub mod gptq;
 pub mod latency_gate;
 pub mod layers;
 pub mod opset;
@@ -109,6 +110,8 @@ pub struct Prepared {
     pub calibration_samples: usize,
     /// Bias shifts of static int8 layers ([`bias_correction`]); empty until computed.
     corrections: qdq::BiasCorrections,
+    /// Int8 weights rounded by GPTQ ([`gptq`]); empty: nearest rounding.
+    rounded: gptq::RoundedWeights,
 }
 
 impl Prepared {
@@ -257,6 +260,7 @@ impl Prepared {
             alternatives,
             calibration_samples,
             corrections: Default::default(),
+            rounded: Default::default(),
         })
     }
 
@@ -287,6 +291,8 @@ impl Prepared {
                 alternatives: Vec::new(),
                 calibration_samples: self.calibration_samples,
                 corrections: Default::default(),
+                // GPTQ reads the float model's inputs, not the activation ranges.
+                rounded: self.rounded.clone(),
             })
             .collect()
     }
@@ -328,6 +334,7 @@ impl Prepared {
                     &ranges,
                     &o,
                     &self.corrections,
+                    &self.rounded,
                 )?;
                 with_tables(proto, layers)
             }
@@ -389,6 +396,7 @@ impl Prepared {
             calibration_samples: self.calibration_samples,
             // Measured for per-channel weights: one scale per tensor errs differently.
             corrections: Default::default(),
+            rounded: Default::default(),
         })
     }
 
@@ -404,7 +412,19 @@ impl Prepared {
             calibration_samples: self.calibration_samples,
             // Training moved the weights the corrections were measured for.
             corrections: Default::default(),
+            rounded: Default::default(),
         }
+    }
+
+    /// Layers whose int8 weights GPTQ rounded.
+    pub fn rounded_layers(&self) -> usize {
+        self.rounded.len()
+    }
+
+    /// Back to nearest rounding (and the bias corrections measured with GPTQ's weights).
+    pub fn clear_rounding(&mut self) {
+        self.rounded.clear();
+        self.corrections.clear();
     }
 
     /// The calibrated activation ranges (static schemes).

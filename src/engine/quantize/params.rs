@@ -197,6 +197,7 @@ fn with_channel_max<T: F32>(
 }
 
 /// Symmetric int8 weights and their scales.
+#[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeights {
     /// One scale, or one per channel.
     pub scales: Vec<f32>,

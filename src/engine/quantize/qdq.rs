@@ -306,7 +306,7 @@ pub type BiasCorrections = HashMap<String, Vec<f32>>;
 
 /// Rewrites the model in QDQ form. `per_channel` needs opset 13 (the `axis` attribute of
 /// DequantizeLinear). A layer in `corrections` gets its bias shifted (a Conv or Gemm without one
-/// gets one).
+/// gets one); a weight in `rounded` takes those integers and scales instead of nearest rounding.
 pub fn rewrite(
     model: &ModelProto,
     targets: &[Target],
@@ -314,6 +314,7 @@ pub fn rewrite(
     ranges: &Ranges,
     opts: &StaticOptions,
     corrections: &BiasCorrections,
+    rounded: &super::gptq::RoundedWeights,
 ) -> Result<ModelProto> {
     let mut out = model.clone();
     let graph = out.graph.as_mut().expect("loaded models have a graph");
@@ -353,19 +354,21 @@ pub fn rewrite(
             rename.push((t.node, 1, dq.clone()));
             (sname.clone(), scales.clone())
         } else {
-            let values = f32_le(w).expect("planned weights are float");
             let QuantizedWeights {
                 scales,
                 values: q,
                 per_channel,
-            } = quantize_weights_bits(
-                &values,
-                &shape,
-                t.axis,
-                opts.per_channel,
-                opts.auto_granularity,
-                opts.reduce_range,
-            );
+            } = match rounded.get(&t.weight) {
+                Some(q) => (*q).clone(),
+                None => quantize_weights_bits(
+                    &f32_le(w).expect("planned weights are float"),
+                    &shape,
+                    t.axis,
+                    opts.per_channel,
+                    opts.auto_granularity,
+                    opts.reduce_range,
+                ),
+            };
             let (qname, sname, dqname) = (
                 format!("{}_q", t.weight),
                 format!("{}_s", t.weight),
