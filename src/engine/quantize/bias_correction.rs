@@ -236,8 +236,8 @@ pub fn run(
     Ok(vec![note])
 }
 
-/// After the accuracy budget's search: corrects the chosen model's int8 layers and keeps that when
-/// it scores no worse; then (either way), while the budget holds, returns float layers to int8 in order of
+/// After the accuracy budget's search: corrects the chosen model's int8 layers (`post`: GPTQ
+/// rounding for its float layers, then bias correction) and keeps that when it scores no worse; then (either way), while the budget holds, returns float layers to int8 in order of
 /// least harm per weight — a bisection for the longest prefix of that order (each probe corrected
 /// anew), then the rest one at a time (each with its own correction measured in place), at most
 /// `trials` trial models — and corrects the whole result again when that scores no worse.

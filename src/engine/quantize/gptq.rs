@@ -29,9 +29,7 @@ use ndarray::{Array2, ArrayView2};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 
-/// Int8 weights GPTQ rounded, by weight initializer name (used in place of nearest rounding
-/// when the QDQ model is written).
-pub type RoundedWeights = HashMap<String, QuantizedWeights>;
+pub use super::qdq::RoundedWeights;
 
 /// Rows of X each calibration batch adds to a layer's H at most (sampled evenly across the
 /// batch's output positions): a 48x320 text line gives a first Conv 61,440 patches per batch of
@@ -236,7 +234,7 @@ fn layers_of(model: &ModelProto, targets: &[Target]) -> (Vec<Layer>, Vec<(String
 /// per-position agreement against 0.885 with nearest rounding; each layer fitted to its own
 /// float input rounded (no earlier layer int8) 0.878, and to the float input alone 0.860.
 /// Rounding that makes up for earlier layers over-corrects when those stay float, so it is
-/// measured for the set of float layers the model will have ([`super::bias_correction::refine`]
+/// measured for the set of float layers the model will have (the bias correction's `refine`
 /// rounds every model the accuracy budget's give-back scores anew).
 pub fn run(
     prepared: &mut Prepared,

@@ -111,7 +111,7 @@ pub struct Prepared {
     /// Bias shifts of static int8 layers ([`bias_correction`]); empty until computed.
     corrections: qdq::BiasCorrections,
     /// Int8 weights rounded by GPTQ ([`gptq`]); empty: nearest rounding.
-    rounded: gptq::RoundedWeights,
+    rounded: qdq::RoundedWeights,
 }
 
 impl Prepared {

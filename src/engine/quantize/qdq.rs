@@ -300,6 +300,10 @@ pub fn activation_limits(ty: ActivationType) -> (i32, i32) {
     }
 }
 
+/// Int8 weights rounded otherwise than to nearest (GPTQ, the `gptq` module), by weight initializer
+/// name: written in place of nearest rounding.
+pub type RoundedWeights = HashMap<String, QuantizedWeights>;
+
 /// Per-output-channel shifts to subtract from quantized layers' biases, by layer name
 /// ([`super::bias_correction`]).
 pub type BiasCorrections = HashMap<String, Vec<f32>>;
@@ -314,7 +318,7 @@ pub fn rewrite(
     ranges: &Ranges,
     opts: &StaticOptions,
     corrections: &BiasCorrections,
-    rounded: &super::gptq::RoundedWeights,
+    rounded: &RoundedWeights,
 ) -> Result<ModelProto> {
     let mut out = model.clone();
     let graph = out.graph.as_mut().expect("loaded models have a graph");
