@@ -259,8 +259,8 @@ pub fn refine(
     let Some(mut note) = apply(prepared, rt, data, samples, &choice.float, None, post)? else {
         return Ok(Vec::new());
     };
-    let after = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
-    let kept = no_worse(after, before);
+    let mut after = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
+    let mut kept = no_worse(after, before);
     note.push_str(&format!(
         "; the budget's model scores {} {:.4} with it, {:.4} without: {}",
         scorer.metric,
@@ -269,8 +269,27 @@ pub fn refine(
         if kept { "kept" } else { "not kept" }
     ));
     let mut notes = vec![note];
-    // Not kept on the budget's model (whose shifts its float layers already avoid), corrections
-    // may still let more layers go int8: every probe below is corrected and scored anew.
+    let mut post = post;
+    if !kept && post.gptq && post.bias {
+        // GPTQ that does not pay on this model (its int8 layers read float inputs, where the
+        // fit has little to make up for) may still hide what bias correction alone gives.
+        post.gptq = false;
+        prepared.rounded.clear();
+        if let Some(mut note) = apply(prepared, rt, data, samples, &choice.float, None, post)? {
+            after = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
+            kept = no_worse(after, before);
+            note.push_str(&format!(
+                "; without GPTQ rounding the budget's model scores {:.4}: {}",
+                after.0,
+                if kept { "kept" } else { "not kept" }
+            ));
+            notes.push(note);
+        }
+    }
+    // Not kept on the budget's model (whose shifts its float layers already avoid), bias
+    // corrections may still let more layers go int8: every probe below is corrected and scored
+    // anew (with bias correction on, GPTQ only when it paid on the budget's model: each probe
+    // rounds every int8 layer).
     let mut score = if kept {
         after.0
     } else {
