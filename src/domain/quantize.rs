@@ -46,8 +46,10 @@ pub enum Granularity {
 #[serde(rename_all = "snake_case")]
 pub enum WeightRounding {
     /// GPTQ: each layer's weights rounded one input after another, the weights not yet rounded
-    /// moved to cancel the error on the calibration rows' inputs. Same scales as nearest
-    /// rounding. With an accuracy budget it is kept only when every-layer-int8 scores no worse.
+    /// moved to cancel the error on the calibration rows' inputs, each layer fitted to the float
+    /// output from the input it reads with the earlier layers int8. Same scales as nearest
+    /// rounding. With an accuracy budget it is measured for the float layers the budget chose and
+    /// kept when that model scores no worse.
     #[default]
     Gptq,
     /// Each weight to its nearest integer step.
