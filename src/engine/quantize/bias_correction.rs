@@ -237,8 +237,10 @@ pub fn run(
 }
 
 /// After the accuracy budget's search: corrects the chosen model's int8 layers (`post`: GPTQ
-/// rounding for its float layers, then bias correction) and keeps that when it scores no worse; then (either way), while the budget holds, returns float layers to int8 in order of
-/// least harm per weight — a bisection for the longest prefix of that order (each probe corrected
+/// rounding for its float layers, then bias correction) and keeps that when it scores no worse
+/// (when both together do not, each alone is measured and the better kept on the same terms);
+/// then (either way), while the budget holds, returns float layers to int8 in order of least
+/// harm per weight — a bisection for the longest prefix of that order (each probe corrected
 /// anew), then the rest one at a time (each with its own correction measured in place), at most
 /// `trials` trial models — and corrects the whole result again when that scores no worse.
 /// `choice` is updated; returns the notes.
@@ -271,19 +273,53 @@ pub fn refine(
     let mut notes = vec![note];
     let mut post = post;
     if !kept && post.gptq && post.bias {
-        // GPTQ that does not pay on this model (its int8 layers read float inputs, where the
-        // fit has little to make up for) may still hide what bias correction alone gives.
-        post.gptq = false;
-        prepared.rounded.clear();
-        if let Some(mut note) = apply(prepared, rt, data, samples, &choice.float, None, post)? {
-            after = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
-            kept = no_worse(after, before);
+        // Together they may score worse than either alone: GPTQ that does not pay on this model
+        // (its int8 layers read float inputs, where the fit has little to make up for) may hide
+        // what bias correction gives, and biases measured on a few rows may undo what GPTQ gives.
+        // Each alone is measured; the better is kept when it scores no worse than the model
+        // without corrections.
+        let mut best: Option<(Post, (f64, f64), Held)> = None;
+        for alone in [
+            Post {
+                gptq: true,
+                bias: false,
+            },
+            Post {
+                gptq: false,
+                bias: true,
+            },
+        ] {
+            prepared.corrections.clear();
+            prepared.rounded.clear();
+            let Some(mut note) = apply(prepared, rt, data, samples, &choice.float, None, alone)?
+            else {
+                continue;
+            };
+            let scored = scorer.score_and_error(&prepared.build(&choice.float)?.0)?;
             note.push_str(&format!(
-                "; without GPTQ rounding the budget's model scores {:.4}: {}",
-                after.0,
-                if kept { "kept" } else { "not kept" }
+                "; {} alone: the budget's model scores {:.4}",
+                alone.describe(),
+                scored.0
             ));
             notes.push(note);
+            if best.as_ref().is_none_or(|(_, b, _)| !no_worse(*b, scored)) {
+                best = Some((alone, scored, held(prepared)));
+            }
+        }
+        if let Some((alone, scored, corrections)) = best {
+            kept = no_worse(scored, before);
+            if kept {
+                (post, after) = (alone, scored);
+                restore(prepared, corrections);
+            }
+            notes.push(format!(
+                "{} alone {}",
+                alone.describe(),
+                if kept { "kept" } else { "not kept either" }
+            ));
+        }
+        if !kept {
+            post.gptq = false;
         }
     }
     // Not kept on the budget's model (whose shifts its float layers already avoid), bias
