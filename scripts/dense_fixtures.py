@@ -8,6 +8,9 @@
 - tagger.onnx: a per-position classifier [n, 12, 6] -> [n, 12, 5]; labels padded with -100.
 - ctc.onnx: a CTC "recogniser" [n, 16, 8] -> softmax [n, 16, 6] whose metadata lists its
   characters (`character`, one per line, as PaddleOCR writes it); labels are strings.
+- ctc_time_major.onnx, ctc_time_major_b1.onnx: the same recogniser exporting time-major
+  [16, n, 6] as recurrent CTC models do (PyTorch's `CTCLoss` layout), with a dynamic batch and
+  with the batch fixed to 1; they must score exactly as ctc.onnx does.
 
 Each model comes with what numpy computes from onnxruntime's outputs (the numbers Shrink must match).
 """
@@ -166,14 +169,20 @@ def segmentation(out):
     return refs
 
 
-def _sequence_model(path, weight, bias, inp, out_name, softmax, characters=None):
+def _sequence_model(path, weight, bias, inp, out_name, softmax, characters=None, time_major=False, batch="n"):
+    last = "z" if softmax else out_name
     nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="proj"),
-             helper.make_node("Add", ["mm", "b"], ["z" if softmax else out_name], name="bias")]
+             helper.make_node("Add", ["mm", "b"], [last], name="bias")]
     if softmax:
-        nodes.append(helper.make_node("Softmax", ["z"], [out_name], name="softmax", axis=-1))
+        last = "p" if time_major else out_name
+        nodes.append(helper.make_node("Softmax", ["z"], [last], name="softmax", axis=-1))
+    out_shape = [batch, inp[0], weight.shape[1]]
+    if time_major:
+        nodes.append(helper.make_node("Transpose", [last], [out_name], name="time_major", perm=[1, 0, 2]))
+        out_shape = [inp[0], batch, weight.shape[1]]
     graph = helper.make_graph(
-        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", inp[0], inp[1]])],
-        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["n", inp[0], weight.shape[1]])],
+        nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, inp[0], inp[1]])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -228,6 +237,11 @@ def sequences(out):
     _sequence_model(os.path.join(out, "ctc.onnx"), w, np.zeros(len(chars) + 1, np.float32), (t, d), "probs",
                     softmax=True, characters=chars)
     np.savez(os.path.join(out, "ctc_val.npz"), x=x, labels=np.array(truth))
+    for name, batch in (("ctc_time_major.onnx", "n"), ("ctc_time_major_b1.onnx", 1)):
+        _sequence_model(os.path.join(out, name), w, np.zeros(len(chars) + 1, np.float32), (t, d), "probs",
+                        softmax=True, characters=chars, time_major=True, batch=batch)
+        first = _session(os.path.join(out, name)).run(None, {"x": x[:1]})[0]
+        assert first.shape == (t, 1, len(chars) + 1), first.shape
     probs = _session(os.path.join(out, "ctc.onnx")).run(None, {"x": x})[0]
     decoded = ["".join(chars[k - 1] for k in s) for s in ctc_decode(probs)]
     edits = sum(levenshtein(p, l) for p, l in zip(decoded, truth))
@@ -283,6 +297,33 @@ def train_dense_ops(out):
     onnx.checker.check_model(model)
     onnx.save(model, os.path.join(out, "upsample9.onnx"))
     np.savez(os.path.join(out, "upsample9.npz"), x=rng.normal(0, 1, (8, 3, 4, 5)).astype(np.float32))
+
+    # Strides that differ per axis, as text recognisers halve the height alone: a depthwise 2x1,
+    # a 1x2 with 5x5 kernels, a 3x2 with padding on one axis; and a strided 1-D convolution.
+    inits = [t("wd", 4, 1, 3, 3), t("bd", 4, s=0.1), t("wp", 6, 4, 5, 5, s=0.2), t("wq", 5, 6, 3, 3, s=0.2)]
+    nodes = [helper.make_node("Conv", ["x", "wd", "bd"], ["d"], name="dw21", group=4, strides=[2, 1], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["d"], ["a"], name="act"),
+             helper.make_node("Conv", ["a", "wp"], ["e"], name="conv12", strides=[1, 2], pads=[2, 2, 2, 2]),
+             helper.make_node("Conv", ["e", "wq"], ["y"], name="conv32", strides=[3, 2], pads=[1, 0, 1, 0])]
+    graph = helper.make_graph(nodes, "strided", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 4, 9, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 5, 2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "strided_ops.onnx"))
+    np.savez(os.path.join(out, "strided_ops.npz"), x=rng.normal(0, 1, (8, 4, 9, 10)).astype(np.float32))
+    y = _session(os.path.join(out, "strided_ops.onnx")).run(None, {"x": np.zeros((8, 4, 9, 10), np.float32)})[0]
+    assert y.shape == (8, 5, 2, 2), y.shape
+
+    inits = [t("w1d", 4, 3, 3)]
+    nodes = [helper.make_node("Conv", ["x", "w1d"], ["y"], name="conv1d", strides=[2], pads=[1, 1])]
+    graph = helper.make_graph(nodes, "strided1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 3, 11])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 4, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(out, "strided1d.onnx"))
+    np.savez(os.path.join(out, "strided1d.npz"), x=rng.normal(0, 1, (8, 3, 11)).astype(np.float32))
 
 
 def unet(out, widths=(16, 32, 64), name="unet_teacher"):

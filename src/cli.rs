@@ -125,6 +125,9 @@ pub struct QuantizeArgs {
     /// `--mode qat`: peak AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub learning_rate: f64,
+    /// `--mode qat`: rows per optimizer step (the stage's default when absent).
+    #[arg(long)]
+    pub batch_size: Option<u32>,
     /// The output the accuracy budget scores (inferred when unambiguous).
     #[arg(long = "output")]
     pub classifier: Option<String>,
@@ -308,8 +311,11 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         options.insert("weight_rounding".into(), r.clone().into());
     }
     if options["mode"] == "qat" {
-        let training =
+        let mut training =
             serde_json::json!({"epochs": args.epochs, "learning_rate": args.learning_rate});
+        if let Some(b) = args.batch_size {
+            training["batch_size"] = b.into();
+        }
         options.insert("qat".into(), training);
     }
     let mut evaluate = serde_json::json!({"stage": "evaluate"});

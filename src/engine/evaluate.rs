@@ -87,7 +87,7 @@ pub fn evaluate(
             ),
         });
     }
-    let mut outputs: Vec<OutputValue> = Vec::new();
+    let mut batches: Vec<(usize, Vec<OutputValue>)> = Vec::new();
     let mut start = 0;
     while start < usable {
         let end = (start + batch).min(usable);
@@ -95,9 +95,25 @@ pub fn evaluate(
             &mut session,
             runtime::feeds(data, &binding.inputs, start..end)?,
         )?;
-        append(&mut outputs, batch_out);
+        batches.push((end - start, batch_out));
         start = end;
         progress.update(0.5 * start as f64 / usable as f64)?;
+    }
+
+    let time_major = time_major_outputs(&batches);
+    let mut outputs: Vec<OutputValue> = Vec::new();
+    for (rows, mut batch_out) in batches {
+        for o in &mut batch_out {
+            if time_major.contains(&o.name) {
+                to_batch_major(o, rows);
+            }
+        }
+        append(&mut outputs, batch_out);
+    }
+    for name in &time_major {
+        notes.push(format!(
+            "output `{name}` is time-major ([T, N, C]: its axis 1 follows the batch); it is read as [N, T, C]"
+        ));
     }
 
     let warmup = opts.warmup_runs as usize;
@@ -271,6 +287,54 @@ pub fn choose_classifier(
     }
 }
 
+/// The outputs that are time-major `[T, N, C]` (as recurrent CTC models export them for
+/// PyTorch's `CTCLoss`): rank 3 with axis 1 following the batch and axis 0 not, in at least one
+/// batch of `(rows, outputs)` and never contradicted by another. An output whose axes 0 and 1 both
+/// equal the batch in every batch is read as batch-major.
+pub fn time_major_outputs(batches: &[(usize, Vec<OutputValue>)]) -> Vec<String> {
+    let Some((_, first)) = batches.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            let mut seen = false;
+            for (rows, outs) in batches {
+                let Some([t, n, _]) = outs.get(*i).map(|o| &o.shape[..]) else {
+                    return false;
+                };
+                if *n != *rows {
+                    return false;
+                }
+                seen |= *t != *rows;
+            }
+            seen
+        })
+        .map(|(_, o)| o.name.clone())
+        .collect()
+}
+
+/// Turns a time-major `[T, N, C]` output of `rows` rows into `[N, T, C]`, so that axis 0 holds
+/// samples like every other output.
+pub fn to_batch_major(out: &mut OutputValue, rows: usize) {
+    let [t, n, c] = out.shape[..] else {
+        return;
+    };
+    debug_assert_eq!(n, rows);
+    if n > 1 {
+        let mut moved = Vec::with_capacity(out.values.len());
+        for s in 0..n {
+            for step in 0..t {
+                let at = (step * n + s) * c;
+                moved.extend_from_slice(&out.values[at..at + c]);
+            }
+        }
+        out.values = moved;
+    }
+    out.shape = vec![n, t, c];
+}
+
 fn append(acc: &mut Vec<OutputValue>, batch: Vec<OutputValue>) {
     if acc.is_empty() {
         *acc = batch;
@@ -348,4 +412,52 @@ fn compare(
 /// Bytes after zstd at level 3: what zeros and repeated weights save in transfer and storage.
 pub fn zstd_size(bytes: &[u8]) -> u64 {
     zstd::bulk::compress(bytes, 3).map_or(bytes.len() as u64, |c| c.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(shape: &[usize]) -> OutputValue {
+        OutputValue {
+            name: "y".into(),
+            shape: shape.to_vec(),
+            values: (0..shape.iter().product::<usize>())
+                .map(|v| v as f32)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn time_major_outputs_need_one_telling_batch_and_no_contradiction() {
+        // [T=4, N=3, C=2] then a remainder batch where T equals the rows.
+        let tm = vec![(3, vec![out(&[4, 3, 2])]), (4, vec![out(&[4, 4, 2])])];
+        assert_eq!(time_major_outputs(&tm), vec!["y".to_string()]);
+        // Every batch ambiguous: batch-major.
+        assert!(time_major_outputs(&[(4, vec![out(&[4, 4, 2])])]).is_empty());
+        // Batch-major [N, T, C]; the second batch's axis 1 happens to equal its rows.
+        let bm = vec![(3, vec![out(&[3, 5, 2])]), (5, vec![out(&[5, 5, 2])])];
+        assert!(time_major_outputs(&bm).is_empty());
+        // Axis 1 follows the batch once but not in another batch: not time-major.
+        let mixed = vec![(3, vec![out(&[4, 3, 2])]), (2, vec![out(&[2, 4, 2])])];
+        assert!(time_major_outputs(&mixed).is_empty());
+        // Other ranks are never moved.
+        assert!(time_major_outputs(&[(3, vec![out(&[4, 3])])]).is_empty());
+    }
+
+    #[test]
+    fn to_batch_major_transposes_time_and_batch() {
+        let mut o = out(&[2, 3, 2]);
+        // values[t][n][c] = t*6 + n*2 + c
+        to_batch_major(&mut o, 3);
+        assert_eq!(o.shape, vec![3, 2, 2]);
+        assert_eq!(
+            o.values,
+            vec![0., 1., 6., 7., 2., 3., 8., 9., 4., 5., 10., 11.]
+        );
+        let mut one = out(&[5, 1, 2]);
+        to_batch_major(&mut one, 1);
+        assert_eq!((one.shape.clone(), one.values.len()), (vec![1, 5, 2], 10));
+        assert_eq!(one.values, out(&[5, 1, 2]).values);
+    }
 }

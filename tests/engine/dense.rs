@@ -195,6 +195,56 @@ fn per_position_and_ctc_metrics_equal_numpy() {
 }
 
 #[test]
+fn time_major_ctc_outputs_score_exactly_as_batch_major_ones() {
+    let val = data("ctc_val.npz");
+    let want = eval_with(&model("ctc.onnx"), &val, &quick()).unwrap();
+    let want_seq = want
+        .metrics
+        .task
+        .as_ref()
+        .unwrap()
+        .sequence
+        .clone()
+        .unwrap();
+    // Batches of 32 and 16 rows over 16 steps: the second batch alone could be either layout.
+    for name in ["ctc_time_major.onnx", "ctc_time_major_b1.onnx"] {
+        let e = evaluate(
+            &rt(),
+            &model(name),
+            &val,
+            &quick(),
+            Some(&want.as_baseline()),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(
+            e.notes.iter().any(|n| n.contains("`probs` is time-major")),
+            "{name}: {:?}",
+            e.notes
+        );
+        let t = e.metrics.task.unwrap();
+        assert_eq!(t.task, TaskKind::Ctc, "{name}");
+        let s = t.sequence.unwrap();
+        assert_eq!(s.sequence_accuracy, want_seq.sequence_accuracy, "{name}");
+        assert_eq!(
+            s.character_error_rate, want_seq.character_error_rate,
+            "{name}"
+        );
+        assert_eq!(e.outputs[0].shape, want.outputs[0].shape, "{name}");
+        assert_eq!(e.outputs[0].values, want.outputs[0].values, "{name}");
+        let f = &e.metrics.fidelity[0];
+        assert_eq!(
+            (f.top1_agreement, f.sequence_agreement),
+            (1.0, Some(1.0)),
+            "{name}"
+        );
+    }
+    // The batch-major model is never read as time-major, even where a batch is as long as its
+    // sequences.
+    assert!(want.notes.iter().all(|n| !n.contains("time-major")));
+}
+
+#[test]
 fn text_labels_cannot_feed_a_model_input() {
     let mut d = data("ctc_val.npz");
     let texts = d.tensor("labels").unwrap().clone();

@@ -11,6 +11,8 @@ fn decoder_ops_match_onnx_runtime_and_their_gradients_match_finite_differences()
     for (model, data) in [
         ("dense_ops.onnx", "dense_ops.npz"),
         ("upsample9.onnx", "upsample9.npz"),
+        ("strided_ops.onnx", "strided_ops.npz"),
+        ("strided1d.onnx", "strided1d.npz"),
     ] {
         let m = load_model_file(&fixture(model)).unwrap();
         let d = dataset::load(&fixture(data)).unwrap();

@@ -38,10 +38,12 @@ pub(super) struct Window {
     pads: [usize; 4],
 }
 
+/// 1-D attributes (one stride, two pads) describe the width of a height-1 window.
 pub(super) fn window(n: &NodeProto, kernel: [usize; 2], hw: [usize; 2]) -> Result<Window> {
     let two = |name: &str| -> Result<[usize; 2]> {
         match attr_ints(n, name).as_deref() {
             None | Some([]) => Ok([1, 1]),
+            Some([a]) => Ok([1, *a as usize]),
             Some([a, b]) => Ok([*a as usize, *b as usize]),
             Some(v) => bail!("`{name}` {v:?} is not 2-D"),
         }
@@ -50,6 +52,7 @@ pub(super) fn window(n: &NodeProto, kernel: [usize; 2], hw: [usize; 2]) -> Resul
     let mut pads = match attr_ints(n, "pads").as_deref() {
         None | Some([]) => [0; 4],
         Some([t, l, b, r]) => [*t as usize, *l as usize, *b as usize, *r as usize],
+        Some([l, r]) => [0, *l as usize, 0, *r as usize],
         Some(v) => bail!("`pads` {v:?} is not 2-D"),
     };
     match attr_s(n, "auto_pad").as_deref() {
@@ -87,23 +90,16 @@ pub(super) fn conv(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) ->
     let (_, _, kh, kw) = w.dims4()?;
     let mut win = window(n, [kh, kw], [h, wd])?;
     if one_d {
-        // The 1-D attributes describe the width.
-        let ints = |k| attr_ints(n, k).unwrap_or_default();
-        let s = ints("strides").first().copied().unwrap_or(1) as usize;
-        let d = ints("dilations").first().copied().unwrap_or(1) as usize;
-        let p = ints("pads");
-        win.strides = [1, s];
-        win.dilations = [1, d];
-        win.pads = [
-            0,
-            *p.first().unwrap_or(&0) as usize,
-            0,
-            *p.get(1).unwrap_or(&0) as usize,
-        ];
+        // Height 1, kernel height 1, no height padding: any height stride or dilation gives
+        // height 1, so the width's serve both axes.
+        (win.strides[0], win.dilations[0]) = (win.strides[1], win.dilations[1]);
     }
-    if win.strides[0] != win.strides[1] || win.dilations[0] != win.dilations[1] {
-        bail!("Conv with different strides or dilations per axis is not supported for training")
+    if win.dilations[0] != win.dilations[1] {
+        bail!("Conv with different dilations per axis is not supported for training")
     }
+    // candle strides both axes alike: convolve at the strides' common divisor, then keep every
+    // (stride / divisor)-th row and column (text recognisers halve the height alone, stride 2x1).
+    let common = gcd(win.strides[0], win.strides[1]);
     let p = win.pads;
     let (x, padding) = if p[0] == p[1] && p[1] == p[2] && p[2] == p[3] {
         (x, p[0])
@@ -111,13 +107,10 @@ pub(super) fn conv(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) ->
         (pad2d(&x, p, 0.0)?, 0)
     };
     let groups = attr_i(n, "group", 1) as usize;
-    let mut y = x.conv2d(
-        &w.contiguous()?,
-        padding,
-        win.strides[0],
-        win.dilations[0],
-        groups,
-    )?;
+    let mut y = x.conv2d(&w.contiguous()?, padding, common, win.dilations[0], groups)?;
+    for (axis, stride) in [(2, win.strides[0]), (3, win.strides[1])] {
+        y = every(&y, axis, stride / common)?;
+    }
     if let Some(b) = b {
         y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
     }
@@ -125,6 +118,25 @@ pub(super) fn conv(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) ->
         y = y.squeeze(2)?;
     }
     Ok(y)
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Every `step`-th entry of `axis`, from the first (`index_select` has a backward pass).
+fn every(x: &Tensor, axis: usize, step: usize) -> Result<Tensor> {
+    if step <= 1 {
+        return Ok(x.clone());
+    }
+    let len = x.dim(axis)?;
+    let keep: Vec<u32> = (0..len).step_by(step).map(|i| i as u32).collect();
+    let n = keep.len();
+    x.index_select(&Tensor::from_vec(keep, n, x.device())?, axis)
 }
 
 /// Max and average pooling of any kernel, stride and padding: the window's k x k strided views
