@@ -652,65 +652,93 @@ fn a_budget_the_search_cannot_meet_returns_the_best_model_found_and_says_so() {
 fn when_gptq_and_bias_correction_together_score_worse_on_the_budgets_model_each_is_measured_alone()
 {
     use quantize::bias_correction::{refine, Post};
-    // 100 chaotic 8x8 MatMuls: GPTQ fitted with 70 of them float scores below nearest rounding.
+    // 100 chaotic 8x8 MatMuls: GPTQ fitted with many of them float can score below nearest
+    // rounding, surely when it is fitted on a few rows (it overfits them). Which settings show
+    // it depends on the CPU's float kernels (one machine's did with entropy ranges, a 5-point
+    // budget and 64 rows, another's not), so several are tried; at least one must, and every
+    // one must end consistent with ONNX Runtime.
     let (m, d) = (model("chaotic_chain.onnx"), data("chaotic_chain.npz"));
-    let scheme = static_scheme(true, Some(RangeMethod::Entropy));
-    let c = CalibrationData {
-        data: &d,
-        samples: 64,
-    };
-    let mut prepared = Prepared::new(&rt(), &m, &scheme, Some(c), &NoProgress).unwrap();
     let runtime = rt();
     let scorer = budget::Scorer::new(&runtime, &m, &d, &quick()).unwrap();
-    let mut choice =
-        budget::search(&prepared, &scorer, 0.05, budget::MAX_TRIALS, &NoProgress).unwrap();
-    assert!(
-        choice.holds && !choice.float.is_empty(),
-        "{:?}",
-        choice.notes
-    );
-    let before = scorer.float_score - choice.drop;
-    let both = Post {
-        gptq: true,
-        bias: true,
-    };
-    let notes = refine(
-        &mut prepared,
-        &rt(),
-        &d,
-        64,
-        &scorer,
-        &mut choice,
-        0.05,
-        budget::MAX_TRIALS,
-        both,
-    )
-    .unwrap();
-    assert!(notes[0].ends_with(": not kept"), "{notes:?}");
-    // GPTQ alone measured (bias correction has no Conv or Gemm to move here), and not kept when
-    // it scores below the uncorrected model.
-    let alone = notes
-        .iter()
-        .find(|n| n.contains("; GPTQ rounding alone: the budget's model scores "))
-        .unwrap_or_else(|| panic!("{notes:?}"));
-    let score: f64 = alone.rsplit(' ').next().unwrap().parse().unwrap();
-    let verdict = if score >= before {
-        "GPTQ rounding alone kept"
-    } else {
-        "GPTQ rounding alone not kept either"
-    };
-    assert!(notes.iter().any(|n| n == verdict), "{before}: {notes:?}");
-    assert!(choice.holds, "{notes:?}");
-    let q = quantize::finish(&rt(), &choice.model).unwrap();
     let base = eval(&m, &d, None);
-    let got = eval(&q, &d, Some(&base));
-    let agreement = shrink::domain::report::primary_fidelity(&got.metrics)
-        .unwrap()
-        .agreement();
-    assert!(
-        (scorer.float_score - choice.drop - agreement).abs() < 1e-9,
-        "{agreement}: {notes:?}"
-    );
+    let mut firsts = Vec::new();
+    for (method, max_drop, fit_rows) in [
+        (RangeMethod::Entropy, 0.05, 64),
+        (RangeMethod::Entropy, 0.05, 2),
+        (RangeMethod::Entropy, 0.05, 4),
+        (RangeMethod::Mse, 0.05, 2),
+        (RangeMethod::Entropy, 0.08, 2),
+    ] {
+        let scheme = static_scheme(true, Some(method));
+        let c = CalibrationData {
+            data: &d,
+            samples: 64,
+        };
+        let mut prepared = Prepared::new(&rt(), &m, &scheme, Some(c), &NoProgress).unwrap();
+        let mut choice = budget::search(
+            &prepared,
+            &scorer,
+            max_drop,
+            budget::MAX_TRIALS,
+            &NoProgress,
+        )
+        .unwrap();
+        if !choice.holds || choice.float.is_empty() {
+            firsts.push(format!("{method:?} {max_drop}: {:?}", choice.notes));
+            continue;
+        }
+        let before = scorer.float_score - choice.drop;
+        let both = Post {
+            gptq: true,
+            bias: true,
+        };
+        let notes = refine(
+            &mut prepared,
+            &rt(),
+            &d,
+            fit_rows,
+            &scorer,
+            &mut choice,
+            max_drop,
+            budget::MAX_TRIALS,
+            both,
+        )
+        .unwrap();
+        assert!(choice.holds, "{notes:?}");
+        let q = quantize::finish(&rt(), &choice.model).unwrap();
+        let got = eval(&q, &d, Some(&base));
+        let agreement = shrink::domain::report::primary_fidelity(&got.metrics)
+            .unwrap()
+            .agreement();
+        assert!(
+            (scorer.float_score - choice.drop - agreement).abs() < 1e-9,
+            "{agreement}: {notes:?}"
+        );
+        if !notes[0].ends_with(": not kept") {
+            // Both together kept: nothing is measured alone.
+            assert!(notes.iter().all(|n| !n.contains("alone")), "{notes:?}");
+            firsts.push(format!(
+                "{method:?} {max_drop} {fit_rows} rows: {}",
+                notes[0]
+            ));
+            continue;
+        }
+        // GPTQ alone measured (bias correction has no Conv or Gemm to move here), and not kept
+        // when it scores below the uncorrected model.
+        let alone = notes
+            .iter()
+            .find(|n| n.contains("; GPTQ rounding alone: the budget's model scores "))
+            .unwrap_or_else(|| panic!("{notes:?}"));
+        let score: f64 = alone.rsplit(' ').next().unwrap().parse().unwrap();
+        let verdict = if score >= before {
+            "GPTQ rounding alone kept"
+        } else {
+            "GPTQ rounding alone not kept either"
+        };
+        assert!(notes.iter().any(|n| n == verdict), "{before}: {notes:?}");
+        return;
+    }
+    panic!("GPTQ and bias correction together were kept under every setting: {firsts:#?}");
 }
 
 #[test]
