@@ -438,7 +438,15 @@ pub async fn download(
             return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response());
         }
     }
-    let blob = state.blobs.get_stream(key).await?;
+    let blob = match state.blobs.get_stream(key).await {
+        // A DELETE that ran between reading the row and opening the object: the file is gone.
+        Err(crate::blob::BlobError::NotFound(_)) => {
+            return Err(ApiError::NotFound(format!(
+                "the file of {filename} (deleted meanwhile)"
+            )))
+        }
+        other => other?,
+    };
     Ok((
         [
             (header::CONTENT_TYPE, content_type.to_string()),

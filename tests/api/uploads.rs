@@ -64,6 +64,36 @@ async fn an_uploaded_model_round_trips_with_its_hash_and_summary() {
 }
 
 #[tokio::test]
+async fn a_file_whose_object_is_gone_is_a_404_not_a_500() {
+    // A DELETE can remove the object between a download reading the row and opening the file.
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_mlp.onnx").await;
+    let id = m["id"].as_str().unwrap();
+    let blobs = files_under(&app.data_dir.path().join("blobs"));
+    let stored: Vec<_> = blobs
+        .iter()
+        .filter(|p| {
+            !p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".readyz")
+        })
+        .collect();
+    assert_eq!(stored.len(), 1, "{blobs:?}");
+    std::fs::remove_file(stored[0]).unwrap();
+    let r = app
+        .client
+        .get(app.url(&format!("/models/{id}/file")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("deleted"), "{p}");
+}
+
+#[tokio::test]
 async fn a_multipart_upload_is_stored_like_a_raw_one() {
     let app = spawn_app(Setup::Embedded).await;
     let bytes = std::fs::read(fixture("digits_val.npz")).unwrap();
