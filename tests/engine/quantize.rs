@@ -824,6 +824,127 @@ fn moving_constant_weights_into_initializers_keeps_outputs_identical() {
 }
 
 /// The op types ONNX Runtime runs after its graph optimizations (QDQ fusion).
+/// Attention's Q·Kᵀ and scores·V multiply two activations: both get uint8 Q/DQ (calibrated like
+/// any activation), ONNX Runtime runs them as integer MatMuls, and the model keeps its answers.
+#[test]
+fn attention_matmuls_of_two_activations_are_quantized_and_run_as_integer_matmuls() {
+    let dir = fixture("minilm1");
+    let m = load_model_file(&dir.join("minilm.onnx")).unwrap();
+    let train = dataset::load(&dir.join("polarity_train.npz")).unwrap();
+    let val = dataset::load(&dir.join("polarity_eval.npz")).unwrap();
+    let opts = EvaluateOptions {
+        output: Some("logits".into()),
+        ..quick()
+    };
+    let e = |m: &LoadedModel, b: Option<&Evaluation>| {
+        evaluate(
+            &rt(),
+            m,
+            &val,
+            &opts,
+            b.map(|b| b.as_baseline()).as_ref(),
+            &NoProgress,
+        )
+        .unwrap()
+    };
+    let base = e(&m, None);
+    let every = run(&m, &static_scheme(true, None), Some(&train));
+    let pairs: Vec<String> = every
+        .layers
+        .iter()
+        .filter(|l| l.precision == "int8" && l.reason.contains("both inputs are activations"))
+        .map(|l| l.node.clone())
+        .collect();
+    assert_eq!(pairs.len(), 2, "one encoder layer: {:?}", every.layers);
+    // No weights: the budget's harm-per-weight order counts each as the graph's median layer.
+    let c = CalibrationData {
+        data: &train,
+        samples: 16,
+    };
+    let prepared =
+        Prepared::new(&rt(), &m, &static_scheme(true, None), Some(c), &NoProgress).unwrap();
+    let weighted: Vec<String> = every
+        .layers
+        .iter()
+        .filter(|l| !pairs.contains(&l.node) && l.op != "Gather")
+        .map(|l| l.node.clone())
+        .collect();
+    let mut sizes = prepared.weight_elements(&weighted);
+    sizes.sort_unstable();
+    let median = sizes[sizes.len() / 2];
+    assert!(median > 1000, "{sizes:?}");
+    assert_eq!(prepared.weight_elements(&pairs), vec![median; 2]);
+    // Those two alone in int8.
+    let Scheme::Static(o) = static_scheme(true, None) else {
+        unreachable!()
+    };
+    let scheme = Scheme::Static(StaticOptions {
+        exclude: every
+            .layers
+            .iter()
+            .filter(|l| !pairs.contains(&l.node))
+            .map(|l| l.node.clone())
+            .collect(),
+        ..o
+    });
+    let q = run(&m, &scheme, Some(&train));
+    let int8: Vec<&str> = q
+        .layers
+        .iter()
+        .filter(|l| l.precision == "int8")
+        .map(|l| l.node.as_str())
+        .collect();
+    assert_eq!(int8, pairs, "{:?}", q.layers);
+    let proto = &q.model.proto;
+    let graph = proto.graph.as_ref().unwrap();
+    let producer = |x: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == x))
+            .and_then(|n| n.op_type.clone())
+    };
+    for p in &pairs {
+        let n = graph
+            .node
+            .iter()
+            .find(|n| n.name.as_deref() == Some(p.as_str()))
+            .unwrap();
+        for x in &n.input {
+            assert_eq!(
+                producer(x).as_deref(),
+                Some("DequantizeLinear"),
+                "{p} reads {x}"
+            );
+        }
+    }
+    // No weight changed: the model is as large as before, give or take the scales.
+    assert!(q.model.bytes.len() < m.bytes.len() + 1024);
+    let ops = runtime_ops(&q.model);
+    let integer = ops
+        .iter()
+        .filter(|o| matches!(o.as_str(), "QLinearMatMul" | "MatMulIntegerToFloat"))
+        .count();
+    assert_eq!(integer, 2, "{ops:?}");
+    let ev = e(&q.model, Some(&base));
+    let logits = ev
+        .metrics
+        .fidelity
+        .iter()
+        .find(|f| f.output == "logits")
+        .unwrap();
+    let embedding = ev
+        .metrics
+        .fidelity
+        .iter()
+        .find(|f| f.output == "sentence_embedding")
+        .unwrap();
+    assert!(logits.top1_agreement >= 0.97, "{logits:?}");
+    assert!(embedding.cosine_mean >= 0.99, "{embedding:?}");
+    let py = in_python(&q.model, "minilm1/polarity_eval.npz", "logits");
+    assert_eq!(py["top1"].as_f64().unwrap(), top1(&ev));
+}
+
 fn runtime_ops(m: &LoadedModel) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let (path, optimized) = (dir.path().join("m.onnx"), dir.path().join("opt.onnx"));

@@ -609,6 +609,7 @@ mod tests {
                 bias: None,
                 output: "y".into(),
                 axis: 1,
+                activations_only: false,
             },
             geometry: Geometry::Dense,
             shape: shape.clone(),
@@ -650,6 +651,7 @@ mod tests {
                 bias: None,
                 output: "y".into(),
                 axis: 0,
+                activations_only: false,
             },
             geometry: Geometry::Conv {
                 groups: 1,

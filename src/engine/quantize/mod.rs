@@ -17,7 +17,7 @@ pub mod qdq;
 pub mod weight_only;
 
 use crate::engine::dataset::Dataset;
-use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::proto::{ModelProto, NodeProto};
 use crate::engine::onnx::{load_model_bytes, rewrite, LoadedModel};
 use crate::engine::runtime::Runtime;
 use crate::engine::{EngineError, Progress, Result, SubProgress};
@@ -442,28 +442,45 @@ impl Prepared {
             .collect())
     }
 
-    /// How many weights each named layer holds (its weight initializer's elements; 1 when the
-    /// layer has none, or for names not in the graph): what keeping it float costs in size.
+    /// How many weights each named layer holds (its weight initializer's elements; 1 for names
+    /// not in the graph): what keeping it float costs in size. A layer without weights (a MatMul
+    /// of two activations) costs no size but time: it counts as the graph's median layer, so
+    /// that searches ordering layers by harm per weight place it by its harm.
     pub fn weight_elements(&self, names: &[String]) -> Vec<usize> {
         let Some(graph) = self.model.graph.as_ref() else {
             return vec![1; names.len()];
         };
         let inits = rewrite::initializers(graph);
+        let layer =
+            |n: &NodeProto| matches!(n.op_type.as_deref(), Some("Conv" | "MatMul" | "Gemm"));
+        let elements = |n: &NodeProto| -> Option<usize> {
+            let w = n.input.get(1).and_then(|w| inits.get(w.as_str()))?;
+            Some(
+                crate::engine::onnx::tensor::dims(w)
+                    .iter()
+                    .product::<usize>()
+                    .max(1),
+            )
+        };
+        let mut sizes: Vec<usize> = graph
+            .node
+            .iter()
+            .filter(|n| layer(n))
+            .filter_map(elements)
+            .collect();
+        sizes.sort_unstable();
+        let median = sizes.get(sizes.len() / 2).copied().unwrap_or(1);
         let by_name: std::collections::HashMap<String, usize> = graph
             .node
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let elements = n
-                    .input
-                    .get(1)
-                    .and_then(|w| inits.get(w.as_str()))
-                    .map_or(1, |w| {
-                        crate::engine::onnx::tensor::dims(w)
-                            .iter()
-                            .product::<usize>()
-                    });
-                (rewrite::layer_name(n, i), elements.max(1))
+                let e = match elements(n) {
+                    Some(e) => e,
+                    None if n.op_type.as_deref() == Some("MatMul") => median,
+                    None => 1,
+                };
+                (rewrite::layer_name(n, i), e)
             })
             .collect();
         names

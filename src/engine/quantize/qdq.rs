@@ -1,7 +1,8 @@
 //! Static int8 quantization in QDQ form: QuantizeLinear/DequantizeLinear pairs around the
 //! activations of Conv, MatMul and Gemm, int8 weights behind DequantizeLinear, and int32 biases
 //! with scale = input scale x weight scale. ONNX Runtime fuses DQ -> op -> Q into integer kernels
-//! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form.
+//! (QLinearConv, QLinearMatMul); TensorRT and OpenVINO read the same form. A MatMul of two
+//! activations (attention's Q·Kᵀ and scores·V) gets Q/DQ on both inputs and no weight.
 use super::calibrate::{RangeMethod, Ranges};
 use super::params::{
     activation_params, quantize, quantize_weights_bits, ActivationType, QParams, QuantizedWeights,
@@ -51,6 +52,9 @@ pub struct Target {
     pub output: String,
     /// Axis of the weight's output channels.
     pub axis: usize,
+    /// A MatMul of two activations: `weight` names the second activation, quantized like the
+    /// first (uint8 per tensor, calibrated), and there is no weight initializer or bias.
+    pub activations_only: bool,
 }
 
 /// Finds the nodes to quantize: a listed op type whose weight is a float initializer of the right rank.
@@ -76,6 +80,25 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
             continue;
         }
         let weight = node.input.get(1).cloned().unwrap_or_default();
+        let constant = |x: &str| inits.contains_key(x) || x.is_empty();
+        if op == "MatMul" && !constant(&node.input[0]) && !constant(&weight) {
+            decide(
+                "int8",
+                "quantized (both inputs are activations: uint8 x uint8)".into(),
+            );
+            targets.push(Target {
+                node: i,
+                name,
+                op,
+                activation: node.input[0].clone(),
+                weight,
+                bias: None,
+                output: node.output[0].clone(),
+                axis: 0,
+                activations_only: true,
+            });
+            continue;
+        }
         let Some(w) = inits.get(weight.as_str()).filter(|w| is_f32(w)) else {
             decide("float", "its weight is not a float32 initializer".into());
             continue;
@@ -123,6 +146,7 @@ pub fn plan(model: &ModelProto, opts: &StaticOptions) -> (Vec<Target>, Vec<Layer
             bias,
             output: node.output[0].clone(),
             axis,
+            activations_only: false,
         });
     }
     (targets, decisions)
@@ -168,7 +192,12 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
         .collect();
     let mut set: HashSet<String> = targets
         .iter()
-        .flat_map(|t| [t.activation.clone(), t.output.clone()])
+        .flat_map(|t| {
+            let second = t.activations_only.then(|| t.weight.clone());
+            [t.activation.clone(), t.output.clone()]
+                .into_iter()
+                .chain(second)
+        })
         .collect();
     let mut constants = Vec::new();
     for (i, node) in graph.node.iter().enumerate() {
@@ -213,9 +242,11 @@ pub fn activations(model: &ModelProto, targets: &[Target]) -> (Vec<String>, Vec<
     let integer_reader = |value: &str| {
         graph.node.iter().enumerate().any(|(i, n)| {
             n.input.iter().any(|x| x == value)
-                && (targets.iter().any(|t| t.node == i && t.activation == value)
-                    || (CHAIN_OPS.contains(&n.op_type.as_deref().unwrap_or(""))
-                        && n.output.first().is_some_and(|o| set.contains(o))))
+                && (targets.iter().any(|t| {
+                    t.node == i
+                        && (t.activation == value || (t.activations_only && t.weight == value))
+                }) || (CHAIN_OPS.contains(&n.op_type.as_deref().unwrap_or(""))
+                    && n.output.first().is_some_and(|o| set.contains(o))))
         })
     };
     let float_outputs: Vec<&str> = targets
@@ -351,7 +382,7 @@ pub fn rewrite(
     let mut weight_dq: HashMap<String, (String, String, Vec<f32>)> = HashMap::new();
     let mut replaced: HashSet<String> = HashSet::new();
     let mut rename: Vec<(usize, usize, String)> = Vec::new(); // (node, input slot, new name)
-    for t in targets {
+    for t in targets.iter().filter(|t| !t.activations_only) {
         let w = &inits[&t.weight];
         let shape = dims(w);
         let (w_sname, w_scales) = if let Some((dq, sname, scales)) = weight_dq.get(&t.weight) {
