@@ -146,6 +146,9 @@ fn split_validation(train: &Dataset, share: f64, seed: u64) -> (Dataset, Dataset
 /// One line per epoch, then why training stopped and which epoch was kept.
 pub(super) fn epoch_notes(report: &fit::FitReport, metric: &str) -> Vec<String> {
     let mut notes = Vec::new();
+    if let Some(v) = report.start_validation {
+        notes.push(format!("before training: validation {metric} {v:.4}"));
+    }
     for e in &report.epochs {
         notes.push(format!(
             "epoch {}: train loss {:.4}, validation {metric} {}, learning rate {:.2e}",
@@ -155,10 +158,11 @@ pub(super) fn epoch_notes(report: &fit::FitReport, metric: &str) -> Vec<String> 
             e.learning_rate
         ));
     }
-    notes.push(format!(
-        "{}; kept epoch {}",
-        report.stopped,
-        report.best_epoch.map_or("last".into(), |e| e.to_string())
-    ));
+    let kept = match report.best_epoch {
+        Some(0) => "kept the weights it started from (no epoch validated better)".to_string(),
+        Some(e) => format!("kept epoch {e}"),
+        None => "kept the last epoch".to_string(),
+    };
+    notes.push(format!("{}; {kept}", report.stopped));
     notes
 }

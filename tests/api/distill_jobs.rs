@@ -32,6 +32,12 @@ async fn a_width_student_distilled_from_the_digits_mlp_keeps_97_percent_of_its_a
         "{notes}"
     );
     assert!(notes.contains("epoch 25:"), "{notes}");
+    // The width-sliced student is validated before its first step, and it is not kept.
+    assert!(notes.contains("before training: validation"), "{notes}");
+    assert!(
+        !notes.contains("kept the weights it started from"),
+        "{notes}"
+    );
     let (tb, ts) = (top1(base), top1(&stage["metrics"]));
     assert!(ts >= 0.97 * tb, "teacher {tb}, student {ts}: {notes}");
     let (pb, ps) = (

@@ -348,6 +348,52 @@ fn distilling_the_digits_mlp_into_a_student_a_fifth_its_size_keeps_97_percent_of
     );
 }
 
+/// A learning rate that wrecks a trained model: no epoch validates as well as the weights training
+/// started from, and those come back unchanged.
+#[test]
+fn training_that_only_makes_the_model_worse_returns_the_weights_it_started_from() {
+    let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
+    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
+        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
+    let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
+    let runtime = rt();
+    let opts = train::distill::Recipe {
+        fit: train::fit::FitOptions {
+            epochs: 2,
+            learning_rate: 5.0,
+            warmup: 0.0,
+            max_grad_norm: None,
+            patience: None,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pair = train::distill::Pair {
+        rt: &runtime,
+        teacher: &teacher,
+        student: &teacher.proto,
+        output: "probabilities",
+        train: &fit_data,
+        validation: Some(&val_data),
+    };
+    let out = train::distill::distill(pair, &opts, &shrink::engine::NoProgress).unwrap();
+    let report = &out.report;
+    let start = report.start_validation.expect("validated before training");
+    assert!(
+        report
+            .epochs
+            .iter()
+            .all(|e| e.validation.is_some_and(|v| v < start)),
+        "the learning rate must make every epoch worse: {report:?}"
+    );
+    assert_eq!(report.best_epoch, Some(0), "{report:?}");
+    let model =
+        shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&out.model).into())
+            .unwrap();
+    assert_eq!(ort_top1(&model, &val_data), ort_top1(&teacher, &val_data));
+}
+
 #[test]
 fn the_same_seed_trains_the_same_weights() {
     let (a, _) = distil_digits(2, 9);

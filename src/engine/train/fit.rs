@@ -1,7 +1,7 @@
 //! The training loop: AdamW, learning-rate warm-up then linear or cosine decay, gradient
 //! clipping by global norm, early stopping on a validation score (the best epoch's weights are
-//! kept), a seed that makes runs repeatable, a time budget, and progress/cancellation between
-//! steps.
+//! kept, or the weights training started from when no epoch scores better than they did), a seed
+//! that makes runs repeatable, a time budget, and progress/cancellation between steps.
 use super::candle_error;
 use super::graph::TrainGraph;
 use crate::engine::{Progress, Result};
@@ -66,8 +66,11 @@ pub struct EpochStats {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FitReport {
+    /// The validation score of the weights training started from, before any step.
+    pub start_validation: Option<f64>,
     pub epochs: Vec<EpochStats>,
-    /// The epoch whose weights were kept (1-based), when a validation score chose it.
+    /// The epoch whose weights were kept (1-based; 0: the weights training started from, no
+    /// epoch scored better), when a validation score chose it.
     pub best_epoch: Option<usize>,
     pub steps: usize,
     /// Why training stopped.
@@ -136,7 +139,12 @@ pub fn fit(
     let mut order: Vec<usize> = (0..rows).collect();
     let started = Instant::now();
     let (mut epochs, mut step) = (Vec::new(), 0);
-    let mut best: Option<(f64, usize, super::graph::Snapshot)> = None;
+    // Training never returns weights that validate worse than those it was given.
+    let start_validation = objective.validate(graph)?;
+    let mut best: Option<(f64, usize, super::graph::Snapshot)> = match start_validation {
+        Some(v) if v.is_finite() => Some((v, 0, graph.snapshot()?)),
+        _ => None,
+    };
     let mut stopped = format!("ran all {} epochs", opts.epochs);
     'epochs: for epoch in 1..=opts.epochs {
         order.shuffle(&mut rng);
@@ -203,6 +211,7 @@ pub fn fit(
         None => None,
     };
     Ok(FitReport {
+        start_validation,
         epochs,
         best_epoch,
         steps: step,
