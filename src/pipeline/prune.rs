@@ -9,7 +9,7 @@ use crate::domain::report::{PrunedLayer, PruningReport};
 use crate::engine::evaluate::zstd_size;
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::LoadedModel;
-use crate::engine::prune::{magnitude, n_m, structured, Masks, Pruned};
+use crate::engine::prune::{batch_norm, magnitude, n_m, structured, Masks, Pruned};
 use crate::engine::train::distill;
 use crate::engine::{quantize, Progress, Result, SubProgress};
 
@@ -50,6 +50,39 @@ fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pru
     }
 }
 
+/// Most training rows BatchNormalization re-estimation reads.
+const BATCH_NORM_ROWS: usize = 512;
+
+/// Before any gradient step: BatchNormalization statistics re-estimated over the fit rows (never
+/// the held-out ones), kept when they validate at least as well as the pruned model's. Returns
+/// the model recovery starts from and a note with both scores.
+fn batch_norm_step(
+    ctx: &StageContext<'_>,
+    setup: &Setup,
+    dense: &LoadedModel,
+    pruned: &ModelProto,
+    progress: &dyn Progress,
+) -> Result<(ModelProto, Option<String>)> {
+    let Some(r) =
+        batch_norm::reestimate(ctx.rt, pruned, &setup.fit_data, BATCH_NORM_ROWS, progress)?
+    else {
+        return Ok((pruned.clone(), None));
+    };
+    let score = |m: &ModelProto| {
+        distill::validation_score(ctx.rt, dense, m, &setup.output, &setup.validation)
+    };
+    let (before, after) = (score(pruned)?, score(&r.model)?);
+    let kept = after >= before;
+    let note = format!(
+        "BatchNorm re-estimation (no gradient step): {} BatchNormalization layer(s) from {} training row(s), one after another in graph order: validation {} {before:.4} -> {after:.4}: {}",
+        r.layers,
+        r.rows,
+        setup.validation_metric,
+        if kept { "kept" } else { "not kept" }
+    );
+    Ok((if kept { r.model } else { pruned.clone() }, Some(note)))
+}
+
 /// Trains `pruned` from `dense` (the model before the stage) with `masks` held.
 fn recover(
     f: &PruneFinetune,
@@ -66,24 +99,41 @@ fn recover(
         (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
         "recovery fine-tuning",
     )?;
+    let (start, bn_note) = batch_norm_step(
+        ctx,
+        &setup,
+        dense,
+        pruned,
+        &SubProgress {
+            parent: progress,
+            start: 0.0,
+            span: 0.1,
+        },
+    )?;
     let pair = distill::Pair {
         rt: ctx.rt,
         teacher: dense,
-        student: pruned,
+        student: &start,
         output: &setup.output,
         train: &setup.fit_data,
         validation: Some(&setup.validation),
     };
-    let out = distill::distill_with(pair, masks.training_hook()?, &setup.recipe, progress)?;
+    let sub = SubProgress {
+        parent: progress,
+        start: 0.1,
+        span: 0.9,
+    };
+    let out = distill::distill_with(pair, masks.training_hook()?, &setup.recipe, &sub)?;
     let mut model = out.model;
     masks.apply(&mut model);
-    let mut notes = vec![format!(
+    let mut notes: Vec<String> = bn_note.into_iter().collect();
+    notes.push(format!(
         "recovery: {} epochs on {}, loss {}{}",
         f.recovery.training.epochs,
         setup.rows_note(),
         setup.loss_note("the model before pruning"),
         if masks.is_empty() { "" } else { ", zeros held" }
-    )];
+    ));
     notes.extend(epoch_notes(&out.report, setup.validation_metric));
     Ok((model, notes))
 }

@@ -157,6 +157,11 @@ async fn half_of_the_digits_cnn_channels_go_and_recovery_keeps_accuracy_within_a
     let drop = report["deltas"]["accuracy_drop"].as_f64().unwrap();
     let notes = stage["notes"].to_string();
     assert!(drop <= 0.01, "accuracy drop {drop}: {notes}");
+    // Before recovery's first step: the BatchNormalization statistics re-estimated and scored.
+    assert!(
+        notes.contains("BatchNorm re-estimation (no gradient step): 1 BatchNormalization layer(s)"),
+        "{notes}"
+    );
     let (pb, pa) = (
         report["baseline"]["size"]["parameters"].as_u64().unwrap(),
         stage["metrics"]["size"]["parameters"].as_u64().unwrap(),

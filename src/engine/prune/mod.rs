@@ -4,6 +4,7 @@
 //! What each kind buys in ONNX Runtime on CPU differs, and the report says so: zeros in a dense
 //! tensor make the file compress better but run no faster (its kernels are dense); only removed
 //! structure makes a model faster.
+pub mod batch_norm;
 pub mod heads;
 pub mod magnitude;
 pub mod mask;

@@ -296,6 +296,48 @@ pub fn distill(pair: Pair<'_>, opts: &Recipe, progress: &dyn Progress) -> Result
     distill_with(pair, None, opts, progress)
 }
 
+/// What training validates on: the rows' labels, else the teacher's classes.
+fn validation_of<'d>(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    student: &ModelProto,
+    v: &'d Dataset,
+    output: &str,
+) -> Result<Validation<'d>> {
+    let vb = bind(&summarize(student), &v.summary)?;
+    let logits = teacher_logits(rt, teacher, v, output)?;
+    let task = units::task_of(logits.dims());
+    let target = match labels_of(v, student)? {
+        Some(l) => l
+            .flatten_all()
+            .and_then(|l| l.to_vec1::<i64>())
+            .map_err(|e| candle_error("labels", e))?,
+        None => unit_classes(&logits)?,
+    };
+    Ok(Validation {
+        data: v,
+        binding: vb.inputs,
+        target,
+        task,
+    })
+}
+
+/// The validation score training picks epochs by (top-1, mean IoU or per-position accuracy
+/// against the rows' labels, else against the teacher's classes) of `model` as it is.
+pub fn validation_score(
+    rt: &Runtime,
+    teacher: &LoadedModel,
+    model: &ModelProto,
+    output: &str,
+    validation: &Dataset,
+) -> Result<f64> {
+    let v = validation_of(rt, teacher, model, validation, output)?;
+    let (logits, _) = logits_of(model, output);
+    let graph = TrainGraph::new(model, &[logits])?;
+    let predicted = predict(&graph, v.data, &v.binding)?;
+    Ok(units::score(&predicted, &v.target, v.task))
+}
+
 /// [`distill`] with every value of the student's forward pass run through `hook` (fake
 /// quantization makes this quantization-aware training).
 pub fn distill_with(
@@ -320,27 +362,9 @@ pub fn distill_with(
         graph.set_hook(h);
     }
     let binding = bind(&summarize(student), &train.summary)?;
-    let validation = match validation {
-        Some(v) => {
-            let vb = bind(&summarize(student), &v.summary)?;
-            let logits = teacher_logits(rt, teacher, v, output)?;
-            let task = units::task_of(logits.dims());
-            let target = match labels_of(v, student)? {
-                Some(l) => l
-                    .flatten_all()
-                    .and_then(|l| l.to_vec1::<i64>())
-                    .map_err(|e| candle_error("labels", e))?,
-                None => unit_classes(&logits)?,
-            };
-            Some(Validation {
-                data: v,
-                binding: vb.inputs,
-                target,
-                task,
-            })
-        }
-        None => None,
-    };
+    let validation = validation
+        .map(|v| validation_of(rt, teacher, student, v, output))
+        .transpose()?;
     let objective = Distillation {
         train,
         binding: binding.inputs,
