@@ -392,27 +392,37 @@ fn weights_in_constant_nodes_are_quantized_and_outputs_stay_close() {
     }
 }
 
-#[test]
-fn a_real_transformer_runs_in_every_mode_and_its_embedding_tables_become_int8() {
+/// The one-encoder-layer MiniLM fixture: the model, its calibration rows, its evaluation rows.
+fn minilm1() -> (LoadedModel, Dataset, Dataset) {
     let dir = fixture("minilm1");
-    let m = load_model_file(&dir.join("minilm.onnx")).unwrap();
-    let train = dataset::load(&dir.join("polarity_train.npz")).unwrap();
-    let val = dataset::load(&dir.join("polarity_eval.npz")).unwrap();
+    (
+        load_model_file(&dir.join("minilm.onnx")).unwrap(),
+        dataset::load(&dir.join("polarity_train.npz")).unwrap(),
+        dataset::load(&dir.join("polarity_eval.npz")).unwrap(),
+    )
+}
+
+/// `m` scored on `val` by its logits (fidelity of every output to `base`).
+fn logits_eval(m: &LoadedModel, val: &Dataset, base: Option<&Evaluation>) -> Evaluation {
     let opts = EvaluateOptions {
         output: Some("logits".into()),
         ..quick()
     };
-    let e = |m: &LoadedModel, b: Option<&Evaluation>| {
-        evaluate(
-            &rt(),
-            m,
-            &val,
-            &opts,
-            b.map(|b| b.as_baseline()).as_ref(),
-            &NoProgress,
-        )
-        .unwrap()
-    };
+    evaluate(
+        &rt(),
+        m,
+        val,
+        &opts,
+        base.map(|b| b.as_baseline()).as_ref(),
+        &NoProgress,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_real_transformer_runs_in_every_mode_and_its_embedding_tables_become_int8() {
+    let (m, train, val) = minilm1();
+    let e = |m: &LoadedModel, b: Option<&Evaluation>| logits_eval(m, &val, b);
     let base = e(&m, None);
     let schemes = [
         (dynamic(), 0.30, 0.99),
@@ -823,30 +833,12 @@ fn moving_constant_weights_into_initializers_keeps_outputs_identical() {
     assert_eq!(b.metrics.fidelity[0].max_abs_error, 0.0);
 }
 
-/// The op types ONNX Runtime runs after its graph optimizations (QDQ fusion).
 /// Attention's Q·Kᵀ and scores·V multiply two activations: both get uint8 Q/DQ (calibrated like
 /// any activation), ONNX Runtime runs them as integer MatMuls, and the model keeps its answers.
 #[test]
 fn attention_matmuls_of_two_activations_are_quantized_and_run_as_integer_matmuls() {
-    let dir = fixture("minilm1");
-    let m = load_model_file(&dir.join("minilm.onnx")).unwrap();
-    let train = dataset::load(&dir.join("polarity_train.npz")).unwrap();
-    let val = dataset::load(&dir.join("polarity_eval.npz")).unwrap();
-    let opts = EvaluateOptions {
-        output: Some("logits".into()),
-        ..quick()
-    };
-    let e = |m: &LoadedModel, b: Option<&Evaluation>| {
-        evaluate(
-            &rt(),
-            m,
-            &val,
-            &opts,
-            b.map(|b| b.as_baseline()).as_ref(),
-            &NoProgress,
-        )
-        .unwrap()
-    };
+    let (m, train, val) = minilm1();
+    let e = |m: &LoadedModel, b: Option<&Evaluation>| logits_eval(m, &val, b);
     let base = e(&m, None);
     let every = run(&m, &static_scheme(true, None), Some(&train));
     let pairs: Vec<String> = every
@@ -945,6 +937,7 @@ fn attention_matmuls_of_two_activations_are_quantized_and_run_as_integer_matmuls
     assert_eq!(py["top1"].as_f64().unwrap(), top1(&ev));
 }
 
+/// The op types ONNX Runtime runs after its graph optimizations (QDQ fusion).
 fn runtime_ops(m: &LoadedModel) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let (path, optimized) = (dir.path().join("m.onnx"), dir.path().join("opt.onnx"));

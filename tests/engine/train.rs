@@ -278,16 +278,21 @@ fn parameters(m: &LoadedModel) -> u64 {
 
 /// Distils the digits MLP into `student` on five sixths of digits_train (the other sixth picks
 /// the epoch; digits_val stays unseen).
+/// The digits training rows: five in six to fit, every sixth to validate.
+fn digits_split() -> (Dataset, Dataset) {
+    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
+    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
+        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
+    (all.select(&fit_rows), all.select(&val_rows))
+}
+
 fn distil_into(
     student: &shrink::engine::onnx::proto::ModelProto,
     epochs: usize,
     seed: u64,
 ) -> (LoadedModel, train::fit::FitReport) {
     let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
-    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
-    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
-        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
-    let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
+    let (fit_data, val_data) = digits_split();
     let runtime = rt();
     let opts = train::distill::Recipe {
         fit: train::fit::FitOptions {
@@ -353,10 +358,7 @@ fn distilling_the_digits_mlp_into_a_student_a_fifth_its_size_keeps_97_percent_of
 #[test]
 fn training_that_only_makes_the_model_worse_returns_the_weights_it_started_from() {
     let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
-    let all = dataset::load(&fixture("digits_train.npz")).unwrap();
-    let (fit_rows, val_rows): (Vec<usize>, Vec<usize>) =
-        (0..all.summary.samples as usize).partition(|r| r % 6 != 0);
-    let (fit_data, val_data) = (all.select(&fit_rows), all.select(&val_rows));
+    let (fit_data, val_data) = digits_split();
     let runtime = rt();
     let opts = train::distill::Recipe {
         fit: train::fit::FitOptions {
