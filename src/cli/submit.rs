@@ -33,6 +33,9 @@ pub struct SubmitArgs {
     /// Training rows (training stages).
     #[arg(long)]
     pub train: Option<PathBuf>,
+    /// Unlabelled rows training stages learn from the teacher alone (KL).
+    #[arg(long)]
+    pub unlabelled: Option<PathBuf>,
     /// A job spec (JSON) without ids: the files above stand in for them.
     #[arg(long, conflicts_with = "pipeline")]
     pub spec: Option<PathBuf>,
@@ -165,6 +168,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     }
     if let Some(t) = &args.train {
         files.push(("train", t));
+    }
+    if let Some(u) = &args.unlabelled {
+        files.push(("unlabelled", u));
     }
     let mut loaded = Vec::new();
     // The same files and spec make the same key: a retried submit (even a rerun CI step) gets the

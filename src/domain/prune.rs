@@ -35,9 +35,15 @@ pub enum PruneScope {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneImportance {
+    /// L1 norm of the channel's weights (times its BatchNormalization scale).
     #[default]
     L1,
+    /// L2 norm of the channel's weights (times its BatchNormalization scale).
     L2,
+    /// First-order Taylor (Molchanov et al. 2019): how much the loss on the training rows
+    /// (`train_dataset_id`, and `unlabelled_dataset_id` scored against the model's own class)
+    /// changes when the channel goes, from activation × gradient. Attention heads keep L1.
+    Taylor,
 }
 
 /// What structured pruning removes.
@@ -58,8 +64,8 @@ pub enum PruneTarget {
 /// with zeros held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PruneFinetune {
-    /// `magnitude`: prune in this many steps on the cubic schedule (Zhu & Gupta), training
-    /// `epochs / steps` epochs after each; 1 prunes at once then trains.
+    /// `magnitude`: prune in this many steps on the cubic schedule (Zhu & Gupta), training 1/`steps`
+    /// of the training budget after each; 1 prunes at once then trains.
     #[serde(default = "default_steps")]
     pub steps: u32,
     #[serde(flatten)]
@@ -219,6 +225,20 @@ impl Validate for PruneFinetune {
 impl super::stage::StageOptions for PruneOptions {
     fn training(&self) -> Option<&Recovery> {
         self.finetune.as_ref().map(|f| &f.recovery)
+    }
+
+    fn check_inputs(
+        &self,
+        given: super::stage::Given,
+        at: &str,
+        p: &mut super::validation::Problems,
+    ) {
+        if self.importance == PruneImportance::Taylor && !given.train_data {
+            p.add(
+                format!("{at}/importance"),
+                "`importance: taylor` scores channels by their gradients on the training rows: it needs `train_dataset_id`",
+            );
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub const REFERENCE_FIELDS: &[(&str, &str, RefKind)] = &[
     ("dataset_id", "dataset", RefKind::Dataset),
     ("calibration_dataset_id", "calibration", RefKind::Dataset),
     ("train_dataset_id", "train", RefKind::Dataset),
+    ("unlabelled_dataset_id", "unlabelled", RefKind::Dataset),
     ("student_model_id", "student", RefKind::Model),
     ("teacher_model_id", "teacher", RefKind::Model),
 ];
@@ -46,6 +47,13 @@ pub struct JobSpec {
     pub calibration_dataset_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_dataset_id: Option<String>,
+    /// Rows without labels (or whose labels are not used) that training stages learn from the
+    /// teacher's outputs alone (KL at the stage's temperature): a few hundred unlabelled inputs
+    /// add most of what a small labelled set lacks. A seeded share of them joins the held-out
+    /// rows that pick the weights to keep, scored against the teacher's classes. Never the
+    /// evaluation rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabelled_dataset_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub student_model_id: Option<String>,
     /// A teacher for `distill` stages: the job's model is then the student and learns from it.
@@ -287,6 +295,23 @@ impl JobSpec {
             }
             o.check_inputs(given, &at, p);
         }
+        if let Some(u) = &self.unlabelled_dataset_id {
+            if !self
+                .pipeline
+                .iter()
+                .any(|s| s.options().training().is_some())
+            {
+                p.add(
+                    "/unlabelled_dataset_id",
+                    "`unlabelled_dataset_id` is read by training stages (distill, finetune, prune with `finetune`, quantize `mode: qat`), and the pipeline has none",
+                );
+            } else if u == &self.dataset_id {
+                p.add(
+                    "/unlabelled_dataset_id",
+                    "`unlabelled_dataset_id` is the evaluation dataset (`dataset_id`): training on the rows every number is measured on would make those numbers meaningless",
+                );
+            }
+        }
         if self.teacher_model_id.is_some()
             && !self.pipeline.iter().any(|s| matches!(s, Stage::Distill(_)))
         {
@@ -302,6 +327,7 @@ impl JobSpec {
         let optional = [
             &self.calibration_dataset_id,
             &self.train_dataset_id,
+            &self.unlabelled_dataset_id,
             &self.student_model_id,
             &self.teacher_model_id,
         ];
@@ -322,6 +348,7 @@ impl JobSpec {
             "dataset_id" => self.dataset_id = id,
             "calibration_dataset_id" => self.calibration_dataset_id = Some(id),
             "train_dataset_id" => self.train_dataset_id = Some(id),
+            "unlabelled_dataset_id" => self.unlabelled_dataset_id = Some(id),
             "student_model_id" => self.student_model_id = Some(id),
             "teacher_model_id" => self.teacher_model_id = Some(id),
             _ => {}
@@ -455,6 +482,41 @@ mod tests {
             let got = pointers(json!({"model_id": M, "dataset_id": M, "pipeline": [stage]}));
             assert_eq!(got, vec!["/train_dataset_id"], "{stage}");
         }
+    }
+
+    #[test]
+    fn unlabelled_rows_need_a_training_stage_and_are_never_the_evaluation_rows() {
+        const U: &str = "0193a4f0-9a2b-7c4d-8e5f-6a7b8c9d0e1f";
+        let got = pointers(
+            json!({"model_id": M, "dataset_id": M, "unlabelled_dataset_id": U,
+                                  "pipeline": [{"stage": "evaluate"}]}),
+        );
+        assert_eq!(got, vec!["/unlabelled_dataset_id"]);
+        let got = pointers(
+            json!({"model_id": M, "dataset_id": U, "train_dataset_id": M,
+                                  "unlabelled_dataset_id": U, "pipeline": [{"stage": "finetune"}]}),
+        );
+        assert_eq!(got, vec!["/unlabelled_dataset_id"]);
+        let got = pointers(
+            json!({"model_id": M, "dataset_id": M, "train_dataset_id": M,
+                                  "unlabelled_dataset_id": "nope", "pipeline": [{"stage": "finetune"}]}),
+        );
+        assert_eq!(got, vec!["/unlabelled_dataset_id"]);
+        let ok = JobSpec::parse(
+            &json!({"model_id": M, "dataset_id": M, "train_dataset_id": M, "unlabelled_dataset_id": U,
+                    "pipeline": [{"stage": "prune", "finetune": {"optimizer_steps": 50}}]}),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.unlabelled_dataset_id.as_deref(), Some(U));
+        assert!(ok
+            .references()
+            .contains(&("unlabelled_dataset_id", RefKind::Dataset, U)));
+        let both = pointers(
+            json!({"model_id": M, "dataset_id": M, "train_dataset_id": M,
+                                   "pipeline": [{"stage": "finetune", "optimizer_steps": 50, "epochs": 2}]}),
+        );
+        assert_eq!(both, vec!["/pipeline/0/optimizer_steps"]);
     }
 
     #[test]

@@ -14,12 +14,41 @@ pub enum LrSchedule {
     Constant,
 }
 
-/// AdamW with warm-up then decay, on the `train_dataset_id` rows; a seeded `validation_share`
-/// of them picks the epoch to keep.
+/// How BatchNormalization normalises while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchNormMode {
+    /// `frozen` when batches hold fewer than 16 rows, else `batch`.
+    #[default]
+    Auto,
+    /// Each batch's own statistics (the running ones follow them), as in training from scratch.
+    Batch,
+    /// The running statistics (re-estimated after pruning) stay as they are and normalise every
+    /// batch; scale and shift still train. Small batches' statistics are too noisy to train on.
+    Frozen,
+}
+
+/// Batches smaller than this train with frozen BatchNormalization statistics under `auto`.
+pub const FROZEN_BATCH_NORM_BELOW: u32 = 16;
+
+/// AdamW with warm-up then decay, on the `train_dataset_id` rows (and the job's
+/// `unlabelled_dataset_id` rows, KL alone); a seeded `validation_share` of them picks the weights
+/// to keep, validated every step window.
+///
+/// The budget is `optimizer_steps`, or `epochs` passes over the fit rows; with neither set,
+/// 20 epochs, raised to reach `min_optimizer_steps` steps (a hundred labelled rows at batch 32 are three
+/// steps an epoch: 20 epochs, 60 steps, do not move a pretrained model far enough).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TrainingOptions {
-    #[serde(default = "default_epochs")]
-    pub epochs: u32,
+    /// Passes over the fit rows (unset: 20, or more to reach `min_optimizer_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u32>,
+    /// Optimizer steps in all (instead of `epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u32>,
+    /// With neither `epochs` nor `optimizer_steps` set: the fewest optimizer steps training takes.
+    #[serde(default = "default_min_steps")]
+    pub min_optimizer_steps: u32,
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     /// Peak AdamW learning rate (pretrained transformers want about 1e-4).
@@ -35,7 +64,11 @@ pub struct TrainingOptions {
     /// Gradient clipping by global norm; 0 turns it off.
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,
-    /// Early stopping: epochs without a better validation score; 0 turns it off.
+    /// BatchNormalization statistics while training: `auto`, `batch` or `frozen`.
+    #[serde(default)]
+    pub batch_norm: BatchNormMode,
+    /// Early stopping: validations (one per epoch, or per window of at least 10 steps when
+    /// epochs are shorter) without a better score; 0 turns it off.
     #[serde(default = "default_patience")]
     pub patience: u32,
     /// Stop training after this many seconds, keeping the best epoch so far.
@@ -49,13 +82,16 @@ pub struct TrainingOptions {
 impl Default for TrainingOptions {
     fn default() -> Self {
         Self {
-            epochs: default_epochs(),
+            epochs: None,
+            optimizer_steps: None,
+            min_optimizer_steps: default_min_steps(),
             batch_size: default_batch_size(),
             learning_rate: default_learning_rate(),
             weight_decay: default_weight_decay(),
             warmup: default_warmup(),
             schedule: LrSchedule::default(),
             max_grad_norm: default_max_grad_norm(),
+            batch_norm: BatchNormMode::default(),
             patience: default_patience(),
             time_budget_s: None,
             validation_share: default_validation_share(),
@@ -63,8 +99,11 @@ impl Default for TrainingOptions {
     }
 }
 
-fn default_epochs() -> u32 {
-    20
+/// Epochs when neither `epochs` nor `steps` is set (before `min_steps` raises them).
+pub const DEFAULT_EPOCHS: u32 = 20;
+
+fn default_min_steps() -> u32 {
+    300
 }
 fn default_batch_size() -> u32 {
     32
@@ -86,6 +125,51 @@ fn default_patience() -> u32 {
 }
 fn default_validation_share() -> f64 {
     0.15
+}
+
+impl TrainingOptions {
+    /// The optimizer steps training takes over `rows` fit rows, and why.
+    pub fn schedule(&self, rows: usize) -> (usize, String) {
+        let batch = (self.batch_size as usize).clamp(1, rows.max(1));
+        let per_epoch = rows.div_ceil(batch).max(1);
+        match (self.optimizer_steps, self.epochs) {
+            (Some(s), _) => (
+                s as usize,
+                format!("`optimizer_steps` {s}, {per_epoch} per epoch"),
+            ),
+            (None, Some(e)) => (
+                e as usize * per_epoch,
+                format!("{e} epochs (`epochs`) of {per_epoch} steps"),
+            ),
+            (None, None) => {
+                let base = DEFAULT_EPOCHS as usize * per_epoch;
+                let min = self.min_optimizer_steps as usize;
+                if base >= min {
+                    (
+                        base,
+                        format!("{DEFAULT_EPOCHS} epochs of {per_epoch} steps"),
+                    )
+                } else {
+                    let epochs = min.div_ceil(per_epoch);
+                    (
+                        epochs * per_epoch,
+                        format!(
+                            "{epochs} epochs of {per_epoch} steps: {DEFAULT_EPOCHS} epochs would be {base} steps on {rows} rows at batch {batch}, fewer than `min_optimizer_steps` {min}"
+                        ),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Whether BatchNormalization statistics stay frozen while training.
+    pub fn frozen_batch_norm(&self) -> bool {
+        match self.batch_norm {
+            BatchNormMode::Frozen => true,
+            BatchNormMode::Batch => false,
+            BatchNormMode::Auto => self.batch_size < FROZEN_BATCH_NORM_BELOW,
+        }
+    }
 }
 
 impl Validate for TrainingOptions {
@@ -123,8 +207,24 @@ impl Validate for TrainingOptions {
         );
         c.check(
             "epochs",
-            (1..=1000).contains(&t.epochs),
+            t.epochs.is_none_or(|e| (1..=1000).contains(&e)),
             "`epochs` must be an integer in 1..=1000",
+        );
+        c.check(
+            "optimizer_steps",
+            t.optimizer_steps
+                .is_none_or(|s| (1..=1_000_000).contains(&s)),
+            "`optimizer_steps` must be an integer in 1..=1000000",
+        );
+        c.check(
+            "optimizer_steps",
+            t.optimizer_steps.is_none() || t.epochs.is_none(),
+            "set `optimizer_steps` or `epochs`, not both: each is the whole training budget",
+        );
+        c.check(
+            "min_optimizer_steps",
+            t.min_optimizer_steps <= 1_000_000,
+            "`min_optimizer_steps` must be an integer in 0..=1000000",
         );
         c.check(
             "batch_size",
@@ -185,5 +285,45 @@ impl Validate for Recovery {
             "`temperature` must be in (0, 100]",
         );
         c.flattened(&self.training);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_sets_get_enough_steps_and_an_explicit_budget_is_kept() {
+        let t = TrainingOptions::default();
+        // 85 rows at batch 32: 3 steps an epoch; 20 epochs would be 60 steps.
+        let (steps, why) = t.schedule(85);
+        assert_eq!(steps, 300);
+        assert!(
+            why.contains("100 epochs of 3 steps") && why.contains("60 steps"),
+            "{why}"
+        );
+        // 1,145 rows: 36 steps an epoch; 20 epochs are 720 steps, more than enough.
+        assert_eq!(t.schedule(1145).0, 720);
+        let epochs = TrainingOptions {
+            epochs: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(epochs.schedule(85).0, 6);
+        let steps = TrainingOptions {
+            optimizer_steps: Some(50),
+            ..Default::default()
+        };
+        assert_eq!(steps.schedule(85).0, 50);
+        assert!(!t.frozen_batch_norm());
+        let small = TrainingOptions {
+            batch_size: 8,
+            ..Default::default()
+        };
+        assert!(small.frozen_batch_norm());
+        let batch = TrainingOptions {
+            batch_norm: BatchNormMode::Batch,
+            ..small
+        };
+        assert!(!batch.frozen_batch_norm());
     }
 }

@@ -32,6 +32,10 @@ pub struct ChannelGroup {
     /// |γ| / sqrt(var + ε) of a BatchNormalization in the group: what the channel's output is
     /// multiplied by after the layer, so weight norms alone misjudge its importance.
     pub bn_scale: Option<Vec<f32>>,
+    /// The tensor that holds the group's channels whole, as the rest of the graph reads them: the
+    /// output of its BatchNormalization when one follows the layer, else the layer's output.
+    /// Removing a channel removes its slice of this tensor (data-driven importance gates it).
+    pub gate: String,
 }
 
 fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
@@ -104,6 +108,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             depthwise: Vec::new(),
             importance,
             bn_scale: None,
+            gate: n.output[0].clone(),
         };
         if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
             match own(b) {
@@ -278,6 +283,7 @@ impl<'g> Walk<'g, '_> {
                         .and_then(f32_values)
                         .unwrap_or_default();
                     if gamma.len() == self.channels && var.len() == self.channels {
+                        group.gate = n.output[0].clone();
                         group.bn_scale = Some(
                             gamma
                                 .iter()
@@ -496,7 +502,7 @@ pub fn norms_along(values: &[f32], d: &[usize], axis: usize, importance: Importa
     for (i, v) in values.iter().enumerate() {
         let c = (i / inner) % d[axis];
         out[c] += match importance {
-            Importance::L1 => v.abs(),
+            Importance::L1 | Importance::Taylor => v.abs(),
             Importance::L2 => v * v,
         };
     }

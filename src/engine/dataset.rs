@@ -136,6 +136,96 @@ impl Dataset {
     }
 }
 
+/// One tensor's rows followed by another's (same element type and row shape), or None.
+fn concat_rows(a: &Tensor, b: &Tensor) -> Option<Tensor> {
+    fn cat<T: Clone>(a: &[T], b: &[T]) -> Vec<T> {
+        a.iter().chain(b).cloned().collect()
+    }
+    if a.shape[1..] != b.shape[1..] {
+        return None;
+    }
+    let data = match (&a.data, &b.data) {
+        (TensorData::F32(x), TensorData::F32(y)) => TensorData::F32(cat(x, y)),
+        (TensorData::F64(x), TensorData::F64(y)) => TensorData::F64(cat(x, y)),
+        (TensorData::F16(x), TensorData::F16(y)) => TensorData::F16(cat(x, y)),
+        (TensorData::I8(x), TensorData::I8(y)) => TensorData::I8(cat(x, y)),
+        (TensorData::U8(x), TensorData::U8(y)) => TensorData::U8(cat(x, y)),
+        (TensorData::I32(x), TensorData::I32(y)) => TensorData::I32(cat(x, y)),
+        (TensorData::I64(x), TensorData::I64(y)) => TensorData::I64(cat(x, y)),
+        (TensorData::Bool(x), TensorData::Bool(y)) => TensorData::Bool(cat(x, y)),
+        _ => return None,
+    };
+    let mut shape = a.shape.clone();
+    shape[0] += b.shape[0];
+    Some(Tensor {
+        name: a.name.clone(),
+        shape,
+        data,
+    })
+}
+
+/// The training rows of `labelled` followed by those of `unlabelled`, as one dataset holding
+/// `model`'s inputs (named as in `labelled`) and, when `labelled` has labels, int64 labels in which
+/// every unit of an unlabelled row is -1 (no loss term and no score reads it). The labels of
+/// `unlabelled`, if it has any, are not read.
+pub fn merge_unlabelled(
+    labelled: &Dataset,
+    unlabelled: &Dataset,
+    model: &ModelSummary,
+) -> Result<Dataset> {
+    let lb = bind(model, &labelled.summary)?;
+    let ub = bind(model, &unlabelled.summary)?;
+    let mut tensors = Vec::new();
+    for ((input, ln), (_, un)) in lb.inputs.iter().zip(&ub.inputs) {
+        let (a, b) = (
+            labelled.tensor(ln).expect("bound"),
+            unlabelled.tensor(un).expect("bound"),
+        );
+        let merged = concat_rows(a, b).ok_or_else(|| EngineError::InvalidDataset {
+            tensor: un.clone(),
+            problem: format!(
+                "the unlabelled rows of input `{input}` are {} {:?} per row but the training rows are {} {:?}: both must have the same element type and row shape (pad text to one length)",
+                b.data.dtype(),
+                &b.shape[1..],
+                a.data.dtype(),
+                &a.shape[1..]
+            ),
+        })?;
+        tensors.push(merged);
+    }
+    if let Some(name) = &lb.labels {
+        let l = labelled.tensor(name).expect("bound");
+        let values = l.data.to_i64().ok_or_else(|| EngineError::InvalidDataset {
+            tensor: name.clone(),
+            problem: "training needs integer class labels".into(),
+        })?;
+        let extra = unlabelled.summary.samples as usize * l.row_len();
+        tensors.push(Tensor {
+            name: name.clone(),
+            shape: {
+                let mut s = l.shape.clone();
+                s[0] += unlabelled.summary.samples as usize;
+                s
+            },
+            data: TensorData::I64(values.into_iter().chain(vec![-1; extra]).collect()),
+        });
+    }
+    let samples = labelled.summary.samples + unlabelled.summary.samples;
+    let summary = DatasetSummary {
+        format: labelled.summary.format,
+        tensors: tensors
+            .iter()
+            .map(|t| TensorInfo {
+                name: t.name.clone(),
+                dtype: t.data.dtype().to_string(),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+            })
+            .collect(),
+        samples,
+    };
+    Ok(Dataset { summary, tensors })
+}
+
 /// How a dataset feeds a model: model input -> dataset tensor, and where the labels are.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Binding {

@@ -51,6 +51,9 @@ pub struct JobForm {
     /// Training rows (instead of `train_dataset_id`).
     #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
     pub train: Option<Vec<u8>>,
+    /// Unlabelled rows training learns from the teacher alone (instead of `unlabelled_dataset_id`).
+    #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
+    pub unlabelled: Option<Vec<u8>>,
     /// A teacher model (instead of `teacher_model_id`).
     #[schema(value_type = String, format = Binary, content_media_type = "application/octet-stream", required = false)]
     pub teacher: Option<Vec<u8>>,
@@ -291,7 +294,7 @@ async fn read_multipart(
         let Some((spec_field, _, kind)) =
             REFERENCE_FIELDS.iter().find(|(_, part, _)| *part == name)
         else {
-            problems.add(format!("/{name}"), "unknown multipart part; expected spec, model, dataset, calibration, train, teacher or student");
+            problems.add(format!("/{name}"), "unknown multipart part; expected spec, model, dataset, calibration, train, unlabelled, teacher or student");
             continue;
         };
         let file_name = field.file_name().unwrap_or("").to_string();

@@ -21,7 +21,12 @@ pub fn check_inputs(spec: &JobSpec, uploads: &Uploads<'_>, problems: &mut Proble
     let Some(model) = uploads.models.get("model_id") else {
         return;
     };
-    for field in ["dataset_id", "calibration_dataset_id", "train_dataset_id"] {
+    for field in [
+        "dataset_id",
+        "calibration_dataset_id",
+        "train_dataset_id",
+        "unlabelled_dataset_id",
+    ] {
         if let Some(data) = uploads.datasets.get(field) {
             if let Err(e) = bind(model, data) {
                 problems.add(
@@ -32,12 +37,14 @@ pub fn check_inputs(spec: &JobSpec, uploads: &Uploads<'_>, problems: &mut Proble
         }
     }
     let teacher = uploads.models.get("teacher_model_id");
-    if let (Some(t), Some(data)) = (teacher, uploads.datasets.get("train_dataset_id")) {
-        if let Err(e) = bind(t, data) {
-            problems.add(
-                "/teacher_model_id",
-                format!("the training dataset does not fit the teacher: {e}"),
-            );
+    for field in ["train_dataset_id", "unlabelled_dataset_id"] {
+        if let (Some(t), Some(data)) = (teacher, uploads.datasets.get(field)) {
+            if let Err(e) = bind(t, data) {
+                problems.add(
+                    "/teacher_model_id",
+                    format!("the `{field}` rows do not fit the teacher: {e}"),
+                );
+            }
         }
     }
     for (i, stage) in spec.pipeline.iter().enumerate() {

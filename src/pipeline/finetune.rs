@@ -29,12 +29,15 @@ pub fn run(f: &FinetuneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> 
     };
     let masks = Masks::of_zeros(&current.proto, SPARSE_SHARE);
     let out = distill::distill_with(pair, masks.training_hook()?, &setup.recipe, ctx.progress)?;
-    let mut notes = vec![format!(
-        "fine-tuned {} parameters on {} with {}",
-        out.student_parameters,
-        setup.rows_note(),
-        setup.loss_note("the model before the stage")
-    )];
+    let mut notes = vec![
+        format!(
+            "fine-tuned {} parameters on {} with {}",
+            out.student_parameters,
+            setup.rows_note(),
+            setup.loss_note("the model before the stage")
+        ),
+        setup.schedule_note.clone(),
+    ];
     if !masks.is_empty() {
         notes.push(format!(
             "the zeros of {} sparse weights ({}) were held",
@@ -43,11 +46,13 @@ pub fn run(f: &FinetuneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> 
         ));
     }
     notes.extend(epoch_notes(&out.report, setup.validation_metric));
+    let training = Some(setup.curve(&out.report, None));
     let mut trained = out.model;
     masks.apply(&mut trained);
     Ok(StageOutcome {
         model: Some(quantize::finish(ctx.rt, &trained)?),
         notes,
+        training,
         ..Default::default()
     })
 }

@@ -54,6 +54,8 @@ pub struct StageContext<'a> {
     pub calibration: Option<&'a Dataset>,
     /// The spec's training rows.
     pub train: Option<&'a Dataset>,
+    /// The spec's unlabelled rows (training learns the teacher's outputs on them).
+    pub unlabelled: Option<&'a Dataset>,
     /// The spec's uploaded student model.
     pub student: Option<&'a LoadedModel>,
     /// The spec's uploaded teacher model.
@@ -73,6 +75,8 @@ pub struct StageOutcome {
     pub qat: Option<QatParity>,
     /// What pruning removed.
     pub pruning: Option<PruningReport>,
+    /// How the stage trained.
+    pub training: Option<crate::domain::report::TrainingCurve>,
     /// The stage's own accuracy budget, which gets a verdict of its own.
     pub budget: Option<f64>,
 }
@@ -92,6 +96,8 @@ pub struct PipelineInputs {
     pub calibration: Option<Dataset>,
     /// The spec's training dataset (distill stages).
     pub train: Option<Dataset>,
+    /// The spec's unlabelled training rows (training stages learn the teacher's outputs on them).
+    pub unlabelled: Option<Dataset>,
     /// The spec's uploaded student model (distill stages).
     pub student: Option<LoadedModel>,
     /// The spec's uploaded teacher model (distill stages).
@@ -123,6 +129,7 @@ pub fn run(
         data,
         calibration,
         train,
+        unlabelled,
         student,
         teacher,
         hashes,
@@ -165,6 +172,7 @@ pub fn run(
             eval_opts: &opts,
             calibration: calibration.as_ref(),
             train: train.as_ref(),
+            unlabelled: unlabelled.as_ref(),
             student: student.as_ref(),
             teacher: teacher.as_ref(),
             progress: &part,
@@ -224,6 +232,7 @@ pub fn run(
             layers: out.layers,
             qat: out.qat,
             pruning: out.pruning,
+            training: out.training,
         });
     }
 

@@ -1,19 +1,72 @@
 //! The `prune` stage: spec options -> engine pruning, recovery training with the zeros held
 //! (gradual for magnitude pruning), and the report's pruning section.
-use super::recovery::{epoch_notes, Setup};
+use super::recovery::{batch_norm_note, batch_norm_step, epoch_notes, Setup};
 use super::{StageContext, StageOutcome};
 use crate::domain::prune::{
-    PruneFinetune, PruneMethod, PruneOptions, PruneTarget, DEFAULT_ALPHA, DEFAULT_TEMPERATURE,
+    PruneFinetune, PruneImportance, PruneMethod, PruneOptions, PruneTarget, DEFAULT_ALPHA,
+    DEFAULT_TEMPERATURE,
 };
+use crate::domain::report::TrainingCurve;
 use crate::domain::report::{PrunedLayer, PruningReport};
 use crate::engine::evaluate::zstd_size;
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::LoadedModel;
-use crate::engine::prune::{batch_norm, magnitude, n_m, structured, Masks, Pruned};
+use crate::engine::prune::{magnitude, n_m, structured, taylor, Masks, Pruned};
 use crate::engine::train::distill;
-use crate::engine::{quantize, Progress, Result, SubProgress};
+use crate::engine::{quantize, EngineError, Progress, Result, SubProgress};
 
-fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pruned> {
+/// Most training rows Taylor importance reads.
+const TAYLOR_ROWS: usize = 256;
+
+/// Taylor importance of every channel group, over the training rows (unlabelled ones after the
+/// labelled), when the stage asks for it.
+fn taylor_scores(
+    model: &ModelProto,
+    p: &PruneOptions,
+    ctx: &StageContext<'_>,
+    progress: &dyn Progress,
+) -> Result<Option<std::collections::HashMap<String, Vec<f32>>>> {
+    if p.importance != PruneImportance::Taylor || p.method != PruneMethod::Structured {
+        return Ok(None);
+    }
+    let train = ctx.train.ok_or_else(|| EngineError::InvalidOption {
+        option: "importance".into(),
+        problem: "`importance: taylor` needs train_dataset_id".into(),
+    })?;
+    let summary = crate::engine::onnx::summarize(model);
+    let merged = ctx
+        .unlabelled
+        .map(|u| crate::engine::dataset::merge_unlabelled(train, u, &summary))
+        .transpose()?;
+    let data = merged.as_ref().unwrap_or(train);
+    // Every row, the labelled ones and as many unlabelled as fit: an even spread of both.
+    let rows = data.summary.samples as usize;
+    let picked: Vec<usize> = if rows <= TAYLOR_ROWS {
+        (0..rows).collect()
+    } else {
+        (0..TAYLOR_ROWS).map(|i| i * rows / TAYLOR_ROWS).collect()
+    };
+    let data = data.select(&picked);
+    let named = p
+        .finetune
+        .as_ref()
+        .and_then(|f| f.recovery.output.clone())
+        .or_else(|| ctx.spec.evaluate_options().output);
+    let output =
+        crate::engine::evaluate::choose_classifier(&summary.outputs, named.as_deref(), true)?
+            .expect("with labels assumed, a choice or an error");
+    let (logits, _) = distill::logits_of(model, &output);
+    let groups = crate::engine::channels::channel_groups(model);
+    let scores = taylor::importance(model, &logits, &groups, &data, picked.len(), progress)?;
+    Ok(Some(scores))
+}
+
+fn prune_once(
+    model: &ModelProto,
+    p: &PruneOptions,
+    sparsity: f64,
+    scores: Option<std::collections::HashMap<String, Vec<f32>>>,
+) -> Result<Pruned> {
     match p.method {
         PruneMethod::Magnitude => magnitude::prune(
             model,
@@ -45,45 +98,14 @@ fn prune_once(model: &ModelProto, p: &PruneOptions, sparsity: f64) -> Result<Pru
                 heads: p.targets.contains(&PruneTarget::Heads),
                 multiple_of: p.multiple_of as usize,
                 exclude: p.exclude.clone(),
+                scores,
             },
         ),
     }
 }
 
-/// Most training rows BatchNormalization re-estimation reads.
-const BATCH_NORM_ROWS: usize = 512;
-
-/// Before any gradient step: BatchNormalization statistics re-estimated over the fit rows (never
-/// the held-out ones), kept when they validate at least as well as the pruned model's. Returns
-/// the model recovery starts from and a note with both scores.
-fn batch_norm_step(
-    ctx: &StageContext<'_>,
-    setup: &Setup,
-    dense: &LoadedModel,
-    pruned: &ModelProto,
-    progress: &dyn Progress,
-) -> Result<(ModelProto, Option<String>)> {
-    let Some(r) =
-        batch_norm::reestimate(ctx.rt, pruned, &setup.fit_data, BATCH_NORM_ROWS, progress)?
-    else {
-        return Ok((pruned.clone(), None));
-    };
-    let score = |m: &ModelProto| {
-        distill::validation_score(ctx.rt, dense, m, &setup.output, &setup.validation)
-    };
-    let (before, after) = (score(pruned)?, score(&r.model)?);
-    let kept = after >= before;
-    let note = format!(
-        "BatchNorm re-estimation (no gradient step): {} BatchNormalization layer(s) from {} training row(s), one after another in graph order: validation {} {before:.4} -> {after:.4}: {}",
-        r.layers,
-        r.rows,
-        setup.validation_metric,
-        if kept { "kept" } else { "not kept" }
-    );
-    Ok((if kept { r.model } else { pruned.clone() }, Some(note)))
-}
-
-/// Trains `pruned` from `dense` (the model before the stage) with `masks` held.
+/// Trains `pruned` from `dense` (the model before the stage) with `masks` held, for 1/`part` of
+/// the training budget (gradual pruning spreads it over its steps).
 fn recover(
     f: &PruneFinetune,
     dense: &LoadedModel,
@@ -91,15 +113,17 @@ fn recover(
     masks: &Masks,
     ctx: &StageContext<'_>,
     progress: &dyn Progress,
-) -> Result<(ModelProto, Vec<String>)> {
-    let setup = Setup::new(
+    part: usize,
+) -> Result<(ModelProto, Vec<String>, TrainingCurve)> {
+    let mut setup = Setup::new(
         ctx,
         &f.recovery,
         dense,
         (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
         "recovery fine-tuning",
     )?;
-    let (start, bn_note) = batch_norm_step(
+    setup.share_budget(part);
+    let (start, bn) = batch_norm_step(
         ctx,
         &setup,
         dense,
@@ -126,16 +150,20 @@ fn recover(
     let out = distill::distill_with(pair, masks.training_hook()?, &setup.recipe, &sub)?;
     let mut model = out.model;
     masks.apply(&mut model);
-    let mut notes: Vec<String> = bn_note.into_iter().collect();
+    let mut notes: Vec<String> = bn
+        .iter()
+        .map(|r| batch_norm_note(r, setup.validation_metric))
+        .collect();
     notes.push(format!(
-        "recovery: {} epochs on {}, loss {}{}",
-        f.recovery.training.epochs,
+        "recovery: on {}, loss {}{}",
         setup.rows_note(),
         setup.loss_note("the model before pruning"),
         if masks.is_empty() { "" } else { ", zeros held" }
     ));
+    notes.push(setup.schedule_note.clone());
     notes.extend(epoch_notes(&out.report, setup.validation_metric));
-    Ok((model, notes))
+    let curve = setup.curve(&out.report, bn);
+    Ok((model, notes, curve))
 }
 
 pub fn run(p: &PruneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
@@ -147,22 +175,23 @@ pub fn run(p: &PruneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
     };
     let mut proto = dense.proto.clone();
     let mut last: Option<Pruned> = None;
+    let mut training = None;
     for step in 1..=steps {
         let sparsity = if steps > 1 {
             magnitude::gradual_sparsity(p.sparsity, step as usize, steps as usize)
         } else {
             p.sparsity
         };
-        let pruned = prune_once(&proto, p, sparsity)?;
+        let scores = taylor_scores(&proto, p, ctx, progress)?;
+        let pruned = prune_once(&proto, p, sparsity, scores)?;
         if step == 1 || step == steps {
             notes.extend(pruned.notes.iter().cloned());
         }
         proto = pruned.model.clone();
         if let Some(f) = &p.finetune {
-            let epochs = (f.recovery.training.epochs / steps).max(1);
             if steps > 1 {
                 notes.push(format!(
-                    "gradual step {step} of {steps}: {:.1}% zeros, then {epochs} epochs",
+                    "gradual step {step} of {steps}: {:.1}% zeros, then 1/{steps} of the training budget",
                     sparsity * 100.0
                 ));
             }
@@ -171,12 +200,12 @@ pub fn run(p: &PruneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
                 start: (step - 1) as f64 / steps as f64,
                 span: 1.0 / steps as f64,
             };
-            let mut f = f.clone();
-            f.recovery.training.epochs = epochs;
-            let (trained, recovery_notes) = recover(&f, dense, &proto, &pruned.masks, ctx, &sub)?;
+            let (trained, recovery_notes, curve) =
+                recover(f, dense, &proto, &pruned.masks, ctx, &sub, steps as usize)?;
             proto = trained;
             if step == steps {
                 notes.extend(recovery_notes);
+                training = Some(curve);
             }
         }
         last = Some(pruned);
@@ -203,6 +232,7 @@ pub fn run(p: &PruneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
         model: Some(model),
         notes,
         pruning: Some(report),
+        training,
         ..Default::default()
     })
 }

@@ -16,6 +16,7 @@ pub struct Trained {
     pub prepared: Prepared,
     pub notes: Vec<String>,
     pub parity: QatParity,
+    pub curve: crate::domain::report::TrainingCurve,
 }
 
 /// Trains `prepared` (the calibrated static preparation of `ctx.current`) with fake quantization.
@@ -46,8 +47,9 @@ pub fn run(
         trained.fake_quant.len(),
         setup.rows_note(),
         setup.loss_note("the float model")
-    )];
+    ), setup.schedule_note.clone()];
     notes.extend(epoch_notes(&trained.report, setup.validation_metric));
+    let curve = setup.curve(&trained.report, None);
     let all = HashSet::new();
     let exported = quantize::finish(rt, &trained.prepared.build(&all)?.0)?;
     let untrained = quantize::finish(rt, &prepared.build(&all)?.0)?;
@@ -69,6 +71,7 @@ pub fn run(
     Ok(Trained {
         prepared: trained.prepared,
         notes,
+        curve,
         parity: QatParity {
             samples: p.samples as u64,
             metric: p.metric.into(),

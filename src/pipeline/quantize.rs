@@ -274,12 +274,13 @@ fn run_mode(
             )?);
         }
     }
-    let mut qat = None;
+    let (mut qat, mut training) = (None, None);
     if q.mode == QuantizeMode::Qat {
         let trained = super::qat::run(&q.qat, &prepared, ctx, &part(0.3, 0.3))?;
         notes.extend(trained.notes);
         prepared = trained.prepared;
         qat = Some(trained.parity);
+        training = Some(trained.curve);
     }
     let (proto, mut layers, float) = match (measured, &scorer) {
         (Some(max_drop), Some(scorer)) => {
@@ -388,6 +389,7 @@ fn run_mode(
         budget: q.max_accuracy_drop.filter(|_| int8),
         qat,
         pruning: None,
+        training,
     })
 }
 

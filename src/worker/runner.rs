@@ -183,6 +183,15 @@ async fn attempt(
         "training",
     )
     .await?;
+    let unlabelled_path = fetch_optional(
+        ctx,
+        job,
+        UploadKind::Dataset,
+        &spec.unlabelled_dataset_id,
+        dir_path,
+        "unlabelled",
+    )
+    .await?;
     let student_path = fetch_optional(
         ctx,
         job,
@@ -222,6 +231,10 @@ async fn attempt(
             .as_deref()
             .map(engine::dataset::load)
             .transpose()?;
+        let unlabelled = unlabelled_path
+            .as_deref()
+            .map(engine::dataset::load)
+            .transpose()?;
         let student = student_path
             .as_deref()
             .map(engine::onnx::load_model_file)
@@ -235,6 +248,7 @@ async fn attempt(
             data,
             calibration,
             train,
+            unlabelled,
             student,
             teacher,
             hashes,

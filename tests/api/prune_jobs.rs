@@ -180,6 +180,45 @@ async fn half_of_the_digits_cnn_channels_go_and_recovery_keeps_accuracy_within_a
     }
 }
 
+/// Sixty labelled images and six hundred without labels: recovery learns the dense model's
+/// outputs on all of them (KL alone on the unlabelled ones), validates on held-out rows of both,
+/// and says so; unlabelled rows that do not fit the model are refused before the job is queued.
+#[tokio::test]
+async fn recovery_learns_from_unlabelled_rows_beside_a_few_labelled_ones() {
+    let app = spawn_app(Setup::Embedded).await;
+    let m = app.model("digits_cnn_trained.onnx").await;
+    let d = app.dataset("digits_images.npz").await;
+    let t = app.dataset("digits_images_few.npz").await;
+    let u = app.dataset("digits_images_unlabelled.npz").await;
+    let wrong = app.dataset("digits_unlabelled.npz").await;
+    let spec = |unlabelled: &Value| {
+        json!({"model_id": m["id"], "dataset_id": d["id"], "train_dataset_id": t["id"],
+               "unlabelled_dataset_id": unlabelled, "seed": 1,
+               "pipeline": [{"stage": "prune", "method": "structured", "sparsity": 0.5,
+                             "finetune": {"optimizer_steps": 150}}]})
+    };
+    let r = app.post_job(&spec(&wrong["id"])).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        crate::helpers::problem_pointers(r).await,
+        vec!["/unlabelled_dataset_id"]
+    );
+    let (_, report) = run_job(&app, spec(&u["id"])).await;
+    let stage = &report["stages"][0];
+    let notes = stage["notes"].to_string();
+    assert!(
+        notes.contains("561 rows, 510 of them from `unlabelled_dataset_id` (KL alone) (99 held out to pick the weights to keep, 90 of them unlabelled"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("schedule: 150 optimizer steps (`optimizer_steps` 150, 18 per epoch)"),
+        "{notes}"
+    );
+    assert!(notes.contains("T²·KL alone on unlabelled ones"), "{notes}");
+    let drop = report["deltas"]["accuracy_drop"].as_f64().unwrap();
+    assert!(drop <= 0.02, "accuracy drop {drop}: {notes}");
+}
+
 #[tokio::test]
 async fn distill_then_prune_then_quantize_reports_every_stage() {
     let app = spawn_app(Setup::Embedded).await;

@@ -471,6 +471,7 @@ fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_read
             heads: true,
             multiple_of: 1,
             exclude: vec![],
+            scores: None,
         },
     )
     .unwrap()
@@ -534,6 +535,132 @@ fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_read
         batch_norm::reestimate(&rt(), &folded, &data, 6, &NoProgress)
             .unwrap()
             .is_none()
+    );
+}
+
+/// Training with frozen BatchNormalization statistics leaves the running means and variances as
+/// they were (scale and shift still train); training on batch statistics moves them.
+#[test]
+fn frozen_batch_norm_statistics_stay_put_while_scale_and_shift_train() {
+    use shrink::engine::onnx::tensor::f32_values;
+    use shrink::engine::train::{self, fit, Mode, TrainGraph};
+    let m = orientation_model();
+    let data = random_images(4);
+    let binding = dataset::bind(&shrink::engine::onnx::summarize(&m.proto), &data.summary)
+        .unwrap()
+        .inputs;
+    struct Loud<'a> {
+        data: &'a dataset::Dataset,
+        binding: &'a [(String, String)],
+    }
+    impl fit::Objective for Loud<'_> {
+        fn loss(
+            &self,
+            g: &TrainGraph,
+            rows: &[usize],
+        ) -> shrink::engine::Result<candle_core::Tensor> {
+            let feeds = train::feeds(self.data, self.binding, rows, g.device())?;
+            let out = g.forward(&feeds, Mode::Train)?.remove(0);
+            Ok(out.sqr().unwrap().mean_all().unwrap())
+        }
+        fn validate(&self, _: &TrainGraph) -> shrink::engine::Result<Option<f64>> {
+            Ok(None)
+        }
+    }
+    let bn = m
+        .proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .find(|n| n.op_type.as_deref() == Some("BatchNormalization"))
+        .unwrap()
+        .clone();
+    let stat = |model: &ModelProto, name: &str| {
+        f32_values(
+            model
+                .graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .find(|t| t.name.as_deref() == Some(name))
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let output = shrink::engine::onnx::summarize(&m.proto).outputs[0]
+        .name
+        .clone();
+    for frozen in [true, false] {
+        let g = TrainGraph::new(&m.proto, std::slice::from_ref(&output)).unwrap();
+        let opts = fit::FitOptions {
+            epochs: 1,
+            batch_size: 2,
+            learning_rate: 1e-2,
+            frozen_batch_norm: frozen,
+            ..Default::default()
+        };
+        let objective = Loud {
+            data: &data,
+            binding: &binding,
+        };
+        let report = fit::fit(&g, &objective, 4, &opts, &NoProgress).unwrap();
+        assert_eq!(report.steps, 2);
+        let trained = g.export().unwrap();
+        let same = |name: &str| stat(&trained, name) == stat(&m.proto, name);
+        assert_eq!(
+            same(&bn.input[3]) && same(&bn.input[4]),
+            frozen,
+            "frozen {frozen}"
+        );
+        assert!(!same(&bn.input[1]), "the scale trains either way");
+    }
+}
+
+/// Unlabelled rows follow the labelled ones in one training set whose labels mark them -1 (no
+/// cross-entropy reads them); rows that do not fit the model are refused, naming the tensor.
+#[test]
+fn unlabelled_rows_join_the_training_rows_with_no_label() {
+    let m = orientation_model();
+    let summary = shrink::engine::onnx::summarize(&m.proto);
+    let mut labelled = random_images(3);
+    labelled.tensors.push(dataset::Tensor {
+        name: "labels".into(),
+        shape: vec![3],
+        data: TensorData::I64(vec![0, 3, 1]),
+    });
+    labelled
+        .summary
+        .tensors
+        .push(shrink::domain::dataset::TensorInfo {
+            name: "labels".into(),
+            dtype: "int64".into(),
+            shape: vec![3],
+        });
+    let unlabelled = random_images(2);
+    let merged = dataset::merge_unlabelled(&labelled, &unlabelled, &summary).unwrap();
+    assert_eq!(merged.summary.samples, 5);
+    let x = merged.tensor("x").unwrap();
+    assert_eq!(x.shape, vec![5, 3, 224, 224]);
+    match (&x.data, &unlabelled.tensors[0].data) {
+        (TensorData::F32(all), TensorData::F32(u)) => assert_eq!(&all[3 * 3 * 224 * 224..], &u[..]),
+        _ => unreachable!(),
+    }
+    assert_eq!(
+        merged.tensor("labels").unwrap().data,
+        TensorData::I64(vec![0, 3, 1, -1, -1])
+    );
+    let b = dataset::bind(&summary, &merged.summary).unwrap();
+    assert_eq!(b.labels.as_deref(), Some("labels"));
+    let mut wrong = random_images(2);
+    wrong.summary.tensors[0].name = "pixels".into();
+    wrong.tensors[0].name = "pixels".into();
+    let e = dataset::merge_unlabelled(&labelled, &wrong, &summary).unwrap_err();
+    assert!(
+        e.to_string().contains("pixels") || e.to_string().contains("x"),
+        "{e}"
     );
 }
 

@@ -10,6 +10,7 @@ pub mod magnitude;
 pub mod mask;
 pub mod n_m;
 pub mod structured;
+pub mod taylor;
 
 use crate::engine::onnx::proto::{ModelProto, NodeProto};
 use crate::engine::onnx::rewrite::attr_i;

@@ -22,6 +22,8 @@ pub struct StructuredOptions {
     /// Kept channel counts are rounded up to a multiple of this (SIMD-friendly widths).
     pub multiple_of: usize,
     pub exclude: Vec<String>,
+    /// Data-driven channel scores by layer (Taylor importance), instead of weight norms.
+    pub scores: Option<std::collections::HashMap<String, Vec<f32>>>,
 }
 
 fn group_op(model: &ModelProto, group: &ChannelGroup) -> String {
@@ -83,10 +85,16 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
                 })
                 .map(dims)
                 .unwrap_or_default();
-            let mut scores = norms_along(&values, &w_dims, axis, opts.importance);
-            if let Some(scale) = &group.bn_scale {
-                scores.iter_mut().zip(scale).for_each(|(s, b)| *s *= b);
-            }
+            let scores = match opts.scores.as_ref().and_then(|s| s.get(&group.layer)) {
+                Some(s) if s.len() == group.channels => s.clone(),
+                _ => {
+                    let mut scores = norms_along(&values, &w_dims, axis, opts.importance);
+                    if let Some(scale) = &group.bn_scale {
+                        scores.iter_mut().zip(scale).for_each(|(s, b)| *s *= b);
+                    }
+                    scores
+                }
+            };
             let keep = top(
                 &scores,
                 kept_count(group.channels, opts.sparsity, opts.multiple_of),
@@ -159,9 +167,13 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
         .map(|l| l.parameters_before - l.parameters_after)
         .sum();
     notes.push(format!(
-        "structured pruning removed {removed} parameters in {} groups (importance {:?} norm{})",
+        "structured pruning removed {removed} parameters in {} groups (importance: {}{})",
         layers.len(),
-        opts.importance,
+        match (opts.importance, &opts.scores) {
+            (Importance::Taylor, Some(_)) =>
+                "first-order Taylor, activation × gradient on the training rows".to_string(),
+            (i, _) => format!("{i:?} norm of the weights"),
+        },
         if opts.multiple_of > 1 {
             format!(", widths rounded up to multiples of {}", opts.multiple_of)
         } else {

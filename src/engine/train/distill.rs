@@ -296,7 +296,7 @@ pub fn distill(pair: Pair<'_>, opts: &Recipe, progress: &dyn Progress) -> Result
     distill_with(pair, None, opts, progress)
 }
 
-/// What training validates on: the rows' labels, else the teacher's classes.
+/// What training validates on: the rows' labels, else (rows without labels) the teacher's classes.
 fn validation_of<'d>(
     rt: &Runtime,
     teacher: &LoadedModel,
@@ -307,12 +307,29 @@ fn validation_of<'d>(
     let vb = bind(&summarize(student), &v.summary)?;
     let logits = teacher_logits(rt, teacher, v, output)?;
     let task = units::task_of(logits.dims());
+    let teacher_classes = unit_classes(&logits)?;
     let target = match labels_of(v, student)? {
-        Some(l) => l
-            .flatten_all()
-            .and_then(|l| l.to_vec1::<i64>())
-            .map_err(|e| candle_error("labels", e))?,
-        None => unit_classes(&logits)?,
+        Some(l) => {
+            let mut target = l
+                .flatten_all()
+                .and_then(|l| l.to_vec1::<i64>())
+                .map_err(|e| candle_error("labels", e))?;
+            // A row without a single label (an unlabelled row among labelled ones) is scored
+            // against the teacher's classes.
+            let per_row = target.len() / v.summary.samples.max(1) as usize;
+            if per_row > 0 && teacher_classes.len() == target.len() {
+                for (row, t) in target
+                    .chunks_mut(per_row)
+                    .zip(teacher_classes.chunks(per_row))
+                {
+                    if row.iter().all(|&l| l < 0) {
+                        row.copy_from_slice(t);
+                    }
+                }
+            }
+            target
+        }
+        None => teacher_classes,
     };
     Ok(Validation {
         data: v,

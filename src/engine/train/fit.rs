@@ -1,7 +1,9 @@
 //! The training loop: AdamW, learning-rate warm-up then linear or cosine decay, gradient
-//! clipping by global norm, early stopping on a validation score (the best epoch's weights are
-//! kept, or the weights training started from when no epoch scores better than they did), a seed
-//! that makes runs repeatable, a time budget, and progress/cancellation between steps.
+//! clipping by global norm, a budget in epochs or optimizer steps, validation once per window
+//! (an epoch, or whole epochs of at least `min_window` steps when epochs are short), early
+//! stopping on the validation score (the best window's weights are kept, or the weights
+//! training started from when no window scores better than they did), a seed that makes runs
+//! repeatable, a time budget, and progress/cancellation between steps.
 use super::candle_error;
 use super::graph::TrainGraph;
 use crate::engine::{Progress, Result};
@@ -16,6 +18,13 @@ pub use crate::domain::training::LrSchedule as Schedule;
 #[derive(Debug, Clone)]
 pub struct FitOptions {
     pub epochs: usize,
+    /// Optimizer steps in all, instead of `epochs` passes.
+    pub steps: Option<usize>,
+    /// Fewest steps between two validations: short epochs are validated every few epochs.
+    pub min_window: usize,
+    /// BatchNormalization normalises with its running statistics (left as they are) in training
+    /// too; scale and shift still train.
+    pub frozen_batch_norm: bool,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
@@ -25,7 +34,7 @@ pub struct FitOptions {
     /// Gradients are scaled down when their global L2 norm exceeds this.
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
-    /// Stop after this many epochs without a better validation score.
+    /// Stop after this many validations without a better score.
     pub patience: Option<usize>,
     /// Stop (keeping the best weights so far) when training has run this long.
     pub time_budget: Option<Duration>,
@@ -35,6 +44,9 @@ impl Default for FitOptions {
     fn default() -> Self {
         Self {
             epochs: 10,
+            steps: None,
+            min_window: 1,
+            frozen_batch_norm: false,
             batch_size: 32,
             learning_rate: 1e-3,
             weight_decay: 0.01,
@@ -56,9 +68,16 @@ pub trait Objective {
     fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>>;
 }
 
+/// One validation window: the steps since the last validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochStats {
+    /// The epoch the window ended in (1-based).
     pub epoch: usize,
+    /// The first epoch of the window (equal to `epoch` when the window is one epoch).
+    pub first_epoch: usize,
+    /// The optimizer steps done when the window ended.
+    pub steps: usize,
+    /// Mean training loss over the window's rows.
     pub train_loss: f64,
     pub validation: Option<f64>,
     pub learning_rate: f64,
@@ -68,10 +87,13 @@ pub struct EpochStats {
 pub struct FitReport {
     /// The validation score of the weights training started from, before any step.
     pub start_validation: Option<f64>,
+    /// One entry per validation window.
     pub epochs: Vec<EpochStats>,
-    /// The epoch whose weights were kept (1-based; 0: the weights training started from, no
-    /// epoch scored better), when a validation score chose it.
+    /// The epoch whose weights were kept (1-based, the epoch its window ended in; 0: the weights
+    /// training started from, no window scored better), when a validation score chose it.
     pub best_epoch: Option<usize>,
+    /// The optimizer steps done when the kept weights were (0: the starting weights).
+    pub best_steps: Option<usize>,
     pub steps: usize,
     /// Why training stopped.
     pub stopped: String,
@@ -133,24 +155,36 @@ pub fn fit(
     };
     let mut opt = AdamW::new(graph.vars(), params).map_err(ce)?;
     let batch = opts.batch_size.clamp(1, rows.max(1));
-    let per_epoch = rows.div_ceil(batch);
-    let total = per_epoch * opts.epochs;
+    let per_epoch = rows.div_ceil(batch).max(1);
+    let total = opts.steps.unwrap_or(per_epoch * opts.epochs).max(1);
+    let epochs = total.div_ceil(per_epoch);
+    // Whole epochs per validation window.
+    let window = opts.min_window.max(1).div_ceil(per_epoch);
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..rows).collect();
     let started = Instant::now();
-    let (mut epochs, mut step) = (Vec::new(), 0);
+    let (mut windows, mut step) = (Vec::new(), 0);
+    graph.set_frozen_batch_norm(opts.frozen_batch_norm);
     // Training never returns weights that validate worse than those it was given.
     let start_validation = objective.validate(graph)?;
-    let mut best: Option<(f64, usize, super::graph::Snapshot)> = match start_validation {
-        Some(v) if v.is_finite() => Some((v, 0, graph.snapshot()?)),
+    // (score, epoch, steps, weights)
+    let mut best: Option<(f64, usize, usize, super::graph::Snapshot)> = match start_validation {
+        Some(v) if v.is_finite() => Some((v, 0, 0, graph.snapshot()?)),
         _ => None,
     };
-    let mut stopped = format!("ran all {} epochs", opts.epochs);
-    'epochs: for epoch in 1..=opts.epochs {
+    let mut stopped = match opts.steps {
+        Some(s) => format!("ran all {s} steps"),
+        None => format!("ran all {epochs} epochs"),
+    };
+    let (mut loss_sum, mut seen, mut first_epoch) = (0f64, 0usize, 1usize);
+    let mut lr = opts.learning_rate;
+    'epochs: for epoch in 1..=epochs {
         order.shuffle(&mut rng);
-        let (mut loss_sum, mut seen) = (0f64, 0usize);
-        let mut lr = opts.learning_rate;
+        let mut out_of_time = false;
         for chunk in order.chunks(batch) {
+            if step >= total {
+                break;
+            }
             let loss = objective.loss(graph, chunk)?;
             let value = loss.to_scalar::<f32>().map_err(ce)? as f64;
             if !value.is_finite() {
@@ -167,53 +201,57 @@ pub fn fit(
             loss_sum += value * chunk.len() as f64;
             seen += chunk.len();
             step += 1;
-            progress.update(step as f64 / total.max(1) as f64)?;
+            progress.update(step as f64 / total as f64)?;
             if opts.time_budget.is_some_and(|b| started.elapsed() >= b) {
-                stopped = format!("the time budget ran out in epoch {epoch}");
-                epochs.push(EpochStats {
-                    epoch,
-                    train_loss: loss_sum / seen.max(1) as f64,
-                    validation: objective.validate(graph)?,
-                    learning_rate: lr,
-                });
-                break 'epochs;
+                stopped = format!("the time budget ran out in epoch {epoch} (step {step})");
+                out_of_time = true;
+                break;
             }
         }
+        let last = out_of_time || step >= total || epoch == epochs;
+        if !last && (epoch - first_epoch + 1) < window {
+            continue;
+        }
         let validation = objective.validate(graph)?;
-        epochs.push(EpochStats {
+        windows.push(EpochStats {
             epoch,
+            first_epoch,
+            steps: step,
             train_loss: loss_sum / seen.max(1) as f64,
             validation,
             learning_rate: lr,
         });
+        (loss_sum, seen, first_epoch) = (0.0, 0, epoch + 1);
         if let Some(v) = validation {
-            if best.as_ref().is_none_or(|(b, _, _)| v > *b) {
-                best = Some((v, epoch, graph.snapshot()?));
-            } else if let (Some(p), Some((_, at, _))) = (opts.patience, &best) {
-                if epoch - at >= p {
-                    stopped = format!("no better validation score for {p} epochs");
+            if best.as_ref().is_none_or(|(b, ..)| v > *b) {
+                best = Some((v, epoch, step, graph.snapshot()?));
+            } else if let (Some(p), Some((_, _, at, _))) = (opts.patience, &best) {
+                let since = windows.iter().filter(|w| w.steps > *at).count();
+                if since >= p && !last {
+                    stopped = format!(
+                        "no better validation score for {p} validations (stopped at step {step} of {total})"
+                    );
                     break;
                 }
             }
         }
-    }
-    // A last partial epoch may be better than every full one.
-    if let (Some(last), Some((b, _, _))) = (epochs.last(), &best) {
-        if last.validation.is_some_and(|v| v > *b) {
-            best = Some((last.validation.unwrap_or(*b), last.epoch, graph.snapshot()?));
+        if last {
+            break;
         }
     }
-    let best_epoch = match best {
-        Some((_, epoch, snapshot)) => {
+    graph.set_frozen_batch_norm(false);
+    let (best_epoch, best_steps) = match best {
+        Some((_, epoch, steps, snapshot)) => {
             graph.restore(&snapshot)?;
-            Some(epoch)
+            (Some(epoch), Some(steps))
         }
-        None => None,
+        None => (None, None),
     };
     Ok(FitReport {
         start_validation,
-        epochs,
+        epochs: windows,
         best_epoch,
+        best_steps,
         steps: step,
         stopped,
     })

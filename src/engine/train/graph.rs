@@ -103,6 +103,8 @@ pub struct TrainGraph {
     device: Device,
     /// Applied to every value of the forward pass (see [`ValueHook`]).
     hook: Option<Arc<dyn ValueHook>>,
+    /// BatchNormalization keeps its running statistics in training passes too.
+    frozen_batch_norm: std::sync::atomic::AtomicBool,
 }
 
 impl TrainGraph {
@@ -189,12 +191,20 @@ impl TrainGraph {
             opset,
             device,
             hook: None,
+            frozen_batch_norm: false.into(),
         })
     }
 
     /// Runs every forward value through `hook` from now on.
     pub fn set_hook(&mut self, hook: Arc<dyn ValueHook>) {
         self.hook = Some(hook);
+    }
+
+    /// Whether training passes normalise with the running BatchNormalization statistics (and
+    /// leave them as they are) instead of each batch's.
+    pub fn set_frozen_batch_norm(&self, frozen: bool) {
+        self.frozen_batch_norm
+            .store(frozen, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn device(&self) -> &Device {
@@ -245,6 +255,9 @@ impl TrainGraph {
             mode,
             opset: self.opset,
             running: &self.running,
+            frozen_batch_norm: self
+                .frozen_batch_norm
+                .load(std::sync::atomic::Ordering::Relaxed),
         };
         for n in &self.nodes {
             let inputs: Vec<Option<Tensor>> = n

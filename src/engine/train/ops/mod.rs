@@ -1,5 +1,6 @@
 //! ONNX operators as differentiable candle compositions.
 mod attrs;
+mod channel;
 mod norm;
 mod resize;
 mod shape;
@@ -27,6 +28,8 @@ pub struct Ctx<'a> {
     pub mode: Mode,
     pub opset: i64,
     pub running: &'a Mutex<HashMap<String, Tensor>>,
+    /// BatchNormalization uses (and keeps) its running statistics in `Train` mode too.
+    pub frozen_batch_norm: bool,
 }
 
 fn same_dtype(a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! BatchNormalization (running statistics in eval mode, batch statistics in train mode) and
 //! LayerNormalization, composed so that gradients flow.
 use super::attrs::{attr_f, attr_i, axis, input, optional};
+use super::channel::{channel_add, channel_mul, channel_sum};
 use super::Ctx;
 use super::Mode;
 use crate::engine::onnx::proto::NodeProto;
@@ -11,14 +12,11 @@ pub(super) fn batch_norm(n: &NodeProto, inputs: &[Option<Tensor>], ctx: &Ctx) ->
     let (scale, bias) = (input(inputs, 1)?, input(inputs, 2)?);
     let (mean, var) = (input(inputs, 3)?, input(inputs, 4)?);
     let eps = attr_f(n, "epsilon", 1e-5) as f64;
-    let c = x.dim(1)?;
-    let mut shape = vec![1; x.rank()];
-    shape[1] = c;
-    let per_channel = |t: &Tensor| t.reshape(shape.clone());
-    let (mean, var) = if ctx.mode == Mode::Train {
-        let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
-        let m = x.mean_keepdim(dims.clone())?;
-        let v = x.broadcast_sub(&m)?.sqr()?.mean_keepdim(dims)?;
+    let (mean, var) = if ctx.mode == Mode::Train && !ctx.frozen_batch_norm {
+        let count = (x.elem_count() / x.dim(1)?.max(1)) as f64;
+        let m = (channel_sum(x)? / count)?;
+        let centred = channel_add(x, &m.neg()?)?;
+        let v = (channel_sum(&centred.sqr()?)? / count)?;
         let momentum = attr_f(n, "momentum", 0.9) as f64;
         let mut running = ctx.running.lock().expect("running statistics lock");
         for (name, batch) in [(&n.input[3], &m), (&n.input[4], &v)] {
@@ -27,14 +25,17 @@ pub(super) fn batch_norm(n: &NodeProto, inputs: &[Option<Tensor>], ctx: &Ctx) ->
                 *r = ((&*r * momentum)? + (b * (1.0 - momentum))?)?;
             }
         }
-        (m, v)
+        drop(running);
+        let inv = (v + eps)?.sqrt()?.recip()?;
+        let scaled = channel_mul(&centred, &(inv * scale.flatten_all()?)?)?;
+        return channel_add(&scaled, &bias.flatten_all()?);
     } else {
-        (per_channel(mean)?, per_channel(var)?)
+        (mean.flatten_all()?, var.flatten_all()?)
     };
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    x.broadcast_sub(&mean)?
-        .broadcast_mul(&inv.broadcast_mul(&per_channel(scale)?)?)?
-        .broadcast_add(&per_channel(bias)?)
+    // y = x·(γ/σ) + (β − μ·γ/σ)
+    let k = ((var + eps)?.sqrt()?.recip()? * scale.flatten_all()?)?;
+    let shift = (bias.flatten_all()? - (mean * &k)?)?;
+    channel_add(&channel_mul(x, &k)?, &shift)
 }
 
 pub(super) fn layer_norm(n: &NodeProto, inputs: &[Option<Tensor>]) -> Result<Tensor> {

@@ -1,5 +1,6 @@
 //! Convolution and pooling over 2-D windows (1-D convolutions run as 2-D ones).
 use super::attrs::{attr_i, attr_ints, attr_s};
+use super::channel::channel_add;
 use crate::engine::onnx::proto::NodeProto;
 use candle_core::{bail, DType, Result, Tensor};
 
@@ -107,17 +108,150 @@ pub(super) fn conv(n: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) ->
         (pad2d(&x, p, 0.0)?, 0)
     };
     let groups = attr_i(n, "group", 1) as usize;
-    let mut y = x.conv2d(&w.contiguous()?, padding, common, win.dilations[0], groups)?;
-    for (axis, stride) in [(2, win.strides[0]), (3, win.strides[1])] {
-        y = every(&y, axis, stride / common)?;
-    }
+    let c_in = x.dim(1)?;
+    let mut y = if groups > 1 && groups == c_in && w.dim(0)? == c_in && w.dim(1)? == 1 {
+        depthwise(&x, &w, padding, &win)?
+    } else {
+        let mut y = x.conv2d(&w.contiguous()?, padding, common, win.dilations[0], groups)?;
+        for (axis, stride) in [(2, win.strides[0]), (3, win.strides[1])] {
+            y = every(&y, axis, stride / common)?;
+        }
+        y
+    };
     if let Some(b) = b {
-        y = y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+        y = channel_add(&y, b)?;
     }
     if one_d {
         y = y.squeeze(2)?;
     }
     Ok(y)
+}
+
+/// A depthwise convolution (one kernel per channel) computed directly, forward and backward:
+/// candle runs a grouped convolution as one convolution per group, which for MobileNet's
+/// depthwise layers is hundreds of tiny convolutions (and as many in the backward pass).
+fn depthwise(x: &Tensor, w: &Tensor, padding: usize, win: &Window) -> Result<Tensor> {
+    let x = pad2d(x, [padding; 4], 0.0)?;
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let d = win.dilations[0];
+    let span = |k: usize| (k - 1) * d + 1;
+    if h < span(kh) || wd < span(kw) {
+        bail!("the convolution kernel is larger than the padded input")
+    }
+    let op = Depthwise {
+        strides: win.strides,
+        dilation: d,
+        out: [
+            (h - span(kh)) / win.strides[0] + 1,
+            (wd - span(kw)) / win.strides[1] + 1,
+        ],
+    };
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2(&w.to_dtype(DType::F32)?.contiguous()?, op)
+}
+
+/// Depthwise convolution of a padded `[N, C, H, W]` input by `[C, 1, kh, kw]` kernels.
+#[derive(Clone, Copy)]
+struct Depthwise {
+    strides: [usize; 2],
+    dilation: usize,
+    out: [usize; 2],
+}
+
+impl Depthwise {
+    /// Calls `f(input row, output row, kernel index)` for every kernel position and output row:
+    /// the row's `out[1]` outputs read the input row at a stride of `strides[1]`.
+    fn rows(&self, x: &[usize], k: &[usize], mut f: impl FnMut(usize, usize, usize)) {
+        let (n, c, h, w) = (x[0], x[1], x[2], x[3]);
+        let (kh, kw) = (k[2], k[3]);
+        let [oh, ow] = self.out;
+        let sh = self.strides[0];
+        let d = self.dilation;
+        for plane in 0..n * c {
+            let ch = plane % c;
+            let (xi, yo) = (plane * h * w, plane * oh * ow);
+            for i in 0..kh {
+                for j in 0..kw {
+                    let ki = (ch * kh + i) * kw + j;
+                    for r in 0..oh {
+                        f(xi + (r * sh + i * d) * w + j * d, yo + r * ow, ki);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) else {
+            bail!("depthwise-conv takes float32 tensors")
+        };
+        let (Some((x0, x1)), Some((k0, k1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            bail!("depthwise-conv takes contiguous tensors")
+        };
+        let (x, k) = (&x[x0..x1], &k[k0..k1]);
+        let (xd, kd) = (l1.shape().dims(), l2.shape().dims());
+        let mut y = vec![0f32; xd[0] * xd[1] * self.out[0] * self.out[1]];
+        let (ow, sw) = (self.out[1], self.strides[1]);
+        self.rows(xd, kd, |xi, yi, ki| {
+            let kv = k[ki];
+            let src = x[xi..].iter().step_by(sw);
+            for (y, x) in y[yi..yi + ow].iter_mut().zip(src) {
+                *y += x * kv;
+            }
+        });
+        let shape = candle_core::Shape::from((xd[0], xd[1], self.out[0], self.out[1]));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xv, kv) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (mut dx, mut dk) = (vec![0f32; xv.len()], vec![0f32; kv.len()]);
+        let (ow, sw) = (self.out[1], self.strides[1]);
+        self.rows(x.dims(), k.dims(), |xi, yi, ki| {
+            let (kval, g) = (kv[ki], &g[yi..yi + ow]);
+            let mut sum = 0f32;
+            for (g, (dx, x)) in g.iter().zip(
+                dx[xi..]
+                    .iter_mut()
+                    .step_by(sw)
+                    .zip(xv[xi..].iter().step_by(sw)),
+            ) {
+                *dx += g * kval;
+                sum += g * x;
+            }
+            dk[ki] += sum;
+        });
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
+        ))
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
