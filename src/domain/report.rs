@@ -200,6 +200,10 @@ pub struct TrainingWindow {
     /// Mean training loss over the window.
     pub train_loss: f64,
     pub validation: Option<f64>,
+    /// Cross-entropy of the held-out rows against their labels (the reference's classes where
+    /// unlabelled): it breaks ties between equal validation scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<f64>,
     pub learning_rate: f64,
 }
 

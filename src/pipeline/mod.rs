@@ -159,10 +159,11 @@ pub fn run(
         let start = (i + 1) as f64 / steps;
         progress.enter(stage.name(), start, 1.0 / steps);
         let started = Instant::now();
+        // Within the stage's window: 80% for the stage's work, the rest for measuring its model.
         let part = SubProgress {
             parent: progress,
-            start,
-            span: 0.8 / steps,
+            start: 0.0,
+            span: 0.8,
         };
         let ctx = StageContext {
             rt,
@@ -199,13 +200,18 @@ pub fn run(
             Stage::Evaluate(o) => o.clone(),
             _ => opts.clone(),
         };
+        let measuring = SubProgress {
+            parent: progress,
+            start: 0.8,
+            span: 0.2,
+        };
         let measured = evaluate(
             rt,
             &current,
             &eval_data,
             &eval_opts,
             Some(&baseline),
-            progress,
+            &measuring,
         )?;
         let metrics = measured.metrics;
         notes.extend(measured.notes);

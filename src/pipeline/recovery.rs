@@ -147,6 +147,7 @@ impl Setup {
                     step: e.steps as u64,
                     train_loss: e.train_loss,
                     validation: e.validation,
+                    validation_loss: e.validation_loss,
                     learning_rate: e.learning_rate,
                 })
                 .collect(),
@@ -317,10 +318,12 @@ pub(super) fn epoch_notes(report: &fit::FitReport, metric: &str) -> Vec<String> 
             format!("epochs {}-{}", e.first_epoch, e.epoch)
         };
         notes.push(format!(
-            "{epochs}: step {}, train loss {:.4}, validation {metric} {}, learning rate {:.2e}",
+            "{epochs}: step {}, train loss {:.4}, validation {metric} {}{}, learning rate {:.2e}",
             e.steps,
             e.train_loss,
             e.validation.map_or("-".into(), |v| format!("{v:.4}")),
+            e.validation_loss
+                .map_or(String::new(), |l| format!(" (loss {l:.4})")),
             e.learning_rate
         ));
     }

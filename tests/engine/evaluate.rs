@@ -880,3 +880,71 @@ fn a_label_lookup_over_classes_0_to_n_becomes_one_argmax_with_the_same_labels() 
     classes.int32_data.clear();
     assert_eq!(prepare::simplify_label_lookups(&mut q), 0);
 }
+
+/// A job's progress only moves forward: each stage's work and the measurement after it fill the
+/// stage's share of the job, one after the other.
+#[test]
+fn a_jobs_progress_never_goes_backwards() {
+    use shrink::pipeline::{self, InputHashes, JobProgress, PipelineInputs};
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Recorder {
+        window: Mutex<(f64, f64)>,
+        seen: Mutex<Vec<f64>>,
+    }
+    impl shrink::engine::Progress for Recorder {
+        fn update(&self, fraction: f64) -> shrink::engine::Result<()> {
+            let (start, span) = *self.window.lock().unwrap();
+            self.seen.lock().unwrap().push(start + span * fraction);
+            Ok(())
+        }
+    }
+    impl JobProgress for Recorder {
+        fn enter(&self, _step: &str, start: f64, span: f64) {
+            *self.window.lock().unwrap() = (start, span);
+            self.seen.lock().unwrap().push(start);
+        }
+    }
+    let spec = shrink::domain::spec::JobSpec::parse(
+        &serde_json::json!({
+            "model_id": uuid_nil(), "dataset_id": uuid_nil(), "train_dataset_id": uuid_nil(),
+            "pipeline": [{"stage": "evaluate", "latency_runs": 2, "warmup_runs": 1},
+                         {"stage": "prune", "method": "structured", "sparsity": 0.25,
+                          "finetune": {"optimizer_steps": 3}}]}),
+        &[],
+    )
+    .unwrap();
+    let inputs = PipelineInputs {
+        model: load_model_file(&fixture("digits_cnn_trained.onnx")).unwrap(),
+        data: dataset::load(&fixture("digits_images.npz")).unwrap(),
+        calibration: None,
+        train: Some(dataset::load(&fixture("digits_images_few.npz")).unwrap()),
+        unlabelled: None,
+        student: None,
+        teacher: None,
+        hashes: InputHashes {
+            spec: String::new(),
+            model: String::new(),
+            dataset: String::new(),
+        },
+    };
+    let recorder = Recorder::default();
+    let out = pipeline::run(&rt(), "job", &spec, inputs, &recorder).unwrap();
+    let seen = recorder.seen.lock().unwrap().clone();
+    assert!(seen.len() > 10, "{seen:?}");
+    for w in seen.windows(2) {
+        assert!(w[1] >= w[0] - 1e-12, "progress went back: {seen:?}");
+    }
+    assert!(*seen.last().unwrap() <= 1.0 + 1e-12);
+    // The prune stage's training curve is in the report.
+    let curve = out.report.stages[1]
+        .training
+        .as_ref()
+        .expect("a training curve");
+    assert_eq!((curve.steps, curve.kept_step.is_some()), (3, true));
+    assert_eq!(curve.metric, "top-1");
+}
+
+fn uuid_nil() -> String {
+    "00000000-0000-0000-0000-000000000000".into()
+}

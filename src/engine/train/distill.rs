@@ -172,11 +172,16 @@ impl Objective for Distillation<'_> {
     }
 
     fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>> {
+        Ok(self.validate_with_loss(graph)?.map(|(v, _)| v))
+    }
+
+    fn validate_with_loss(&self, graph: &TrainGraph) -> Result<Option<(f64, Option<f64>)>> {
         let Some(v) = &self.validation else {
             return Ok(None);
         };
-        let predicted = predict(graph, v.data, &v.binding)?;
-        Ok(Some(units::score(&predicted, &v.target, v.task)))
+        let target = Some((v.target.as_slice(), v.task));
+        let (predicted, loss) = predict_with_loss(graph, v.data, &v.binding, target)?;
+        Ok(Some((units::score(&predicted, &v.target, v.task), loss)))
     }
 }
 
@@ -187,10 +192,22 @@ pub fn predict(
     data: &Dataset,
     binding: &[(String, String)],
 ) -> Result<Vec<i64>> {
+    Ok(predict_with_loss(graph, data, binding, None)?.0)
+}
+
+/// [`predict`], and the mean cross-entropy of the graph's class scores against `target` (one
+/// class per unit, and the task that says which units count), when given.
+fn predict_with_loss(
+    graph: &TrainGraph,
+    data: &Dataset,
+    binding: &[(String, String)],
+    target: Option<(&[i64], TaskKind)>,
+) -> Result<(Vec<i64>, Option<f64>)> {
     let ce = |e| candle_error("prediction", e);
     let rows = data.summary.samples as usize;
     let mut classes = Vec::with_capacity(rows);
     let chunk = prediction_rows(data, binding);
+    let (mut loss_sum, mut counted) = (0f64, 0usize);
     for start in (0..rows).step_by(chunk) {
         let idx: Vec<usize> = (start..(start + chunk).min(rows)).collect();
         let feeds = tensors::feeds(data, binding, &idx, graph.device())?;
@@ -200,9 +217,33 @@ pub fn predict(
             .map_err(ce)?
             .to_dtype(DType::I64)
             .map_err(ce)?;
+        let first = classes.len();
         classes.extend(pred.to_vec1::<i64>().map_err(ce)?);
+        if let Some((target, task)) = target {
+            let units = classes.len() - first;
+            let Some(t) = target.get(first..first + units) else {
+                continue;
+            };
+            let (labels, mask) = units::unit_labels(
+                &Tensor::from_vec(t.to_vec(), units, out.device()).map_err(ce)?,
+                task,
+            )
+            .map_err(ce)?;
+            let n = mask
+                .sum_all()
+                .and_then(|m| m.to_scalar::<f32>())
+                .map_err(ce)? as usize;
+            if n > 0 {
+                let l = loss::masked_cross_entropy(&out, &labels, &mask)
+                    .and_then(|l| l.to_scalar::<f32>())
+                    .map_err(ce)?;
+                loss_sum += l as f64 * n as f64;
+                counted += n;
+            }
+        }
     }
-    Ok(classes)
+    let loss = (counted > 0).then(|| loss_sum / counted as f64);
+    Ok((classes, loss))
 }
 
 /// Input values one prediction pass feeds: candle keeps every intermediate value of a forward

@@ -66,6 +66,23 @@ pub trait Objective {
     fn loss(&self, graph: &TrainGraph, rows: &[usize]) -> Result<Tensor>;
     /// A validation score, higher is better (None: no validation data).
     fn validate(&self, graph: &TrainGraph) -> Result<Option<f64>>;
+
+    /// The validation score and a validation loss (lower is better) that breaks ties between
+    /// equal scores: a score that saturates (every held-out row right) would otherwise keep the
+    /// first weights that reached it, however undertrained.
+    fn validate_with_loss(&self, graph: &TrainGraph) -> Result<Option<(f64, Option<f64>)>> {
+        Ok(self.validate(graph)?.map(|v| (v, None)))
+    }
+}
+
+/// Whether (score, loss) validates better than `best`: a higher score, or the same score with a
+/// lower loss.
+fn better(v: (f64, Option<f64>), best: (f64, Option<f64>)) -> bool {
+    const SAME: f64 = 1e-12;
+    if v.0 > best.0 + SAME {
+        return true;
+    }
+    (v.0 - best.0).abs() <= SAME && matches!((v.1, best.1), (Some(l), Some(b)) if l < b)
 }
 
 /// One validation window: the steps since the last validation.
@@ -80,6 +97,8 @@ pub struct EpochStats {
     /// Mean training loss over the window's rows.
     pub train_loss: f64,
     pub validation: Option<f64>,
+    /// The validation loss that breaks ties between equal scores, when the objective has one.
+    pub validation_loss: Option<f64>,
     pub learning_rate: f64,
 }
 
@@ -166,10 +185,12 @@ pub fn fit(
     let (mut windows, mut step) = (Vec::new(), 0);
     graph.set_frozen_batch_norm(opts.frozen_batch_norm);
     // Training never returns weights that validate worse than those it was given.
-    let start_validation = objective.validate(graph)?;
-    // (score, epoch, steps, weights)
-    let mut best: Option<(f64, usize, usize, super::graph::Snapshot)> = match start_validation {
-        Some(v) if v.is_finite() => Some((v, 0, 0, graph.snapshot()?)),
+    let start = objective.validate_with_loss(graph)?;
+    let start_validation = start.map(|(v, _)| v);
+    // ((score, loss), epoch, steps, weights)
+    type Best = ((f64, Option<f64>), usize, usize, super::graph::Snapshot);
+    let mut best: Option<Best> = match start {
+        Some(v) if v.0.is_finite() => Some((v, 0, 0, graph.snapshot()?)),
         _ => None,
     };
     let mut stopped = match opts.steps {
@@ -212,18 +233,19 @@ pub fn fit(
         if !last && (epoch - first_epoch + 1) < window {
             continue;
         }
-        let validation = objective.validate(graph)?;
+        let validated = objective.validate_with_loss(graph)?;
         windows.push(EpochStats {
             epoch,
             first_epoch,
             steps: step,
             train_loss: loss_sum / seen.max(1) as f64,
-            validation,
+            validation: validated.map(|(v, _)| v),
+            validation_loss: validated.and_then(|(_, l)| l),
             learning_rate: lr,
         });
         (loss_sum, seen, first_epoch) = (0.0, 0, epoch + 1);
-        if let Some(v) = validation {
-            if best.as_ref().is_none_or(|(b, ..)| v > *b) {
+        if let Some(v) = validated {
+            if best.as_ref().is_none_or(|(b, ..)| better(v, *b)) {
                 best = Some((v, epoch, step, graph.snapshot()?));
             } else if let (Some(p), Some((_, _, at, _))) = (opts.patience, &best) {
                 let since = windows.iter().filter(|w| w.steps > *at).count();
