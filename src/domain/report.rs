@@ -159,64 +159,7 @@ pub struct StageReport {
     /// How a training stage (distill, finetune, prune recovery, QAT) trained: its schedule, the
     /// score before the first step and the loss and validation curve per step window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub training: Option<TrainingCurve>,
-}
-
-/// A training stage's curve, validated on held-out training rows (never the evaluation rows).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct TrainingCurve {
-    /// What validation scores: `top-1`, `mean IoU` or `per-position accuracy`.
-    pub metric: String,
-    /// The schedule in words: optimizer steps, epochs, and why.
-    pub schedule: String,
-    /// Fit rows, and how many of them are unlabelled (KL alone).
-    pub fit_rows: u64,
-    pub unlabelled_fit_rows: u64,
-    /// Held-out rows that pick the weights to keep, and how many of them are unlabelled (scored
-    /// against the reference's classes).
-    pub validation_rows: u64,
-    pub unlabelled_validation_rows: u64,
-    /// BatchNormalization statistics re-estimated before the first step, when the stage did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_norm: Option<BatchNormReestimation>,
-    /// The validation score of the weights training started from.
-    pub start_validation: Option<f64>,
-    /// One point per validation window.
-    pub windows: Vec<TrainingWindow>,
-    /// The optimizer step whose weights were kept (0: the starting weights).
-    pub kept_step: Option<u64>,
-    pub steps: u64,
-    /// Why training stopped.
-    pub stopped: String,
-}
-
-/// The steps between two validations.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct TrainingWindow {
-    pub first_epoch: u64,
-    pub epoch: u64,
-    /// Optimizer steps done at the window's end.
-    pub step: u64,
-    /// Mean training loss over the window.
-    pub train_loss: f64,
-    pub validation: Option<f64>,
-    /// Cross-entropy of the held-out rows against their labels (the reference's classes where
-    /// unlabelled): it breaks ties between equal validation scores.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub validation_loss: Option<f64>,
-    pub learning_rate: f64,
-}
-
-/// BatchNormalization re-estimation: one pass over the fit rows, no gradient step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct BatchNormReestimation {
-    pub layers: u64,
-    pub rows: u64,
-    /// Validation before and after.
-    pub before: f64,
-    pub after: f64,
-    /// Whether training started from the re-estimated statistics (they validated no worse).
-    pub kept: bool,
+    pub training: Option<super::training::TrainingCurve>,
 }
 
 /// What pruning did: each layer's pattern (checked on the written weights), the size it saves

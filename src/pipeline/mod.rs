@@ -76,7 +76,7 @@ pub struct StageOutcome {
     /// What pruning removed.
     pub pruning: Option<PruningReport>,
     /// How the stage trained.
-    pub training: Option<crate::domain::report::TrainingCurve>,
+    pub training: Option<crate::domain::training::TrainingCurve>,
     /// The stage's own accuracy budget, which gets a verdict of its own.
     pub budget: Option<f64>,
 }

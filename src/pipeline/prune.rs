@@ -6,8 +6,8 @@ use crate::domain::prune::{
     PruneFinetune, PruneImportance, PruneMethod, PruneOptions, PruneTarget, DEFAULT_ALPHA,
     DEFAULT_TEMPERATURE,
 };
-use crate::domain::report::TrainingCurve;
 use crate::domain::report::{PrunedLayer, PruningReport};
+use crate::domain::training::TrainingCurve;
 use crate::engine::evaluate::zstd_size;
 use crate::engine::onnx::proto::ModelProto;
 use crate::engine::onnx::LoadedModel;

@@ -16,7 +16,7 @@ pub struct Trained {
     pub prepared: Prepared,
     pub notes: Vec<String>,
     pub parity: QatParity,
-    pub curve: crate::domain::report::TrainingCurve,
+    pub curve: crate::domain::training::TrainingCurve,
 }
 
 /// Trains `prepared` (the calibrated static preparation of `ctx.current`) with fake quantization.

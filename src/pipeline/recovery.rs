@@ -3,7 +3,7 @@
 //! from the reference alone, the held-out rows that pick the weights to keep, the loss and the
 //! schedule, and BatchNormalization re-estimation before the first step.
 use super::StageContext;
-use crate::domain::report::{BatchNormReestimation, TrainingCurve, TrainingWindow};
+use crate::domain::training::{BatchNormReestimation, TrainingCurve, TrainingWindow};
 use crate::domain::training::{Recovery, TrainingOptions};
 use crate::engine::dataset::{bind, Dataset};
 use crate::engine::evaluate::choose_classifier;

