@@ -431,7 +431,7 @@ fn orientation_model() -> shrink::engine::onnx::LoadedModel {
 }
 
 /// The float values of initializer `name`.
-fn initializer_values(model: &ModelProto, name: &str) -> Vec<f32> {
+pub(crate) fn initializer_values(model: &ModelProto, name: &str) -> Vec<f32> {
     let t = model
         .graph
         .as_ref()

@@ -770,29 +770,8 @@ fn taylor_importance_removes_a_channel_nothing_reads_however_large_its_weights()
         exclude: vec![],
         scores,
     };
-    let kept_w1 = |model: &shrink::engine::onnx::proto::ModelProto| {
-        let w1 = model
-            .graph
-            .as_ref()
-            .unwrap()
-            .initializer
-            .iter()
-            .find(|t| t.name.as_deref() == Some("w1"))
-            .unwrap()
-            .clone();
-        f32_values(&w1).unwrap()
-    };
-    let original = f32_values(
-        m.proto
-            .graph
-            .as_ref()
-            .unwrap()
-            .initializer
-            .iter()
-            .find(|t| t.name.as_deref() == Some("w1"))
-            .unwrap(),
-    )
-    .unwrap();
+    let kept_w1 = |model| crate::evaluate::initializer_values(model, "w1");
+    let original = kept_w1(&m.proto);
     let row = original.len() / g1.channels;
     let top_row = &original[top * row..(top + 1) * row];
     let has_top = |w: &[f32]| w.chunks(row).any(|r| r == top_row);
