@@ -112,7 +112,7 @@ def orientation(svc, work):
             curve = ", ".join(f"{w['step']}: {w['validation']:.3f}" for w in t["windows"] if w["validation"] is not None)
             print(f"  curve (step: validation {t['metric']}): start {t['start_validation']:.3f}, {curve}; kept step {t['kept_step']}")
         for note in stage["notes"]:
-            if note.startswith(("BatchNorm re-estimation", "recovery:", "schedule:", "before training",
+            if note.startswith(("BatchNorm re-estimation", "recovery:", "schedule:", "passes:", "before training",
                                 "trained ", "student:", "quantization-aware", "export parity")) or "kept" in note:
                 print(f"  note: {note}")
 

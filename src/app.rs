@@ -79,6 +79,7 @@ impl Application {
             lease: Duration::from_secs(settings.lease_secs.max(1)),
             poll: Duration::from_millis(settings.poll_ms.max(10)),
             scratch_dir: settings.data_dir.join("work"),
+            training_pass_memory: (settings.training_pass_memory_mb.max(1) as usize) << 20,
         };
         let state = AppState {
             limiter: http::auth::limiter(settings.rate_limit_per_second, settings.rate_limit_burst),

@@ -128,6 +128,10 @@ pub struct QuantizeArgs {
     /// `--mode qat`: rows per optimizer step (the stage's default when absent).
     #[arg(long)]
     pub batch_size: Option<u32>,
+    /// `--mode qat`: memory one training pass may hold, in MiB (larger batches run as several
+    /// passes whose gradients add up).
+    #[arg(long, env = "SHRINK_TRAINING_PASS_MEMORY_MB", default_value_t = 4096)]
+    pub training_pass_memory_mb: u64,
     /// The output the accuracy budget scores (inferred when unambiguous).
     #[arg(long = "output")]
     pub classifier: Option<String>,
@@ -359,6 +363,7 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         unlabelled: None,
         student: None,
         teacher: None,
+        training_pass_memory: (args.training_pass_memory_mb.max(1) as usize) << 20,
         progress: &engine::NoProgress,
     };
     let out = crate::pipeline::quantize::run(q, &ctx)?;

@@ -113,6 +113,11 @@ pub struct Settings {
     /// Name of this worker in leases and logs; defaults to `<hostname>-<pid>`.
     #[arg(long, env = "SHRINK_WORKER_ID")]
     pub worker_id: Option<String>,
+
+    /// Memory one training pass (forward and backward over a batch) may hold, in MiB: a larger
+    /// batch runs as several passes whose gradients add up, so the batch stays what the job asked.
+    #[arg(long, env = "SHRINK_TRAINING_PASS_MEMORY_MB", default_value_t = 4096)]
+    pub training_pass_memory_mb: u64,
 }
 
 impl Settings {
@@ -173,6 +178,7 @@ impl fmt::Debug for Settings {
             .field("s3_path_style", &self.s3_path_style)
             .field("s3_presign", &self.s3_presign)
             .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("training_pass_memory_mb", &self.training_pass_memory_mb)
             .field("workers", &self.workers)
             .field("lease_secs", &self.lease_secs)
             .field("max_attempts", &self.max_attempts)

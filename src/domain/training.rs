@@ -19,7 +19,8 @@ pub enum LrSchedule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchNormMode {
-    /// `frozen` when batches hold fewer than 16 rows, else `batch`.
+    /// `frozen` when a training pass holds fewer than 16 rows, else `batch` (a batch runs as
+    /// several passes when one pass over it would hold more memory than a pass may).
     #[default]
     Auto,
     /// Each batch's own statistics (the running ones follow them), as in training from scratch.
@@ -29,8 +30,19 @@ pub enum BatchNormMode {
     Frozen,
 }
 
-/// Batches smaller than this train with frozen BatchNormalization statistics under `auto`.
+/// Passes smaller than this train with frozen BatchNormalization statistics under `auto`.
 pub const FROZEN_BATCH_NORM_BELOW: u32 = 16;
+
+impl BatchNormMode {
+    /// Whether BatchNormalization statistics stay frozen in training passes of `pass_rows` rows.
+    pub fn frozen(self, pass_rows: usize) -> bool {
+        match self {
+            Self::Frozen => true,
+            Self::Batch => false,
+            Self::Auto => pass_rows < FROZEN_BATCH_NORM_BELOW as usize,
+        }
+    }
+}
 
 /// AdamW with warm-up then decay, on the `train_dataset_id` rows (and the job's
 /// `unlabelled_dataset_id` rows, KL alone); a seeded `validation_share` of them picks the weights
@@ -160,15 +172,6 @@ impl TrainingOptions {
                     )
                 }
             }
-        }
-    }
-
-    /// Whether BatchNormalization statistics stay frozen while training.
-    pub fn frozen_batch_norm(&self) -> bool {
-        match self.batch_norm {
-            BatchNormMode::Frozen => true,
-            BatchNormMode::Batch => false,
-            BatchNormMode::Auto => self.batch_size < FROZEN_BATCH_NORM_BELOW,
         }
     }
 }
@@ -306,6 +309,13 @@ pub struct TrainingCurve {
     /// BatchNormalization statistics re-estimated before the first step, when the stage did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_norm: Option<BatchNormReestimation>,
+    /// Rows per forward and backward pass: the batch, or fewer when one pass over the batch would
+    /// hold more memory than a pass may (the passes' gradients add up to the batch's).
+    #[serde(default)]
+    pub pass_rows: u64,
+    /// Whether BatchNormalization kept its running statistics while training.
+    #[serde(default)]
+    pub frozen_batch_norm: bool,
     /// The validation score of the weights training started from.
     pub start_validation: Option<f64>,
     /// One point per validation window.
@@ -372,16 +382,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(steps.schedule(85).0, 50);
-        assert!(!t.frozen_batch_norm());
-        let small = TrainingOptions {
-            batch_size: 8,
-            ..Default::default()
-        };
-        assert!(small.frozen_batch_norm());
-        let batch = TrainingOptions {
-            batch_norm: BatchNormMode::Batch,
-            ..small
-        };
-        assert!(!batch.frozen_batch_norm());
+        assert!(!t.batch_norm.frozen(32));
+        assert!(t.batch_norm.frozen(8), "small passes freeze under auto");
+        assert!(!BatchNormMode::Batch.frozen(8));
+        assert!(BatchNormMode::Frozen.frozen(32));
     }
 }

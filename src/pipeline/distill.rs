@@ -122,7 +122,7 @@ fn student(
             if layer_notes.is_empty() {
                 return Err(EngineError::InvalidOption {
                     option: "student".into(),
-                    problem: "no layer of this model can be narrowed (every layer's channels reach a residual, concat or output); upload a student instead".into(),
+                    problem: "no layer of this model can be narrowed (every layer's channels reach a Reshape, an output, or an elementwise op with a tensor no layer produces); upload a student instead".into(),
                 });
             }
             notes.push(format!(

@@ -60,6 +60,9 @@ pub struct StageContext<'a> {
     pub student: Option<&'a LoadedModel>,
     /// The spec's uploaded teacher model.
     pub teacher: Option<&'a LoadedModel>,
+    /// Bytes one training pass may hold: larger batches run as several passes whose gradients
+    /// add up.
+    pub training_pass_memory: usize,
     pub progress: &'a dyn Progress,
 }
 
@@ -103,6 +106,8 @@ pub struct PipelineInputs {
     /// The spec's uploaded teacher model (distill stages).
     pub teacher: Option<LoadedModel>,
     pub hashes: InputHashes,
+    /// Bytes one training pass may hold (the operator's limit; see [`StageContext`]).
+    pub training_pass_memory: usize,
 }
 
 /// What a finished pipeline produced.
@@ -133,6 +138,7 @@ pub fn run(
         student,
         teacher,
         hashes,
+        training_pass_memory,
     } = inputs;
     let steps = (spec.pipeline.len() + 1) as f64;
     let opts = spec.evaluate_options();
@@ -176,6 +182,7 @@ pub fn run(
             unlabelled: unlabelled.as_ref(),
             student: student.as_ref(),
             teacher: teacher.as_ref(),
+            training_pass_memory,
             progress: &part,
         };
         let out = match stage {

@@ -89,14 +89,16 @@ impl Setup {
         let (steps, why) = r.training.schedule(fit_data.summary.samples as usize);
         let mut fit = fit_options(&r.training, ctx.spec.seed);
         fit.steps = Some(steps);
-        let frozen = if fit.frozen_batch_norm {
-            "frozen BatchNormalization statistics"
-        } else {
-            "BatchNormalization on batch statistics"
-        };
+        fit.pass_memory = ctx.training_pass_memory;
         let schedule_note = format!(
-            "schedule: {steps} optimizer steps ({why}), batch {}, peak learning rate {:.1e}, {frozen}, validated every {} steps or more",
-            r.training.batch_size, r.training.learning_rate, VALIDATION_WINDOW
+            "schedule: {steps} optimizer steps ({why}), batch {}, peak learning rate {:.1e}, BatchNormalization `{}`, validated every {} steps or more",
+            r.training.batch_size,
+            r.training.learning_rate,
+            serde_json::to_value(r.training.batch_norm)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            VALIDATION_WINDOW
         );
         let recipe = distill::Recipe {
             alpha: if labelled {
@@ -137,6 +139,8 @@ impl Setup {
             validation_rows: self.validation.summary.samples,
             unlabelled_validation_rows: self.unlabelled.1 as u64,
             batch_norm,
+            pass_rows: report.passes.rows as u64,
+            frozen_batch_norm: report.passes.frozen_batch_norm,
             start_validation: report.start_validation,
             windows: report
                 .epochs
@@ -259,8 +263,9 @@ pub(super) fn fit_options(t: &TrainingOptions, seed: u64) -> fit::FitOptions {
         epochs: t.epochs.unwrap_or(crate::domain::training::DEFAULT_EPOCHS) as usize,
         steps: t.optimizer_steps.map(|s| s as usize),
         min_window: VALIDATION_WINDOW,
-        frozen_batch_norm: t.frozen_batch_norm(),
+        batch_norm: t.batch_norm,
         batch_size: t.batch_size as usize,
+        pass_memory: fit::DEFAULT_PASS_MEMORY,
         learning_rate: t.learning_rate,
         weight_decay: t.weight_decay,
         warmup: t.warmup,
@@ -307,7 +312,7 @@ fn split_validation(
 /// One line per validation window (the training curve), then why training stopped and which
 /// weights were kept.
 pub(super) fn epoch_notes(report: &fit::FitReport, metric: &str) -> Vec<String> {
-    let mut notes = Vec::new();
+    let mut notes = vec![report.passes.note()];
     if let Some(v) = report.start_validation {
         notes.push(format!("before training: validation {metric} {v:.4}"));
     }

@@ -26,6 +26,8 @@ pub struct WorkerContext {
     pub poll: Duration,
     pub scratch_dir: std::path::PathBuf,
     pub metrics: crate::metrics::SharedMetrics,
+    /// Bytes one training pass may hold (`SHRINK_TRAINING_PASS_MEMORY_MB`).
+    pub training_pass_memory: usize,
 }
 
 impl WorkerContext {

@@ -217,6 +217,7 @@ async fn attempt(
         dataset: data_row.sha256.clone(),
     };
     let job_id = job.id.clone();
+    let training_pass_memory = ctx.training_pass_memory;
     let p = progress.clone();
     let span = tracing::Span::current();
     let output: Result<PipelineOutput, EngineError> = tokio::task::spawn_blocking(move || {
@@ -252,6 +253,7 @@ async fn attempt(
             student,
             teacher,
             hashes,
+            training_pass_memory,
         };
         pipeline::run(&rt, &job_id, &spec, inputs, p.as_ref())
     })

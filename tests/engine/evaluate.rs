@@ -588,7 +588,11 @@ fn frozen_batch_norm_statistics_stay_put_while_scale_and_shift_train() {
             epochs: 1,
             batch_size: 2,
             learning_rate: 1e-2,
-            frozen_batch_norm: frozen,
+            batch_norm: if frozen {
+                fit::BatchNormMode::Frozen
+            } else {
+                fit::BatchNormMode::Batch
+            },
             ..Default::default()
         };
         let objective = Loud {
@@ -916,6 +920,7 @@ fn a_jobs_progress_never_goes_backwards() {
             model: String::new(),
             dataset: String::new(),
         },
+        training_pass_memory: shrink::engine::train::fit::DEFAULT_PASS_MEMORY,
     };
     let recorder = Recorder::default();
     let out = pipeline::run(&rt(), "job", &spec, inputs, &recorder).unwrap();

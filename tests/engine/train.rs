@@ -500,12 +500,15 @@ fn a_width_student_keeps_the_teachers_most_important_neurons_and_distils_to_97_p
 #[test]
 fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
     // Conv -> Relu -> MaxPool -> Conv, Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm; and
-    // MobileNetV3 blocks (BatchNormalization, HardSwish, depthwise convolutions, residual Adds
-    // that stay whole).
+    // MobileNetV3 blocks (BatchNormalization, HardSwish, depthwise convolutions,
+    // squeeze-and-excitation Muls whose layers narrow together, a 1x1 head on pooled features
+    // flattened through Shape/Slice/Concat/Reshape into the classifier's MatMul).
     let images = dataset::load(&fixture("digits_images.npz")).unwrap();
+    let pages = random_pages(2);
     for (path, data, share) in [
         (fixture("digits_cnn.onnx"), images, 0.5),
-        (orientation_model(), random_pages(2), 0.5),
+        (orientation_model(), pages.clone(), 0.5),
+        (orientation_model(), pages, 0.33),
     ] {
         let m = load_model_file(&path).unwrap();
         let groups = shrink::engine::channels::channel_groups(&m.proto);
@@ -528,6 +531,16 @@ fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
             parameters(&m),
             parameters(&student)
         );
+        if share < 0.34 {
+            // Every layer narrows (the squeeze-and-excitation layers with the blocks they scale,
+            // the head into the classifier): a third of the width is an eighth of the parameters.
+            assert!(
+                parameters(&student) * 8 <= parameters(&m),
+                "{} of {}: {notes:?}",
+                parameters(&student),
+                parameters(&m)
+            );
+        }
     }
 }
 

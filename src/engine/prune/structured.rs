@@ -51,6 +51,15 @@ fn sizes(model: &ModelProto, names: &[String]) -> u64 {
         .sum()
 }
 
+/// The layers whose channels go with the group's (residual Adds, squeeze-and-excitation Muls).
+fn joined_note(group: &ChannelGroup) -> String {
+    if group.joined.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = group.joined.iter().map(|j| j.layer.as_str()).collect();
+    format!(", with {} (joined by elementwise ops)", names.join(", "))
+}
+
 pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
     let mut pruned = model.clone();
     let mut layers = Vec::new();
@@ -66,34 +75,21 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
             if !wanted {
                 continue;
             }
-            if opts.exclude.contains(&group.layer) {
+            if group
+                .layers()
+                .iter()
+                .any(|l| opts.exclude.iter().any(|e| e == l))
+            {
                 notes.push(format!(
                     "{} ({op}) kept whole: excluded by name",
                     group.layer
                 ));
                 continue;
             }
-            let (weight, axis) = group.slices[0].clone();
-            let values = super::values_of(model, &weight);
-            let w_dims = model
-                .graph
-                .as_ref()
-                .and_then(|g| {
-                    g.initializer
-                        .iter()
-                        .find(|t| t.name.as_deref() == Some(&weight))
-                })
-                .map(dims)
-                .unwrap_or_default();
+            let weight = group.slices[0].0.clone();
             let scores = match opts.scores.as_ref().and_then(|s| s.get(&group.layer)) {
                 Some(s) if s.len() == group.channels => s.clone(),
-                _ => {
-                    let mut scores = norms_along(&values, &w_dims, axis, opts.importance);
-                    if let Some(scale) = &group.bn_scale {
-                        scores.iter_mut().zip(scale).for_each(|(s, b)| *s *= b);
-                    }
-                    scores
-                }
+                _ => group.weight_scores(model, opts.importance),
             };
             let keep = top(
                 &scores,
@@ -127,21 +123,22 @@ pub fn prune(model: &ModelProto, opts: &StructuredOptions) -> Result<Pruned> {
                 parameters_after: after,
                 nonzero_after: after,
                 pattern: format!(
-                    "{} {} -> {}",
+                    "{} {} -> {}{}",
                     if op.starts_with("Conv") {
                         "channels"
                     } else {
                         "neurons"
                     },
                     group.channels,
-                    keep.len()
+                    keep.len(),
+                    joined_note(group)
                 ),
                 verified,
             });
         }
         if groups.is_empty() {
             notes.push(
-                "no channel group: every layer's channels reach a residual Add, Concat, Reshape or output, which keep them whole"
+                "no channel group: every layer's channels reach a Reshape, an output, or an elementwise op with a tensor no layer produces, which keep them whole"
                     .into(),
             );
         }

@@ -57,20 +57,16 @@ pub fn importance(
 ) -> Result<HashMap<String, Vec<f32>>> {
     let ce = |e| candle_error("Taylor importance", e);
     let mut graph = TrainGraph::new(model, &[logits.to_string()])?;
-    let gates: HashMap<String, Var> = groups
-        .iter()
-        .map(|g| {
-            Ok((
-                g.gate.clone(),
-                Var::ones(g.channels, DType::F32, graph.device())?,
-            ))
-        })
-        .collect::<candle_core::Result<_>>()
-        .map_err(ce)?;
-    let by_gate: Vec<(String, Var)> = groups
-        .iter()
-        .map(|g| (g.layer.clone(), gates[&g.gate].clone()))
-        .collect();
+    // One gate per group, on every tensor of its layers (joined layers share their group's).
+    let mut gates: HashMap<String, Var> = HashMap::new();
+    let mut by_gate: Vec<(String, Var)> = Vec::new();
+    for g in groups {
+        let gate = Var::ones(g.channels, DType::F32, graph.device()).map_err(ce)?;
+        for name in g.gates() {
+            gates.insert(name.to_string(), gate.clone());
+        }
+        by_gate.push((g.layer.clone(), gate));
+    }
     graph.set_hook(Arc::new(Gates(gates)));
     let binding = bind(&summarize(model), &data.summary)?;
     let labels = train::distill::labels_of(data, model)?;

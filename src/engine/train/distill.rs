@@ -456,7 +456,7 @@ pub fn width_student(teacher: &ModelProto, share: f64) -> (ModelProto, Vec<Strin
         let keep = crate::engine::channels::most_important(&g, share);
         notes.push(format!(
             "{}: kept {} of {} channels (largest L1 norm)",
-            g.layer,
+            g.layers().join(" + "),
             keep.len(),
             g.channels
         ));

@@ -105,6 +105,8 @@ pub struct TrainGraph {
     hook: Option<Arc<dyn ValueHook>>,
     /// BatchNormalization keeps its running statistics in training passes too.
     frozen_batch_norm: std::sync::atomic::AtomicBool,
+    /// Values (elements) computed by forward passes since the last [`TrainGraph::probe`].
+    computed: std::sync::atomic::AtomicUsize,
 }
 
 impl TrainGraph {
@@ -192,6 +194,7 @@ impl TrainGraph {
             device,
             hook: None,
             frozen_batch_norm: false.into(),
+            computed: 0.into(),
         })
     }
 
@@ -246,9 +249,16 @@ impl TrainGraph {
             Some(h) => h.apply(name, t, mode),
             None => Ok(t),
         };
+        // Every value the pass computes (node outputs, and what the hook makes of them or of the
+        // weights) lives as long as the pass's result: what a training pass holds grows with it.
+        let mut computed = 0usize;
         if self.hook.is_some() {
             for (name, t) in values.iter_mut() {
-                *t = hook(name, t.clone())?;
+                let hooked = hook(name, t.clone())?;
+                if hooked.id() != t.id() {
+                    computed += hooked.elem_count();
+                }
+                *t = hooked;
             }
         }
         let ctx = Ctx {
@@ -282,10 +292,17 @@ impl TrainGraph {
             let out = ops::run(n, &inputs, &ctx).map_err(|e| candle_error(&context(), e))?;
             for (name, t) in n.output.iter().zip(out) {
                 if !name.is_empty() {
-                    values.insert(name, hook(name, t)?);
+                    computed += t.elem_count();
+                    let hooked = hook(name, t.clone())?;
+                    if hooked.id() != t.id() {
+                        computed += hooked.elem_count();
+                    }
+                    values.insert(name, hooked);
                 }
             }
         }
+        self.computed
+            .fetch_add(computed, std::sync::atomic::Ordering::Relaxed);
         self.outputs
             .iter()
             .map(|o| {
@@ -295,6 +312,22 @@ impl TrainGraph {
                     .ok_or_else(|| EngineError::InvalidModel(format!("output `{o}` not computed")))
             })
             .collect()
+    }
+
+    /// The values (elements) the forward passes of `pass` compute, `pass` run as if it had not
+    /// run: the BatchNormalization running statistics it updates are put back.
+    pub fn probe<T>(&self, pass: impl FnOnce() -> Result<T>) -> Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let running = self
+            .running
+            .lock()
+            .expect("running statistics lock")
+            .clone();
+        self.computed.store(0, Relaxed);
+        let outcome = pass();
+        *self.running.lock().expect("running statistics lock") = running;
+        outcome?;
+        Ok(self.computed.load(Relaxed))
     }
 
     /// A copy of every variable and running statistic.

@@ -1,17 +1,23 @@
 //! Channel groups: the output channels (neurons) of one layer, followed through the per-channel
 //! ops after it (bias Adds, BatchNormalization, activations, depthwise convolutions, global
-//! pooling) to the one layer that reads them. Removing a channel means slicing every tensor in
-//! its group; this is how width-derived students are made, and what structured pruning removes.
+//! pooling, a flatten after it) to the layers that read them. Removing a channel means slicing
+//! every tensor in its group; this is how width-derived students are made, and what structured
+//! pruning removes.
 //!
 //! Channels may fan out to several readers (a U-Net's skip), pass through Resize, Upsample and
 //! pools, and enter a Concat along the channel axis: there they are a window of the joined
 //! tensor, and the readers after it are sliced in that window only, so both sides of a skip
-//! connection stay consistent. A layer whose channels also reach anything else (a residual Add
-//! of two activations, a Reshape, a graph output, a shared weight) forms no group and is left
-//! whole.
+//! connection stay consistent. Where two layers' channels meet in an elementwise op (a residual
+//! Add, a squeeze-and-excitation Mul) channel i of one meets channel i of the other: the layers
+//! form one group and keep the same channels together (see [`joined`]). A layer whose channels
+//! also reach anything else (a Reshape that is not a flatten, a graph output, a shared weight, an
+//! elementwise op with a tensor no layer of the group produces) forms no group and is left whole.
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
+use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, int_values};
 use std::collections::{HashMap, HashSet};
+
+mod joined;
+pub use joined::JoinedLayer;
 
 /// One prunable set of channels.
 #[derive(Debug, Clone)]
@@ -36,6 +42,14 @@ pub struct ChannelGroup {
     /// output of its BatchNormalization when one follows the layer, else the layer's output.
     /// Removing a channel removes its slice of this tensor (data-driven importance gates it).
     pub gate: String,
+    /// The other layers whose channels meet this one's in elementwise ops (residual Adds,
+    /// squeeze-and-excitation Muls), channel for channel: they keep the same channels as `layer`.
+    /// `importance` already sums theirs; `slices` and `depthwise` hold theirs too.
+    pub joined: Vec<JoinedLayer>,
+    /// (node, input) where the channels meet another tensor in an elementwise op.
+    joins: Vec<(usize, usize)>,
+    /// Tensors already followed, with the place of the channels in them.
+    followed: HashSet<(String, usize, usize)>,
 }
 
 fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
@@ -80,6 +94,7 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
         let t = inits.get(name)?;
         (uses.get(name).map_or(0, Vec::len) == 1 && f32_values(t).is_some()).then_some(*t)
     };
+    let scalar = |name: &str| constant_len(graph, &inits, name) == Some(1);
     let mut groups = Vec::new();
     for (i, n) in graph.node.iter().enumerate() {
         let op = n.op_type.as_deref().unwrap_or_default();
@@ -109,6 +124,9 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             importance,
             bn_scale: None,
             gate: n.output[0].clone(),
+            joined: Vec::new(),
+            joins: Vec::new(),
+            followed: HashSet::new(),
         };
         if let Some(b) = n.input.get(2).filter(|b| !b.is_empty()) {
             match own(b) {
@@ -123,11 +141,17 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             uses: &uses,
             outputs: &outputs,
             own: &own,
+            scalar: &scalar,
+            inits: &inits,
             channels,
         };
         let all = Place {
             offset: 0,
             total: channels,
+            flat: match op {
+                "Conv" => pointwise(graph, n) && flat(graph, &n.input[0], 0),
+                _ => true,
+            },
         };
         if walk.follow(&n.output[0], all, &mut group) {
             if let Some(scale) = &group.bn_scale {
@@ -138,7 +162,82 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
             groups.push(group);
         }
     }
-    groups
+    joined::join(groups)
+}
+
+/// Whether a Conv maps each position to itself: 1x1 kernels, no padding.
+fn pointwise(graph: &crate::engine::onnx::proto::GraphProto, n: &NodeProto) -> bool {
+    let attr = |name: &str| n.attribute.iter().find(|a| a.name.as_deref() == Some(name));
+    let kernel_1x1 = graph
+        .initializer
+        .iter()
+        .find(|t| Some(t.name.as_deref().unwrap_or_default()) == n.input.get(1).map(String::as_str))
+        .is_some_and(|w| dims(w).iter().skip(2).all(|&x| x == 1));
+    kernel_1x1
+        && attr("pads").is_none_or(|a| a.ints.iter().all(|&x| x == 0))
+        && attr("auto_pad")
+            .and_then(|a| a.s.as_deref())
+            .is_none_or(|s| s == b"NOTSET" || s == b"VALID")
+}
+
+/// Whether every axis of `tensor` after the channels has length 1: it comes from a global pool
+/// through per-position ops (activations, BatchNormalization, elementwise ops with constants or
+/// other such tensors, 1x1 convolutions).
+fn flat(graph: &crate::engine::onnx::proto::GraphProto, tensor: &str, depth: usize) -> bool {
+    if depth > 64 {
+        return false;
+    }
+    if graph
+        .initializer
+        .iter()
+        .any(|t| t.name.as_deref() == Some(tensor))
+    {
+        return true;
+    }
+    let Some(n) = graph
+        .node
+        .iter()
+        .find(|n| n.output.iter().any(|o| o == tensor))
+    else {
+        return false;
+    };
+    let op = n.op_type.as_deref().unwrap_or_default();
+    match op {
+        "GlobalAveragePool" | "GlobalMaxPool" => true,
+        "Conv" => pointwise(graph, n) && flat(graph, &n.input[0], depth + 1),
+        "BatchNormalization" => flat(graph, &n.input[0], depth + 1),
+        "Add" | "Sub" | "Mul" | "Div" => n.input.iter().all(|i| flat(graph, i, depth + 1)),
+        _ if ACTIVATIONS.contains(&op) => flat(graph, &n.input[0], depth + 1),
+        _ => false,
+    }
+}
+
+/// How many values the constant `name` holds (an initializer or a Constant node's output).
+fn constant_len(
+    graph: &crate::engine::onnx::proto::GraphProto,
+    inits: &HashMap<&str, &TensorProto>,
+    name: &str,
+) -> Option<usize> {
+    constant(graph, inits, name).map(|t| dims(t).iter().product())
+}
+
+/// The constant tensor `name`: an initializer or a Constant node's `value`.
+fn constant<'g>(
+    graph: &'g crate::engine::onnx::proto::GraphProto,
+    inits: &HashMap<&str, &'g TensorProto>,
+    name: &str,
+) -> Option<&'g TensorProto> {
+    if let Some(t) = inits.get(name) {
+        return Some(t);
+    }
+    let n = graph.node.iter().find(|n| {
+        n.op_type.as_deref() == Some("Constant")
+            && n.output.first().map(String::as_str) == Some(name)
+    })?;
+    n.attribute
+        .iter()
+        .find(|a| a.name.as_deref() == Some("value"))
+        .and_then(|a| a.t.as_ref())
 }
 
 /// Where the group's channels sit in a tensor: `offset..offset + channels` of its `total`.
@@ -146,6 +245,9 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
 struct Place {
     offset: usize,
     total: usize,
+    /// Whether every axis after the channels has length 1 (after a global pool), so that a
+    /// flatten keeps them where they are.
+    flat: bool,
 }
 
 /// What following a group's channels through the graph needs.
@@ -154,6 +256,9 @@ struct Walk<'g, 'a> {
     uses: &'a HashMap<&'g str, Vec<(usize, usize)>>,
     outputs: &'a [&'g str],
     own: &'a dyn Fn(&str) -> Option<&'g TensorProto>,
+    /// Whether a name is a constant of one value (an elementwise op with it keeps the channels).
+    scalar: &'a dyn Fn(&str) -> bool,
+    inits: &'a HashMap<&'g str, &'g TensorProto>,
     channels: usize,
 }
 
@@ -186,6 +291,13 @@ impl<'g> Walk<'g, '_> {
         if self.outputs.contains(&tensor) {
             return false;
         }
+        // Two paths that meet again (x * sigmoid(x)) reach what follows twice; once is enough.
+        if !group
+            .followed
+            .insert((tensor.to_string(), at.offset, at.total))
+        {
+            return true;
+        }
         let Some(consumers) = self.uses.get(tensor) else {
             return false;
         };
@@ -212,8 +324,8 @@ impl<'g> Walk<'g, '_> {
             self.channels,
             group,
         ) {
-            Some(exit) => self.follow(&exit, at, group),
-            None => false,
+            Some(exit) if exit != tensor => self.follow(&exit, at, group),
+            _ => false,
         }
     }
 
@@ -224,10 +336,15 @@ impl<'g> Walk<'g, '_> {
         let next = |group: &mut ChannelGroup, at: Place| self.follow(&n.output[0], at, group);
         match op {
             _ if ACTIVATIONS.contains(&op) && k == 0 => next(group, at),
-            "GlobalAveragePool" | "GlobalMaxPool" | "MaxPool" | "AveragePool" => next(group, at),
+            "GlobalAveragePool" | "GlobalMaxPool" => next(group, Place { flat: true, ..at }),
+            "MaxPool" | "AveragePool" => next(group, at),
             "Flatten" if at.total == self.channels => next(group, at),
+            // Flattening [N, C, 1, 1] to [N, C] keeps the channels.
+            "Reshape" if k == 0 && at.flat && self.flattens(&n.input[1]) => next(group, at),
+            // Reading only the batch size of the tensor (to flatten it) does not see channels.
+            "Shape" if self.reads_batch_only(&n.output[0]) => true,
             // Resampling keeps the channels where they are (scales and sizes are not data).
-            "Resize" | "Upsample" if k == 0 => next(group, at),
+            "Resize" | "Upsample" if k == 0 => next(group, Place { flat: false, ..at }),
             "Concat" => {
                 let rank_axis = attr_i(n, "axis").unwrap_or(0);
                 if rank_axis != 1 {
@@ -252,16 +369,31 @@ impl<'g> Walk<'g, '_> {
                     Place {
                         offset: offset + at.offset,
                         total,
+                        flat: at.flat,
                     },
                 )
             }
-            "Add" | "Sub" | "Mul" | "Div" => match self.per_channel(&n.input[1 - k], at) {
-                Some((name, axis)) => {
-                    self.slice(group, &name, axis, at);
-                    next(group, at)
+            "Add" | "Sub" | "Mul" | "Div" if n.input.len() == 2 => {
+                let other = &n.input[1 - k];
+                if (self.scalar)(other) {
+                    return next(group, at);
                 }
-                None => false,
-            },
+                match self.per_channel(other, at) {
+                    Some((name, axis)) => {
+                        self.slice(group, &name, axis, at);
+                        next(group, at)
+                    }
+                    // Another tensor, channel for channel: the layers producing it join the
+                    // group (checked when the groups are joined).
+                    None if at.total == self.channels
+                        && !self.inits.contains_key(other.as_str()) =>
+                    {
+                        group.joins.push((i, k));
+                        next(group, at)
+                    }
+                    None => false,
+                }
+            }
             "BatchNormalization" if k == 0 => {
                 for p in &n.input[1..] {
                     match self.per_channel(p, at) {
@@ -354,6 +486,63 @@ impl<'g> Walk<'g, '_> {
             }
             _ => false,
         }
+    }
+
+    /// Whether the shape `shape` (a Reshape's second input) flattens `[N, C, 1, ...]` to
+    /// `[N, C]`: a constant `[0 or N, -1]`, or `[-1]` joined after the data's batch size.
+    fn flattens(&self, shape: &str) -> bool {
+        let ints = |name: &str| constant(self.graph, self.inits, name).and_then(int_values);
+        if let Some(v) = ints(shape) {
+            return v.len() == 2 && v[0] >= 0 && v[1] == -1;
+        }
+        let Some(concat) = self.producer(shape) else {
+            return false;
+        };
+        concat.op_type.as_deref() == Some("Concat")
+            && concat.input.len() == 2
+            && ints(&concat.input[1]).as_deref() == Some(&[-1][..])
+            && self.producer(&concat.input[0]).is_some_and(|s| {
+                s.op_type.as_deref() == Some("Slice")
+                    && self
+                        .producer(&s.input[0])
+                        .is_some_and(|p| p.op_type.as_deref() == Some("Shape"))
+                    && self.batch_slice(s)
+            })
+    }
+
+    /// Whether a Shape's output `shape` is read only by Slices taking its first value (the
+    /// batch size).
+    fn reads_batch_only(&self, shape: &str) -> bool {
+        !self.outputs.contains(&shape)
+            && self.uses.get(shape).is_some_and(|uses| {
+                uses.iter().all(|&(i, k)| {
+                    let n = &self.graph.node[i];
+                    k == 0 && n.op_type.as_deref() == Some("Slice") && self.batch_slice(n)
+                })
+            })
+    }
+
+    /// Whether a Slice (opset 10 and later: starts, ends and axes as inputs) takes `[0:1]` of
+    /// axis 0.
+    fn batch_slice(&self, n: &NodeProto) -> bool {
+        let ints = |k: usize| {
+            n.input
+                .get(k)
+                .filter(|x| !x.is_empty())
+                .and_then(|x| constant(self.graph, self.inits, x))
+                .and_then(int_values)
+        };
+        ints(1).as_deref() == Some(&[0][..])
+            && ints(2).as_deref() == Some(&[1][..])
+            && ints(3).is_none_or(|a| a == [0])
+            && ints(4).is_none_or(|s| s == [1])
+    }
+
+    fn producer(&self, tensor: &str) -> Option<&'g NodeProto> {
+        self.graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == tensor))
     }
 
     /// The channel count of a tensor, from the layer that produced it (through per-channel ops
