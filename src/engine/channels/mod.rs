@@ -13,11 +13,15 @@
 //! also reach anything else (a Reshape that is not a flatten, a graph output, a shared weight, an
 //! elementwise op with a tensor no layer of the group produces) forms no group and is left whole.
 use crate::engine::onnx::proto::{ModelProto, NodeProto, TensorProto};
-use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values, int_values};
+use crate::engine::onnx::tensor::{dims, f32_values};
 use std::collections::{HashMap, HashSet};
 
+mod flatten;
 mod joined;
+mod slicing;
+use flatten::{constant_len, flat, pointwise};
 pub use joined::JoinedLayer;
+pub use slicing::*;
 
 /// One prunable set of channels.
 #[derive(Debug, Clone)]
@@ -163,81 +167,6 @@ pub fn channel_groups(model: &ModelProto) -> Vec<ChannelGroup> {
         }
     }
     joined::join(groups)
-}
-
-/// Whether a Conv maps each position to itself: 1x1 kernels, no padding.
-fn pointwise(graph: &crate::engine::onnx::proto::GraphProto, n: &NodeProto) -> bool {
-    let attr = |name: &str| n.attribute.iter().find(|a| a.name.as_deref() == Some(name));
-    let kernel_1x1 = graph
-        .initializer
-        .iter()
-        .find(|t| Some(t.name.as_deref().unwrap_or_default()) == n.input.get(1).map(String::as_str))
-        .is_some_and(|w| dims(w).iter().skip(2).all(|&x| x == 1));
-    kernel_1x1
-        && attr("pads").is_none_or(|a| a.ints.iter().all(|&x| x == 0))
-        && attr("auto_pad")
-            .and_then(|a| a.s.as_deref())
-            .is_none_or(|s| s == b"NOTSET" || s == b"VALID")
-}
-
-/// Whether every axis of `tensor` after the channels has length 1: it comes from a global pool
-/// through per-position ops (activations, BatchNormalization, elementwise ops with constants or
-/// other such tensors, 1x1 convolutions).
-fn flat(graph: &crate::engine::onnx::proto::GraphProto, tensor: &str, depth: usize) -> bool {
-    if depth > 64 {
-        return false;
-    }
-    if graph
-        .initializer
-        .iter()
-        .any(|t| t.name.as_deref() == Some(tensor))
-    {
-        return true;
-    }
-    let Some(n) = graph
-        .node
-        .iter()
-        .find(|n| n.output.iter().any(|o| o == tensor))
-    else {
-        return false;
-    };
-    let op = n.op_type.as_deref().unwrap_or_default();
-    match op {
-        "GlobalAveragePool" | "GlobalMaxPool" => true,
-        "Conv" => pointwise(graph, n) && flat(graph, &n.input[0], depth + 1),
-        "BatchNormalization" => flat(graph, &n.input[0], depth + 1),
-        "Add" | "Sub" | "Mul" | "Div" => n.input.iter().all(|i| flat(graph, i, depth + 1)),
-        _ if ACTIVATIONS.contains(&op) => flat(graph, &n.input[0], depth + 1),
-        _ => false,
-    }
-}
-
-/// How many values the constant `name` holds (an initializer or a Constant node's output).
-fn constant_len(
-    graph: &crate::engine::onnx::proto::GraphProto,
-    inits: &HashMap<&str, &TensorProto>,
-    name: &str,
-) -> Option<usize> {
-    constant(graph, inits, name).map(|t| dims(t).iter().product())
-}
-
-/// The constant tensor `name`: an initializer or a Constant node's `value`.
-fn constant<'g>(
-    graph: &'g crate::engine::onnx::proto::GraphProto,
-    inits: &HashMap<&str, &'g TensorProto>,
-    name: &str,
-) -> Option<&'g TensorProto> {
-    if let Some(t) = inits.get(name) {
-        return Some(t);
-    }
-    let n = graph.node.iter().find(|n| {
-        n.op_type.as_deref() == Some("Constant")
-            && n.output.first().map(String::as_str) == Some(name)
-    })?;
-    n.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some("value"))
-        .and_then(|a| a.t.as_ref())
 }
 
 /// Where the group's channels sit in a tensor: `offset..offset + channels` of its `total`.
@@ -488,63 +417,6 @@ impl<'g> Walk<'g, '_> {
         }
     }
 
-    /// Whether the shape `shape` (a Reshape's second input) flattens `[N, C, 1, ...]` to
-    /// `[N, C]`: a constant `[0 or N, -1]`, or `[-1]` joined after the data's batch size.
-    fn flattens(&self, shape: &str) -> bool {
-        let ints = |name: &str| constant(self.graph, self.inits, name).and_then(int_values);
-        if let Some(v) = ints(shape) {
-            return v.len() == 2 && v[0] >= 0 && v[1] == -1;
-        }
-        let Some(concat) = self.producer(shape) else {
-            return false;
-        };
-        concat.op_type.as_deref() == Some("Concat")
-            && concat.input.len() == 2
-            && ints(&concat.input[1]).as_deref() == Some(&[-1][..])
-            && self.producer(&concat.input[0]).is_some_and(|s| {
-                s.op_type.as_deref() == Some("Slice")
-                    && self
-                        .producer(&s.input[0])
-                        .is_some_and(|p| p.op_type.as_deref() == Some("Shape"))
-                    && self.batch_slice(s)
-            })
-    }
-
-    /// Whether a Shape's output `shape` is read only by Slices taking its first value (the
-    /// batch size).
-    fn reads_batch_only(&self, shape: &str) -> bool {
-        !self.outputs.contains(&shape)
-            && self.uses.get(shape).is_some_and(|uses| {
-                uses.iter().all(|&(i, k)| {
-                    let n = &self.graph.node[i];
-                    k == 0 && n.op_type.as_deref() == Some("Slice") && self.batch_slice(n)
-                })
-            })
-    }
-
-    /// Whether a Slice (opset 10 and later: starts, ends and axes as inputs) takes `[0:1]` of
-    /// axis 0.
-    fn batch_slice(&self, n: &NodeProto) -> bool {
-        let ints = |k: usize| {
-            n.input
-                .get(k)
-                .filter(|x| !x.is_empty())
-                .and_then(|x| constant(self.graph, self.inits, x))
-                .and_then(int_values)
-        };
-        ints(1).as_deref() == Some(&[0][..])
-            && ints(2).as_deref() == Some(&[1][..])
-            && ints(3).is_none_or(|a| a == [0])
-            && ints(4).is_none_or(|s| s == [1])
-    }
-
-    fn producer(&self, tensor: &str) -> Option<&'g NodeProto> {
-        self.graph
-            .node
-            .iter()
-            .find(|n| n.output.iter().any(|o| o == tensor))
-    }
-
     /// The channel count of a tensor, from the layer that produced it (through per-channel ops
     /// and Concats), or from the graph input's declared shape.
     fn channel_count(&self, tensor: &str, depth: usize) -> Option<usize> {
@@ -664,119 +536,4 @@ fn region_exit<'g>(
     }
     group.slices.extend(slices);
     Some(exit.to_string())
-}
-
-pub use crate::domain::prune::PruneImportance as Importance;
-
-/// How many of `total` to keep when removing `sparsity` of them, rounded up to `multiple_of`.
-pub fn kept_count(total: usize, sparsity: f64, multiple_of: usize) -> usize {
-    let keep = ((total as f64) * (1.0 - sparsity)).round().max(1.0) as usize;
-    let m = multiple_of.max(1);
-    keep.div_ceil(m).saturating_mul(m).clamp(1, total)
-}
-
-/// The `keep` highest-scoring indices, ascending.
-pub fn top(scores: &[f32], keep: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let mut kept = order[..keep.min(scores.len())].to_vec();
-    kept.sort_unstable();
-    kept
-}
-
-/// The norm of each slice along `axis` of a row-major tensor.
-pub fn norms_along(values: &[f32], d: &[usize], axis: usize, importance: Importance) -> Vec<f32> {
-    let inner: usize = d[axis + 1..].iter().product();
-    let mut out = vec![0f32; d[axis]];
-    for (i, v) in values.iter().enumerate() {
-        let c = (i / inner) % d[axis];
-        out[c] += match importance {
-            Importance::L1 | Importance::Taylor => v.abs(),
-            Importance::L2 => v * v,
-        };
-    }
-    if importance == Importance::L2 {
-        out.iter_mut().for_each(|x| *x = x.sqrt());
-    }
-    out
-}
-
-pub(crate) fn select_along(values: &[f32], d: &[usize], axis: usize, keep: &[usize]) -> Vec<f32> {
-    let inner: usize = d[axis + 1..].iter().product();
-    let outer: usize = d[..axis].iter().product();
-    let mut out = Vec::with_capacity(outer * keep.len() * inner);
-    for o in 0..outer {
-        for &c in keep {
-            let start = (o * d[axis] + c) * inner;
-            out.extend_from_slice(&values[start..start + inner]);
-        }
-    }
-    out
-}
-
-/// Keeps only the channels `keep` (ascending indices) of `group`.
-pub fn keep_channels(model: &mut ModelProto, group: &ChannelGroup, keep: &[usize]) {
-    let graph = model.graph.as_mut().expect("groups come from a graph");
-    let initializers = &mut graph.initializer;
-    // Keeps the indices `kept` along `axis` of initializer `name`, when that axis is `len` long.
-    let mut slice = |name: &str, axis: usize, len: usize, kept: &[usize]| {
-        let Some(t) = initializers
-            .iter_mut()
-            .find(|t| t.name.as_deref() == Some(name))
-        else {
-            return;
-        };
-        let mut d = dims(t);
-        if d[axis] != len {
-            return;
-        }
-        let values = select_along(&f32_values(t).unwrap_or_default(), &d, axis, kept);
-        d[axis] = kept.len();
-        *t = f32_tensor(name, &d, &values);
-    };
-    for (name, axis) in &group.slices {
-        slice(name, *axis, group.channels, keep);
-    }
-    for (name, axis, offset, total) in &group.windows {
-        // The group's window moves to its kept channels; the channels around it stay.
-        let kept: Vec<usize> = (0..*offset)
-            .chain(keep.iter().map(|&k| offset + k))
-            .chain(offset + group.channels..*total)
-            .collect();
-        slice(name, *axis, *total, &kept);
-    }
-    for &i in &group.depthwise {
-        for a in graph.node[i].attribute.iter_mut() {
-            if a.name.as_deref() == Some("group") {
-                a.i = Some(keep.len() as i64);
-            }
-        }
-    }
-    // Declared intermediate shapes no longer hold; they are optional.
-    graph.value_info.clear();
-}
-
-/// Keeps `keep` of the channels of `layer`'s group in `model` as it is now: earlier changes to
-/// other groups may have moved where its channels sit in a Concat, so the group is found again.
-/// None when the layer forms no group (any more).
-pub fn keep_layer_channels(
-    model: &mut ModelProto,
-    layer: &str,
-    keep: &[usize],
-) -> Option<ChannelGroup> {
-    let group = channel_groups(model)
-        .into_iter()
-        .find(|g| g.layer == layer)?;
-    keep_channels(model, &group, keep);
-    Some(group)
-}
-
-/// The `share` most important channels (by L1 norm) of a group, ascending.
-pub fn most_important(group: &ChannelGroup, share: f64) -> Vec<usize> {
-    let count = ((group.channels as f64 * share).round() as usize).clamp(1, group.channels);
-    let mut order: Vec<usize> = (0..group.channels).collect();
-    order.sort_by(|&a, &b| group.importance[b].total_cmp(&group.importance[a]));
-    let mut keep = order[..count].to_vec();
-    keep.sort_unstable();
-    keep
 }
