@@ -119,12 +119,13 @@ pub struct QuantizeArgs {
     /// Training rows for `--mode qat`.
     #[arg(long)]
     pub train: Option<PathBuf>,
-    /// `--mode qat`: training epochs.
-    #[arg(long, default_value_t = 10)]
-    pub epochs: u32,
-    /// `--mode qat`: peak AdamW learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub learning_rate: f64,
+    /// `--mode qat`: training epochs (the stage's schedule when absent: 5 epochs, at least 100
+    /// optimizer steps).
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// `--mode qat`: peak AdamW learning rate (the stage's default when absent: 1e-4).
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
     /// `--mode qat`: rows per optimizer step (the stage's default when absent).
     #[arg(long)]
     pub batch_size: Option<u32>,
@@ -315,8 +316,13 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         options.insert("weight_rounding".into(), r.clone().into());
     }
     if options["mode"] == "qat" {
-        let mut training =
-            serde_json::json!({"epochs": args.epochs, "learning_rate": args.learning_rate});
+        let mut training = serde_json::json!({});
+        if let Some(e) = args.epochs {
+            training["epochs"] = e.into();
+        }
+        if let Some(r) = args.learning_rate {
+            training["learning_rate"] = r.into();
+        }
         if let Some(b) = args.batch_size {
             training["batch_size"] = b.into();
         }

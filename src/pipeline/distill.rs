@@ -16,6 +16,7 @@ pub fn run(d: &DistillOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> {
         &d.recovery,
         teacher,
         (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
+        &crate::domain::training::TrainingDefaults::STANDARD,
         "a distill stage",
     )?;
     setup.recipe.features = d.features.clone();

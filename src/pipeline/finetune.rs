@@ -17,6 +17,7 @@ pub fn run(f: &FinetuneOptions, ctx: &StageContext<'_>) -> Result<StageOutcome> 
         &f.recovery,
         current,
         (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
+        &crate::domain::training::TrainingDefaults::STANDARD,
         "a finetune stage",
     )?;
     let pair = distill::Pair {

@@ -120,6 +120,7 @@ fn recover(
         &f.recovery,
         dense,
         (DEFAULT_ALPHA, DEFAULT_TEMPERATURE),
+        &crate::domain::training::TrainingDefaults::STANDARD,
         "recovery fine-tuning",
     )?;
     setup.share_budget(part);

@@ -32,6 +32,7 @@ pub fn run(
         o,
         current,
         (QAT_DEFAULT_ALPHA, QAT_DEFAULT_TEMPERATURE),
+        &crate::domain::training::TrainingDefaults::QAT,
         "quantization-aware training",
     )?;
     let data = qat::QatData {

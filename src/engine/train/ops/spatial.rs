@@ -196,15 +196,8 @@ impl candle_core::CustomOp2 for Depthwise {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(x), CpuStorage::F32(k)) = (s1, s2) else {
-            bail!("depthwise-conv takes float32 tensors")
-        };
-        let (Some((x0, x1)), Some((k0, k1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("depthwise-conv takes contiguous tensors")
-        };
-        let (x, k) = (&x[x0..x1], &k[k0..k1]);
+        let x = super::contiguous_f32(s1, l1, self.name())?;
+        let k = super::contiguous_f32(s2, l2, self.name())?;
         let (xd, kd) = (l1.shape().dims(), l2.shape().dims());
         let mut y = vec![0f32; xd[0] * xd[1] * self.out[0] * self.out[1]];
         let (ow, sw) = (self.out[1], self.strides[1]);
@@ -216,7 +209,7 @@ impl candle_core::CustomOp2 for Depthwise {
             }
         });
         let shape = candle_core::Shape::from((xd[0], xd[1], self.out[0], self.out[1]));
-        Ok((CpuStorage::F32(y), shape))
+        Ok((candle_core::CpuStorage::F32(y), shape))
     }
 
     fn bwd(
