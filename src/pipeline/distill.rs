@@ -119,7 +119,8 @@ fn student(
             Ok((s, true))
         }
         _ => {
-            let (s, layer_notes) = distill::width_student(&teacher.proto, d.width);
+            let (s, layer_notes) =
+                distill::width_student(&teacher.proto, d.width, d.multiple_of as usize);
             if layer_notes.is_empty() {
                 return Err(EngineError::InvalidOption {
                     option: "student".into(),

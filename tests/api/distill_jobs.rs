@@ -91,6 +91,10 @@ async fn distill_specs_are_validated_with_pointers() {
             "/pipeline/0/width",
         ),
         (
+            json!({"stage": "distill", "multiple_of": 0}),
+            "/pipeline/0/multiple_of",
+        ),
+        (
             json!({"stage": "distill", "epochs": 0}),
             "/pipeline/0/epochs",
         ),

@@ -471,7 +471,7 @@ fn training_stops_between_steps_when_cancelled_and_when_its_time_budget_runs_out
 #[test]
 fn a_width_student_keeps_the_teachers_most_important_neurons_and_distils_to_97_percent() {
     let teacher = load_model_file(&fixture("digits_mlp.onnx")).unwrap();
-    let (student, notes) = train::distill::width_student(&teacher.proto, 0.25);
+    let (student, notes) = train::distill::width_student(&teacher.proto, 0.25, 1);
     assert_eq!(notes.len(), 2, "two hidden layers shrink: {notes:?}");
     let student =
         shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&student).into())
@@ -505,15 +505,29 @@ fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
     // flattened through Shape/Slice/Concat/Reshape into the classifier's MatMul).
     let images = dataset::load(&fixture("digits_images.npz")).unwrap();
     let pages = random_pages(2);
-    for (path, data, share) in [
-        (fixture("digits_cnn.onnx"), images, 0.5),
-        (orientation_model(), pages.clone(), 0.5),
-        (orientation_model(), pages, 0.33),
+    for (path, data, share, multiple_of) in [
+        (fixture("digits_cnn.onnx"), images, 0.5, 1),
+        (orientation_model(), pages.clone(), 0.5, 1),
+        (orientation_model(), pages.clone(), 0.33, 1),
+        (orientation_model(), pages, 0.25, 8),
     ] {
         let m = load_model_file(&path).unwrap();
         let groups = shrink::engine::channels::channel_groups(&m.proto);
         assert!(!groups.is_empty(), "{}", path.display());
-        let (student, notes) = train::distill::width_student(&m.proto, share);
+        let (student, notes) = train::distill::width_student(&m.proto, share, multiple_of);
+        if multiple_of > 1 {
+            // Every narrowed layer keeps a multiple of 8 channels: the first layer's 4 of 16
+            // rounds up to 8.
+            let widths = shrink::engine::channels::channel_groups(&student);
+            assert!(
+                widths.iter().all(|g| g.channels % multiple_of == 0),
+                "{notes:?}"
+            );
+            assert!(
+                notes.iter().any(|n| n.contains("kept 8 of 16")),
+                "{notes:?}"
+            );
+        }
         let student =
             shrink::engine::onnx::load_model_bytes(prost::Message::encode_to_vec(&student).into())
                 .unwrap();
@@ -531,7 +545,7 @@ fn width_slicing_keeps_cnns_consistent_in_onnx_runtime() {
             parameters(&m),
             parameters(&student)
         );
-        if share < 0.34 {
+        if share < 0.34 && multiple_of == 1 {
             // Every layer narrows (the squeeze-and-excitation layers with the blocks they scale,
             // the head into the classifier): a third of the width is an eighth of the parameters.
             assert!(

@@ -38,7 +38,7 @@ fn channel_groups_follow_a_u_nets_skip_connections_through_concat() {
         layers,
         ["dec1", "dec2", "enc1a", "enc1b", "enc2a", "enc2b", "mid", "up1"]
     );
-    let (student, _) = width_student(&m.proto, 0.5);
+    let (student, _) = width_student(&m.proto, 0.5, 1);
     let params = |p: &shrink::engine::onnx::proto::ModelProto| {
         shrink::engine::onnx::params::parameter_counts(p.graph.as_ref().unwrap()).0
     };

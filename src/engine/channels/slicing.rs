@@ -109,8 +109,8 @@ pub fn keep_layer_channels(
 }
 
 /// The `share` most important channels (by L1 norm) of a group, ascending.
-pub fn most_important(group: &ChannelGroup, share: f64) -> Vec<usize> {
-    let count = ((group.channels as f64 * share).round() as usize).clamp(1, group.channels);
+pub fn most_important(group: &ChannelGroup, share: f64, multiple_of: usize) -> Vec<usize> {
+    let count = kept_count(group.channels, 1.0 - share, multiple_of);
     let mut order: Vec<usize> = (0..group.channels).collect();
     order.sort_by(|&a, &b| group.importance[b].total_cmp(&group.importance[a]));
     let mut keep = order[..count].to_vec();

@@ -448,12 +448,17 @@ pub fn distill_with(
 
 /// A student derived from the teacher by width: every channel group (see
 /// [`crate::engine::channels`]) keeps its `share` most important channels by L1 norm, initialised
-/// from the teacher's weights. Notes say what shrank.
-pub fn width_student(teacher: &ModelProto, share: f64) -> (ModelProto, Vec<String>) {
+/// from the teacher's weights, rounded up to a multiple of `multiple_of` (1: the exact share).
+/// Notes say what shrank.
+pub fn width_student(
+    teacher: &ModelProto,
+    share: f64,
+    multiple_of: usize,
+) -> (ModelProto, Vec<String>) {
     let mut student = teacher.clone();
     let mut notes = Vec::new();
     for g in crate::engine::channels::channel_groups(teacher) {
-        let keep = crate::engine::channels::most_important(&g, share);
+        let keep = crate::engine::channels::most_important(&g, share, multiple_of);
         notes.push(format!(
             "{}: kept {} of {} channels (largest L1 norm)",
             g.layers().join(" + "),
