@@ -8,6 +8,7 @@
 //! all whole.
 use super::{norms_along, ChannelGroup, Importance};
 use crate::engine::onnx::proto::ModelProto;
+use crate::engine::onnx::rewrite::initializer;
 use crate::engine::onnx::tensor::{dims, f32_values};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -106,15 +107,7 @@ impl ChannelGroup {
     /// each layer's BatchNormalization scale), summed over the joined layers.
     pub fn weight_scores(&self, model: &ModelProto, importance: Importance) -> Vec<f32> {
         let weight = |name: &str| {
-            model
-                .graph
-                .as_ref()
-                .and_then(|g| {
-                    g.initializer
-                        .iter()
-                        .find(|t| t.name.as_deref() == Some(name))
-                })
-                .map(|t| (f32_values(t).unwrap_or_default(), dims(t)))
+            initializer(model, name).map(|t| (f32_values(t).unwrap_or_default(), dims(t)))
         };
         let layers = std::iter::once((&self.slices[0], &self.bn_scale))
             .chain(self.joined.iter().map(|j| (&j.weight, &j.bn_scale)));

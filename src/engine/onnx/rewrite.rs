@@ -136,6 +136,16 @@ pub fn drop_unread(graph: &mut GraphProto, names: &HashSet<String>) {
     graph.initializer.retain(|_| k.next().unwrap_or(true));
 }
 
+/// The initializer called `name`, if the model has one.
+pub fn initializer<'a>(model: &'a ModelProto, name: &str) -> Option<&'a TensorProto> {
+    model
+        .graph
+        .as_ref()?
+        .initializer
+        .iter()
+        .find(|t| t.name.as_deref() == Some(name))
+}
+
 /// Float initializers by name.
 pub fn initializers(graph: &GraphProto) -> HashMap<&str, &TensorProto> {
     graph

@@ -13,7 +13,7 @@ pub mod structured;
 pub mod taylor;
 
 use crate::engine::onnx::proto::{ModelProto, NodeProto};
-use crate::engine::onnx::rewrite::attr_i;
+use crate::engine::onnx::rewrite::{attr_i, initializer};
 use crate::engine::onnx::tensor::{dims, f32_tensor, f32_values};
 use std::collections::HashSet;
 
@@ -155,14 +155,7 @@ pub fn selected(
 
 /// The float values of initializer `name`.
 pub fn values_of(model: &ModelProto, name: &str) -> Vec<f32> {
-    model
-        .graph
-        .as_ref()
-        .and_then(|g| {
-            g.initializer
-                .iter()
-                .find(|t| t.name.as_deref() == Some(name))
-        })
+    initializer(model, name)
         .and_then(f32_values)
         .unwrap_or_default()
 }
